@@ -1,0 +1,415 @@
+//! Configuration in stages: TOML text -> [`FileConfig`] (serde, `deny_unknown_fields`, with
+//! spans) -> validated [`Config`] -> compiled [`Tables`]. Every error names the file, the
+//! line and column, and the key; validation reports every error it finds, not just the
+//! first. Every default is a documented `DEFAULT_*` constant.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use sluice_engine::balance::{Backend, Pool};
+use sluice_engine::tables::{self, Service, Tables, Timeouts};
+use sluice_engine::{DriverChoice, EngineConfig};
+use toml::Spanned;
+
+/// The configuration `sluice run` uses when no file is given: one service forwarding
+/// 127.0.0.1:8080 to a server on 127.0.0.1:8000.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../examples/default.toml");
+/// The name shown for the embedded default in messages.
+pub const EMBEDDED_NAME: &str = "<embedded default>";
+
+/// How long a graceful stop lets sessions finish before cutting them.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Smallest and largest relay pipe / buffer size accepted.
+pub const MIN_PIPE_SIZE: u64 = 4096;
+pub const MAX_PIPE_SIZE: u64 = 64 << 20;
+/// Most workers accepted.
+pub const MAX_WORKERS: i64 = 1024;
+
+/// One configuration error, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}: {}", self.file, self.line, self.column, self.key, self.message)
+    }
+}
+
+/// Every error found in one file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    engine: EngineSection,
+    #[serde(default, rename = "service")]
+    services: Vec<ServiceSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EngineSection {
+    workers: Option<Spanned<Workers>>,
+    pin: Option<bool>,
+    driver: Option<Spanned<String>>,
+    pipe_size: Option<Spanned<Size>>,
+    shutdown_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Workers {
+    Count(i64),
+    Named(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceSection {
+    name: Spanned<String>,
+    listen: Spanned<Vec<Spanned<String>>>,
+    backends: Spanned<Vec<Spanned<String>>>,
+    connect_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    fin_timeout: Option<Spanned<String>>,
+}
+
+/// A validated service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub listen: Vec<SocketAddr>,
+    pub backends: Vec<SocketAddr>,
+    pub timeouts: Timeouts,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: String,
+    pub engine: EngineConfig,
+    pub shutdown_timeout: Duration,
+    pub services: Vec<ServiceSpec>,
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let name = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&name, &text),
+            Err(e) => Err(ConfigErrors(vec![ConfigError {
+                file: name,
+                line: 0,
+                column: 0,
+                key: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }])),
+        }
+    }
+
+    /// The file at `path`, or the embedded default when there is none.
+    pub fn load_or_default(path: Option<&PathBuf>) -> Result<Config, ConfigErrors> {
+        match path {
+            Some(p) => Config::load(p),
+            None => Config::parse(EMBEDDED_NAME, EMBEDDED_DEFAULT),
+        }
+    }
+
+    /// Parses and validates TOML text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+        let raw: FileConfig = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let message = e.message().trim().to_string();
+            ConfigErrors(vec![locate(file, text, span, None, message)])
+        })?;
+        let mut v = Validator { file, text, errors: Vec::new() };
+        let config = v.config(raw);
+        if v.errors.is_empty() { Ok(config) } else { Err(ConfigErrors(v.errors)) }
+    }
+
+    /// Compiles the services into tables with the given version.
+    pub fn tables(&self, version: u64) -> Tables {
+        let services = self
+            .services
+            .iter()
+            .map(|s| Service {
+                name: Arc::from(s.name.as_str()),
+                listen: s.listen.clone(),
+                pool: Pool::new(s.backends.iter().map(|&addr| Backend { addr }).collect()),
+                timeouts: s.timeouts,
+            })
+            .collect();
+        Tables::new(version, services)
+    }
+}
+
+struct Validator<'a> {
+    file: &'a str,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+        self.errors.push(locate(self.file, self.text, span, Some(key), message.into()));
+    }
+
+    fn config(&mut self, raw: FileConfig) -> Config {
+        let engine = self.engine(&raw.engine);
+        let shutdown_timeout = raw
+            .engine
+            .shutdown_timeout
+            .as_ref()
+            .and_then(|d| self.duration(d, "engine.shutdown_timeout"))
+            .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
+        if raw.services.is_empty() {
+            self.error(0..0, "service", "at least one [[service]] is required");
+        }
+        let mut names = HashSet::new();
+        let mut listens = HashSet::new();
+        let mut services = Vec::new();
+        for (i, s) in raw.services.iter().enumerate() {
+            let spec = self.service(i, s);
+            if !names.insert(spec.name.clone()) {
+                self.error(s.name.span(), &format!("service[{i}].name"), format!("duplicate service name {:?}", spec.name));
+            }
+            for (j, addr) in spec.listen.iter().enumerate() {
+                if !listens.insert(*addr) {
+                    let span = s.listen.get_ref()[j].span();
+                    self.error(span, &format!("service[{i}].listen"), format!("{addr} is already a listen address of another service"));
+                }
+            }
+            services.push(spec);
+        }
+        Config { source: self.file.to_string(), engine, shutdown_timeout, services }
+    }
+
+    fn engine(&mut self, raw: &EngineSection) -> EngineConfig {
+        let mut engine = EngineConfig::default();
+        if let Some(w) = &raw.workers {
+            match w.get_ref() {
+                Workers::Named(s) if s == "auto" => {}
+                Workers::Count(n) if (1..=MAX_WORKERS).contains(n) => engine.workers = *n as usize,
+                _ => self.error(w.span(), "engine.workers", format!("expected \"auto\" or a number from 1 to {MAX_WORKERS}")),
+            }
+        }
+        if let Some(pin) = raw.pin {
+            engine.pin = pin;
+        }
+        if let Some(d) = &raw.driver {
+            match d.get_ref().parse::<DriverChoice>() {
+                Ok(choice) => engine.driver = choice,
+                Err(message) => self.error(d.span(), "engine.driver", message),
+            }
+        }
+        if let Some(size) = &raw.pipe_size {
+            let parsed = match size.get_ref() {
+                Size::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_string()),
+                Size::Text(t) => parse_size(t),
+            };
+            match parsed {
+                Ok(n) if (MIN_PIPE_SIZE..=MAX_PIPE_SIZE).contains(&n) => engine.pipe_size = n as usize,
+                Ok(_) => self.error(size.span(), "engine.pipe_size", format!("must be between {MIN_PIPE_SIZE} and {MAX_PIPE_SIZE} bytes")),
+                Err(message) => self.error(size.span(), "engine.pipe_size", message),
+            }
+        }
+        engine
+    }
+
+    fn service(&mut self, i: usize, raw: &ServiceSection) -> ServiceSpec {
+        let key = |k: &str| format!("service[{i}].{k}");
+        let name = raw.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            self.error(raw.name.span(), &key("name"), "must not be empty");
+        }
+        if raw.listen.get_ref().is_empty() {
+            self.error(raw.listen.span(), &key("listen"), "at least one address is required");
+        }
+        let listen = raw
+            .listen
+            .get_ref()
+            .iter()
+            .filter_map(|a| match a.get_ref().parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    self.error(a.span(), &key("listen"), format!("{:?} is not an address:port such as \"127.0.0.1:8080\" or \"[::1]:8080\"", a.get_ref()));
+                    None
+                }
+            })
+            .collect();
+        if raw.backends.get_ref().is_empty() {
+            self.error(raw.backends.span(), &key("backends"), "at least one backend is required");
+        }
+        let backends = raw
+            .backends
+            .get_ref()
+            .iter()
+            .flat_map(|b| match resolve(b.get_ref()) {
+                Ok(addrs) => addrs,
+                Err(message) => {
+                    self.error(b.span(), &key("backends"), message);
+                    Vec::new()
+                }
+            })
+            .collect();
+        let mut timeouts = Timeouts::default();
+        for (field, slot, value) in [
+            ("connect_timeout", &mut timeouts.connect, &raw.connect_timeout),
+            ("idle_timeout", &mut timeouts.idle, &raw.idle_timeout),
+            ("fin_timeout", &mut timeouts.fin, &raw.fin_timeout),
+        ] {
+            if let Some(d) = value.as_ref().and_then(|d| self.duration(d, &key(field))) {
+                *slot = d;
+            }
+        }
+        ServiceSpec { name, listen, backends, timeouts }
+    }
+
+    fn duration(&mut self, value: &Spanned<String>, key: &str) -> Option<Duration> {
+        match parse_duration(value.get_ref()) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                self.error(value.span(), key, "must be greater than zero");
+                None
+            }
+            Err(message) => {
+                self.error(value.span(), key, message);
+                None
+            }
+        }
+    }
+}
+
+/// Resolves a backend written as `ip:port` or `host:port`.
+fn resolve(text: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    if !text.contains(':') {
+        return Err(format!("{text:?} has no port; write it as \"host:port\""));
+    }
+    match text.to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            if addrs.is_empty() { Err(format!("{text:?} resolves to no address")) } else { Ok(addrs) }
+        }
+        Err(e) => Err(format!("cannot resolve {text:?}: {e}")),
+    }
+}
+
+/// Parses a duration such as "500ms", "3s", "1.5s", "10m", "1h" or "2d".
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let bad = || format!("{text:?} is not a duration such as \"500ms\", \"3s\", \"10m\", \"1h\" or \"2d\"");
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86400.0,
+        _ => return Err(bad()),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| bad())
+}
+
+/// Parses a size such as "65536", "64 KiB", "1 MiB" or "100 KB" (KiB/MiB/GiB are powers of
+/// 1024, KB/MB/GB of 1000).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let bad = || format!("{text:?} is not a size such as \"65536\", \"64 KiB\" or \"1 MiB\"");
+    let value: u64 = number.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    value.checked_mul(scale).ok_or_else(bad)
+}
+
+/// Turns a byte span into line and column (1-based) and finds the key it belongs to.
+fn locate(file: &str, text: &str, span: Range<usize>, key: Option<&str>, message: String) -> ConfigError {
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let key = key.map(str::to_string).unwrap_or_else(|| key_at(text, start));
+    ConfigError { file: file.to_string(), line, column, key, message }
+}
+
+/// The dotted key at a byte offset: the table header above it plus the key on its line.
+fn key_at(text: &str, offset: usize) -> String {
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let header = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    if line.starts_with('[') {
+        return line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+    }
+    let local = line.split('=').next().filter(|_| line.contains('=')).map(|k| k.trim().to_string());
+    match (header, local) {
+        (Some(h), Some(k)) => format!("{h}.{k}"),
+        (None, Some(k)) => k,
+        (Some(h), None) => h,
+        (None, None) => "(document)".to_string(),
+    }
+}
+
+/// Default values, for `sluice check` and the documentation.
+pub fn defaults_summary() -> String {
+    format!(
+        "connect_timeout={:?} idle_timeout={:?} fin_timeout={:?} shutdown_timeout={:?} pipe_size={}",
+        tables::DEFAULT_CONNECT_TIMEOUT,
+        tables::DEFAULT_IDLE_TIMEOUT,
+        tables::DEFAULT_FIN_TIMEOUT,
+        DEFAULT_SHUTDOWN_TIMEOUT,
+        sluice_engine::worker::DEFAULT_PIPE_SIZE
+    )
+}

@@ -1,0 +1,93 @@
+//! The `sluice` binary: command line, configuration, signals and the control thread. The
+//! data plane lives in `sluice-engine`; this crate never touches a socket on the relay path.
+#![forbid(unsafe_code)]
+
+mod config;
+mod demo;
+mod logger;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use log::LevelFilter;
+
+use crate::config::Config;
+
+/// A thread-per-core Layer-4 forwarding engine: TCP relay with io_uring and splice.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the forwarding engine (on the embedded default config without --config).
+    Run {
+        /// Configuration file (TOML).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Log level: error, warn, info (one line per session), debug.
+        #[arg(long, default_value = "info", value_parser = parse_level)]
+        log_level: LevelFilter,
+    },
+    /// Validate a configuration file: exit 0 if valid, 2 with every error otherwise.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Show sluice working: the embedded default with a local echo server and clients.
+    Demo,
+}
+
+fn parse_level(s: &str) -> Result<LevelFilter, String> {
+    s.parse().map_err(|_| format!("{s:?} is not one of off, error, warn, info, debug, trace"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config, log_level } => {
+            logger::init(log_level);
+            let loaded = match Config::load_or_default(config.as_ref()) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::from(2);
+                }
+            };
+            match run::run(config, loaded) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}: ok ({} services; defaults: {})", c.source, c.services.len(), config::defaults_summary());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Demo => {
+            logger::init(LevelFilter::Warn);
+            let loaded = Config::load_or_default(None).expect("the embedded default is valid");
+            match demo::demo(loaded) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("sluice demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

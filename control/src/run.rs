@@ -1,0 +1,145 @@
+//! `sluice run`: the control thread. It starts the engine on the compiled tables, then owns
+//! signals and the record channel: SIGHUP reloads the file (an invalid file leaves the
+//! running tables in force), SIGTERM/SIGINT drain gracefully (a second one stops at once),
+//! and every session record is logged.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use crossbeam_channel::Receiver;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::iterator::Signals;
+use sluice_engine::events::{Event, EventSink, DEFAULT_EVENT_QUEUE};
+use sluice_engine::{Engine, EngineError};
+
+use crate::config::{Config, EMBEDDED_NAME};
+use crate::logger::rfc3339;
+
+/// How often the control thread checks for signals and worker exits.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Why `sluice run` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigErrors),
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Starts the engine for `config` and runs the control loop until a graceful stop.
+pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
+    let version = Arc::new(AtomicU64::new(1));
+    let tables = Arc::new(ArcSwap::from_pointee(config.tables(1)));
+    let (sink, records) = EventSink::bounded(DEFAULT_EVENT_QUEUE);
+    let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1]).map_err(RunError::Signals)?;
+    let engine = Engine::start(&config.engine, tables.clone(), sink.clone())?;
+    announce(&config, &engine);
+    let logger = std::thread::Builder::new()
+        .name("sluice-log".into())
+        .spawn(move || log_records(records))
+        .map_err(RunError::Signals)?;
+    let mut current = config;
+    let mut draining = false;
+    while !engine.is_stopped() {
+        for signal in signals.pending() {
+            match signal {
+                SIGHUP => reload(path.as_ref(), &mut current, &tables, &version),
+                SIGUSR1 => log::info!("SIGUSR1: no log files to reopen"),
+                _ if draining => {
+                    log::warn!("second stop signal: cutting every session now");
+                    engine.drain(Duration::ZERO);
+                }
+                _ => {
+                    log::info!(
+                        "stop signal: draining sessions for up to {:?}",
+                        current.shutdown_timeout
+                    );
+                    engine.drain(current.shutdown_timeout);
+                    draining = true;
+                }
+            }
+        }
+        std::thread::sleep(TICK);
+    }
+    let dropped = sink.dropped();
+    drop(sink);
+    let result = engine.join();
+    let _ = logger.join();
+    if dropped > 0 {
+        log::warn!("{dropped} session records were dropped because the log queue was full");
+    }
+    log::info!("stopped");
+    Ok(result?)
+}
+
+fn announce(config: &Config, engine: &Engine) {
+    let source = if config.source == EMBEDDED_NAME {
+        format!("{EMBEDDED_NAME} (no --config given)")
+    } else {
+        config.source.clone()
+    };
+    log::info!("config {source}");
+    log::info!("workers={} pin={}", engine.worker_count(), config.engine.pin);
+    log::info!("{}", engine.selection());
+    for s in &config.services {
+        let listen: Vec<String> = s.listen.iter().map(|a| a.to_string()).collect();
+        let backends: Vec<String> = s.backends.iter().map(|a| a.to_string()).collect();
+        log::info!("service {} listen={}", s.name, listen.join(","));
+        log::info!("service {} backends={}", s.name, backends.join(","));
+    }
+}
+
+/// Re-reads the file and swaps the tables if it is valid; the old tables stay otherwise.
+fn reload(path: Option<&PathBuf>, current: &mut Config, tables: &ArcSwap<sluice_engine::tables::Tables>, version: &AtomicU64) {
+    let Some(path) = path else {
+        log::info!("SIGHUP: running on the embedded default, nothing to reload");
+        return;
+    };
+    let next = match Config::load(path) {
+        Ok(next) => next,
+        Err(errors) => {
+            for e in &errors.0 {
+                log::error!("reload rejected: {e}");
+            }
+            log::error!("reload rejected: the running configuration stays in force");
+            return;
+        }
+    };
+    let old: Vec<_> = current.services.iter().flat_map(|s| s.listen.clone()).collect();
+    let new: Vec<_> = next.services.iter().flat_map(|s| s.listen.clone()).collect();
+    if old != new {
+        log::error!("reload rejected: listen addresses changed, which needs a restart; the running configuration stays in force");
+        return;
+    }
+    let v = version.fetch_add(1, Ordering::Relaxed) + 1;
+    tables.store(Arc::new(next.tables(v)));
+    log::info!("reload: tables version {v} in force");
+    *current = next;
+}
+
+/// Logs one line per finished session until every worker has gone.
+fn log_records(records: Receiver<Event>) {
+    for event in records {
+        match event {
+            Event::Closed(r) => log::info!(
+                "session service={} client={} listener={} backend={} start={} duration_ms={} bytes_up={} bytes_down={} reason={} worker={}",
+                r.service,
+                r.client,
+                r.listener,
+                r.backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
+                rfc3339(r.start),
+                r.duration.as_millis(),
+                r.bytes_up,
+                r.bytes_down,
+                r.reason,
+                r.worker
+            ),
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! One session on the epoll driver: its two sockets, a bounded buffer per direction, and
+//! the pump that moves bytes from a source to a destination with backpressure.
+//!
+//! Invariants: a direction reads from its source only when its buffer is empty, so at most
+//! one buffer (`pipe_size` bytes) is held per direction, and none while the direction is
+//! idle; the end of stream is forwarded (shutdown for writing) only after the buffer has
+//! been written out.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use crate::session::{CloseReason, Direction, Session, Side};
+use crate::sys;
+use crate::worker::Admission;
+
+/// Reads per pump call before yielding to other sessions (bounds one turn's work).
+const PUMP_ROUNDS: usize = 16;
+
+/// Spare relay buffers kept per worker for reuse.
+const SPARE_BUFFERS: usize = 256;
+
+/// A per-worker free list of relay buffers, all `size` bytes.
+#[derive(Debug)]
+pub(super) struct BufferPool {
+    size: usize,
+    spare: Vec<Box<[u8]>>,
+}
+
+impl BufferPool {
+    pub fn new(size: usize) -> Self {
+        Self { size: size.max(4096), spare: Vec::new() }
+    }
+
+    fn take(&mut self) -> Box<[u8]> {
+        self.spare.pop().unwrap_or_else(|| vec![0; self.size].into_boxed_slice())
+    }
+
+    fn give(&mut self, buf: Box<[u8]>) {
+        if self.spare.len() < SPARE_BUFFERS {
+            self.spare.push(buf);
+        }
+    }
+}
+
+/// Bytes read from a source and not yet written to the destination.
+#[derive(Debug, Default)]
+struct Buffer {
+    data: Option<Box<[u8]>>,
+    start: usize,
+    end: usize,
+}
+
+impl Buffer {
+    fn pending(&self) -> &[u8] {
+        self.data.as_deref().map_or(&[], |d| &d[self.start..self.end])
+    }
+
+    fn release(&mut self, pool: &mut BufferPool) {
+        if let Some(data) = self.data.take() {
+            pool.give(data);
+        }
+        self.start = 0;
+        self.end = 0;
+    }
+}
+
+/// Outcome of one pump call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pump {
+    /// Waiting for the source to become readable or the destination writable.
+    Idle,
+    /// End of stream forwarded; the direction has nothing left to do.
+    Done,
+    /// Stopped after its share of work; call again next turn.
+    Budget,
+    /// A peer reset the connection (or the socket failed).
+    Reset(Side),
+}
+
+/// One session on the epoll driver.
+#[derive(Debug)]
+pub(super) struct Conn {
+    pub admission: Admission,
+    pub session: Session,
+    pub client: TcpStream,
+    pub backend: Option<TcpStream>,
+    pub backend_addr: Option<SocketAddr>,
+    /// Why the latest connect attempt failed, reported if no attempt succeeds.
+    pub last_failure: CloseReason,
+    /// The deadline for which a timer entry exists.
+    pub armed: Option<Instant>,
+    up: Buffer,
+    down: Buffer,
+}
+
+impl Conn {
+    pub fn new(admission: Admission, client: TcpStream, now: Instant) -> Self {
+        Self {
+            admission,
+            session: Session::new(now),
+            client,
+            backend: None,
+            backend_addr: None,
+            last_failure: CloseReason::NoBackend,
+            armed: None,
+            up: Buffer::default(),
+            down: Buffer::default(),
+        }
+    }
+
+    /// Moves bytes in `dir` until it would block, finishes, fails, or uses its budget.
+    pub fn pump(&mut self, dir: Direction, pool: &mut BufferPool, now: Instant) -> Pump {
+        let Some(backend) = self.backend.as_mut() else { return Pump::Idle };
+        let (src, dst, buf) = match dir {
+            Direction::Up => (&mut self.client, backend, &mut self.up),
+            Direction::Down => (backend, &mut self.client, &mut self.down),
+        };
+        let (src_side, dst_side) = (dir.source(), dir.source().other());
+        for _ in 0..PUMP_ROUNDS {
+            while !buf.pending().is_empty() {
+                match dst.write(buf.pending()) {
+                    Ok(n) if n > 0 => {
+                        buf.start += n;
+                        self.session.moved(dir, n, now);
+                    }
+                    Ok(_) => return Pump::Reset(dst_side),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Pump::Idle,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Pump::Reset(dst_side),
+                }
+            }
+            buf.release(pool);
+            let flow = *self.session.flow(dir);
+            if flow.eof {
+                if !flow.shut {
+                    if dst.shutdown(Shutdown::Write).is_err() {
+                        return Pump::Reset(dst_side);
+                    }
+                    self.session.shut(dir, now);
+                }
+                return Pump::Done;
+            }
+            let data = buf.data.insert(pool.take());
+            match src.read(data) {
+                Ok(0) => {
+                    buf.release(pool);
+                    self.session.source_eof(dir, now);
+                }
+                Ok(n) => buf.end = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    buf.release(pool);
+                    return Pump::Idle;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.release(pool),
+                Err(_) => return Pump::Reset(src_side),
+            }
+        }
+        Pump::Budget
+    }
+
+    /// Gives back both buffers and, if the close must be abortive, arms SO_LINGER 0 on
+    /// both sockets so their peers see a reset. Dropping the conn then closes the fds.
+    pub fn prepare_close(&mut self, reason: CloseReason, pool: &mut BufferPool) {
+        self.up.release(pool);
+        self.down.release(pool);
+        if reason.aborts() {
+            let _ = sys::set_linger_zero(self.client.as_raw_fd());
+            if let Some(b) = &self.backend {
+                let _ = sys::set_linger_zero(b.as_raw_fd());
+            }
+        }
+    }
+}

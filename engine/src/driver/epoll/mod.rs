@@ -1,0 +1,404 @@
+//! The epoll driver: one mio `Poll` per worker, edge-triggered, over the worker's listeners
+//! and its sessions' sockets. Used where io_uring is unavailable or `driver = "epoll"`.
+//!
+//! Each turn: wait for readiness (bounded by the next timer), handle events, continue the
+//! work that was cut short by a budget, then expire timers. Timers are a heap with one live
+//! entry per session; a session's deadline moves lazily (checked when its entry pops).
+
+mod conn;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use self::conn::{BufferPool, Conn, Pump};
+use super::slots::{SlotId, Slots};
+use crate::events::WorkerStats;
+use crate::session::{CloseReason, Direction, Phase, Side};
+use crate::sys;
+use crate::worker::{Admission, Command, WorkerContext};
+
+/// Connections accepted per listener per turn before other work gets its turn.
+const ACCEPT_BUDGET: usize = 64;
+/// How long a listener pauses after the process ran out of fds or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
+/// At most one "accept paused" warning per worker per this interval.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+const WAKE: Token = Token(usize::MAX);
+const LISTENER_BASE: usize = 1 << 40;
+
+fn session_token(id: SlotId, side: Side) -> Token {
+    Token(((id.index as usize) << 1) | (side == Side::Backend) as usize)
+}
+
+/// Readiness to act on for one token.
+#[derive(Debug, Clone, Copy)]
+struct Ready {
+    token: Token,
+    readable: bool,
+    writable: bool,
+}
+
+struct Listener {
+    socket: TcpListener,
+    addr: SocketAddr,
+}
+
+pub(crate) fn run(ctx: WorkerContext) -> io::Result<()> {
+    EpollWorker::new(ctx)?.run()
+}
+
+struct EpollWorker {
+    ctx: WorkerContext,
+    poll: Poll,
+    listeners: Vec<Listener>,
+    conns: Slots<Conn>,
+    timers: BinaryHeap<Reverse<(Instant, SlotId)>>,
+    pending: Vec<Ready>,
+    paused: Vec<(Instant, usize)>,
+    pool: BufferPool,
+    draining: Option<Instant>,
+    last_warn: Option<Instant>,
+    now: Instant,
+}
+
+impl EpollWorker {
+    fn new(mut ctx: WorkerContext) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let registry = poll.registry();
+        registry.register(&mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&*ctx.wake)), WAKE, Interest::READABLE)?;
+        let mut listeners = Vec::new();
+        for (i, std_listener) in std::mem::take(&mut ctx.listeners).into_iter().enumerate() {
+            let addr = std_listener.local_addr()?;
+            let mut socket = TcpListener::from_std(std_listener);
+            registry.register(&mut socket, Token(LISTENER_BASE + i), Interest::READABLE)?;
+            listeners.push(Listener { socket, addr });
+        }
+        let pool = BufferPool::new(ctx.pipe_size);
+        Ok(Self {
+            ctx,
+            poll,
+            listeners,
+            conns: Slots::default(),
+            timers: BinaryHeap::new(),
+            pending: Vec::new(),
+            paused: Vec::new(),
+            pool,
+            draining: None,
+            last_warn: None,
+            now: Instant::now(),
+        })
+    }
+
+    fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            self.now = Instant::now();
+            for event in events.iter() {
+                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+                self.dispatch(Ready { token: event.token(), readable, writable });
+            }
+            for ready in std::mem::take(&mut self.pending) {
+                self.dispatch(ready);
+            }
+            self.resume_paused();
+            self.expire_timers();
+            if self.drained() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.pending.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let next = [
+            self.timers.peek().map(|Reverse((t, _))| *t),
+            self.paused.iter().map(|(t, _)| *t).min(),
+            self.draining,
+        ]
+        .into_iter()
+        .flatten()
+        .min()?;
+        // Round up so the loop never wakes a hair early and spins.
+        let wait = next.saturating_duration_since(Instant::now());
+        Some(wait + Duration::from_micros(999))
+    }
+
+    fn dispatch(&mut self, ready: Ready) {
+        match ready.token {
+            WAKE => self.on_wake(),
+            Token(t) if t >= LISTENER_BASE => self.accept(t - LISTENER_BASE),
+            Token(t) => self.on_session(t, ready),
+        }
+    }
+
+    fn on_wake(&mut self) {
+        self.ctx.wake.drain();
+        while let Ok(command) = self.ctx.commands.try_recv() {
+            match command {
+                Command::Drain { deadline } => self.start_drain(deadline),
+            }
+        }
+    }
+
+    fn start_drain(&mut self, deadline: Instant) {
+        for mut l in self.listeners.drain(..) {
+            let _ = self.poll.registry().deregister(&mut l.socket);
+        }
+        self.paused.clear();
+        self.draining = Some(deadline);
+    }
+
+    /// Whether the worker has finished draining; cuts what is left at the deadline.
+    fn drained(&mut self) -> bool {
+        let Some(deadline) = self.draining else { return false };
+        if self.now >= deadline {
+            for id in self.conns.ids() {
+                self.close(id, CloseReason::Shutdown);
+            }
+        }
+        self.conns.is_empty()
+    }
+
+    fn accept(&mut self, index: usize) {
+        for _ in 0..ACCEPT_BUDGET {
+            let Some(listener) = self.listeners.get(index) else { return };
+            match listener.socket.accept() {
+                Ok((stream, client)) => {
+                    let addr = listener.addr;
+                    self.admit(stream, client, addr);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if is_resource_exhaustion(&e) => {
+                    WorkerStats::add(&self.ctx.stats.accept_errors, 1);
+                    self.pause_accept(index, &e);
+                    return;
+                }
+                Err(_) => WorkerStats::add(&self.ctx.stats.accept_errors, 1),
+            }
+        }
+        self.pending.push(Ready { token: Token(LISTENER_BASE + index), readable: true, writable: false });
+    }
+
+    fn pause_accept(&mut self, index: usize, error: &io::Error) {
+        self.paused.push((self.now + ACCEPT_BACKOFF, index));
+        if self.last_warn.is_none_or(|t| self.now >= t + WARN_INTERVAL) {
+            self.last_warn = Some(self.now);
+            log::warn!(
+                "worker {}: accept paused for {:?} on {}: {error} (open fds: {})",
+                self.ctx.id,
+                ACCEPT_BACKOFF,
+                self.listeners[index].addr,
+                sys::open_fds()
+            );
+        }
+    }
+
+    fn resume_paused(&mut self) {
+        let now = self.now;
+        let due: Vec<usize> =
+            self.paused.iter().filter(|(t, _)| *t <= now).map(|&(_, i)| i).collect();
+        self.paused.retain(|(t, _)| *t > now);
+        for index in due {
+            self.accept(index);
+        }
+    }
+
+    fn admit(&mut self, stream: TcpStream, client: SocketAddr, listener: SocketAddr) {
+        let Some(admission) = Admission::decide(&self.ctx.tables, listener, client) else { return };
+        let _ = stream.set_nodelay(true);
+        WorkerStats::add(&self.ctx.stats.accepted, 1);
+        WorkerStats::add(&self.ctx.stats.active, 1);
+        let id = self.conns.insert(Conn::new(admission, stream, self.now));
+        let conn = self.conns.get_mut(id).expect("just inserted");
+        let token = session_token(id, Side::Client);
+        if self.poll.registry().register(&mut conn.client, token, Interest::READABLE | Interest::WRITABLE).is_err() {
+            self.close(id, CloseReason::LocalError);
+            return;
+        }
+        self.connect(id);
+    }
+
+    /// Starts the next connect attempt, walking the pool past backends that fail at once.
+    fn connect(&mut self, id: SlotId) {
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        loop {
+            let Phase::Connecting { attempt, .. } = conn.session.phase else { return };
+            let Some(addr) = conn.admission.backend(attempt).map(|b| b.addr) else {
+                let reason = conn.last_failure;
+                self.close(id, reason);
+                return;
+            };
+            match TcpStream::connect(addr) {
+                Ok(mut stream) => {
+                    let token = session_token(id, Side::Backend);
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if self.poll.registry().register(&mut stream, token, interest).is_err() {
+                        self.close(id, CloseReason::LocalError);
+                        return;
+                    }
+                    conn.backend = Some(stream);
+                    conn.backend_addr = Some(addr);
+                    self.rearm(id);
+                    return;
+                }
+                Err(e) if is_resource_exhaustion(&e) => {
+                    self.close(id, CloseReason::LocalError);
+                    return;
+                }
+                Err(_) => {
+                    WorkerStats::add(&self.ctx.stats.connect_errors, 1);
+                    conn.last_failure = CloseReason::ConnectRefused;
+                    conn.session.retry_connect(now);
+                }
+            }
+        }
+    }
+
+    /// The current connect attempt failed: drop its socket and try the next backend.
+    fn connect_failed(&mut self, id: SlotId, reason: CloseReason) {
+        WorkerStats::add(&self.ctx.stats.connect_errors, 1);
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        if let Some(mut stream) = conn.backend.take() {
+            let _ = self.poll.registry().deregister(&mut stream);
+        }
+        conn.last_failure = reason;
+        conn.session.retry_connect(now);
+        self.connect(id);
+    }
+
+    fn on_session(&mut self, token: usize, ready: Ready) {
+        let side = if token & 1 == 1 { Side::Backend } else { Side::Client };
+        let Some((id, conn)) = self.conns.at_mut((token >> 1) as u32) else { return };
+        if let Phase::Connecting { .. } = conn.session.phase {
+            if side == Side::Backend {
+                self.check_connect(id);
+            }
+            return;
+        }
+        let mut dirs = [None, None];
+        if ready.readable {
+            dirs[0] = Some(Direction::from_source(side));
+        }
+        if ready.writable {
+            dirs[1] = Some(Direction::from_source(side.other()));
+        }
+        self.pump(id, dirs.into_iter().flatten());
+    }
+
+    fn check_connect(&mut self, id: SlotId) {
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        let Some(stream) = conn.backend.as_ref() else { return };
+        match stream.take_error() {
+            Ok(None) => {}
+            Ok(Some(_)) | Err(_) => return self.connect_failed(id, CloseReason::ConnectRefused),
+        }
+        match stream.peer_addr() {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+            Err(_) => return self.connect_failed(id, CloseReason::ConnectRefused),
+        }
+        let _ = stream.set_nodelay(true);
+        conn.session.connected(self.now);
+        self.pump(id, [Direction::Up, Direction::Down].into_iter());
+    }
+
+    fn pump(&mut self, id: SlotId, dirs: impl Iterator<Item = Direction>) {
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        let mut again = false;
+        for dir in dirs {
+            match conn.pump(dir, &mut self.pool, now) {
+                Pump::Idle | Pump::Done => {}
+                Pump::Budget => again = true,
+                Pump::Reset(side) => return self.close(id, CloseReason::reset_by(side)),
+            }
+        }
+        if conn.session.is_finished() {
+            let reason = conn.session.finish_reason();
+            return self.close(id, reason);
+        }
+        if again {
+            let token = session_token(id, Side::Client);
+            self.pending.push(Ready { token, readable: true, writable: true });
+            let token = session_token(id, Side::Backend);
+            self.pending.push(Ready { token, readable: true, writable: true });
+        }
+        self.rearm(id);
+    }
+
+    /// Makes sure a timer entry exists at or before the session's deadline.
+    fn rearm(&mut self, id: SlotId) {
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        let timeouts = conn.admission.service().timeouts;
+        let (deadline, _) = conn.session.deadline(&timeouts);
+        if conn.armed.is_none_or(|armed| deadline < armed) {
+            conn.armed = Some(deadline);
+            self.timers.push(Reverse((deadline, id)));
+        }
+    }
+
+    fn expire_timers(&mut self) {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > self.now {
+                return;
+            }
+            self.timers.pop();
+            let Some(conn) = self.conns.get_mut(id) else { continue };
+            if conn.armed != Some(at) {
+                continue;
+            }
+            let timeouts = conn.admission.service().timeouts;
+            let (deadline, reason) = conn.session.deadline(&timeouts);
+            if deadline > self.now {
+                conn.armed = Some(deadline);
+                self.timers.push(Reverse((deadline, id)));
+            } else if reason == CloseReason::ConnectTimeout {
+                conn.armed = None;
+                self.connect_failed(id, reason);
+            } else {
+                self.close(id, reason);
+            }
+        }
+    }
+
+    fn close(&mut self, id: SlotId, reason: CloseReason) {
+        let Some(mut conn) = self.conns.remove(id) else { return };
+        conn.prepare_close(reason, &mut self.pool);
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut conn.client);
+        if let Some(b) = conn.backend.as_mut() {
+            let _ = registry.deregister(b);
+        }
+        let stats = &self.ctx.stats;
+        stats.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        WorkerStats::add(&stats.closed, 1);
+        WorkerStats::add(&stats.bytes_up, conn.session.up.bytes);
+        WorkerStats::add(&stats.bytes_down, conn.session.down.bytes);
+        let record = conn.admission.record(self.ctx.id, &conn.session, conn.backend_addr, reason, self.now);
+        self.ctx.events.send(record);
+    }
+}
+
+/// Errors that mean the process is out of fds or memory: back off instead of spinning.
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}

@@ -1,0 +1,318 @@
+//! The per-connection state machine, shared by both drivers. Pure: drivers feed it what
+//! happened (bytes moved, end of stream, shutdown sent) with the time, and ask it what the
+//! session waits for and when it must be cut.
+//!
+//! LIFECYCLE: accepted -> `Connecting` (attempt 0, 1, ... until a backend accepts or the
+//! pool's attempts are used up) -> `Relaying` (two independent directions) -> finished when
+//! both directions have forwarded their end of stream, or cut by a reset, a timeout or
+//! shutdown. A direction is done only after every byte read from its source was written to
+//! its destination and the destination was shut down for writing.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::tables::Timeouts;
+
+/// One of the two peers of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+impl Side {
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        }
+    }
+}
+
+/// A direction of relay, named by where its bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// client -> backend
+    Up,
+    /// backend -> client
+    Down,
+}
+
+impl Direction {
+    /// The peer this direction reads from.
+    pub fn source(self) -> Side {
+        match self {
+            Direction::Up => Side::Client,
+            Direction::Down => Side::Backend,
+        }
+    }
+
+    /// The direction that reads from `side`.
+    pub fn from_source(side: Side) -> Direction {
+        match side {
+            Side::Client => Direction::Up,
+            Side::Backend => Direction::Down,
+        }
+    }
+}
+
+/// Why a session ended. The names are those of the connection log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// Both directions finished; the client closed first.
+    ClientFin,
+    /// Both directions finished; the backend closed first.
+    BackendFin,
+    ClientRst,
+    BackendRst,
+    IdleTimeout,
+    /// After a half-close, the other direction stayed silent for the FIN timeout.
+    FinTimeout,
+    ConnectTimeout,
+    ConnectRefused,
+    NoBackend,
+    Shutdown,
+    /// A local resource ran out (fds, memory) while setting the session up.
+    LocalError,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientFin => "client_fin",
+            CloseReason::BackendFin => "backend_fin",
+            CloseReason::ClientRst => "client_rst",
+            CloseReason::BackendRst => "backend_rst",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::FinTimeout => "fin_timeout",
+            CloseReason::ConnectTimeout => "connect_timeout",
+            CloseReason::ConnectRefused => "connect_refused",
+            CloseReason::NoBackend => "no_backend",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::LocalError => "local_error",
+        }
+    }
+
+    /// The reset reason for a peer.
+    pub fn reset_by(side: Side) -> CloseReason {
+        match side {
+            Side::Client => CloseReason::ClientRst,
+            Side::Backend => CloseReason::BackendRst,
+        }
+    }
+
+    /// Whether the session's sockets are closed abortively (RST) for this reason, so that a
+    /// peer never mistakes a cut stream for a clean end of stream. A session that never
+    /// reached a backend closes its client gracefully, as HAProxy does: nothing was relayed.
+    pub fn aborts(self) -> bool {
+        matches!(
+            self,
+            CloseReason::ClientRst
+                | CloseReason::BackendRst
+                | CloseReason::IdleTimeout
+                | CloseReason::FinTimeout
+                | CloseReason::Shutdown
+                | CloseReason::LocalError
+        )
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Progress of one direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Bytes written to the destination.
+    pub bytes: u64,
+    /// The source sent its end of stream.
+    pub eof: bool,
+    /// The destination was shut down for writing (the end of stream was forwarded).
+    pub shut: bool,
+}
+
+/// What the session is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the `attempt`-th backend connect, begun at `since`.
+    Connecting { attempt: usize, since: Instant },
+    Relaying,
+}
+
+/// The state of one session, independent of the driver.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub started: Instant,
+    pub phase: Phase,
+    pub last_activity: Instant,
+    pub up: Flow,
+    pub down: Flow,
+    /// The peer whose end of stream arrived first.
+    pub first_eof: Option<Side>,
+}
+
+impl Session {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            started: now,
+            phase: Phase::Connecting { attempt: 0, since: now },
+            last_activity: now,
+            up: Flow::default(),
+            down: Flow::default(),
+            first_eof: None,
+        }
+    }
+
+    pub fn flow(&self, dir: Direction) -> &Flow {
+        match dir {
+            Direction::Up => &self.up,
+            Direction::Down => &self.down,
+        }
+    }
+
+    fn flow_mut(&mut self, dir: Direction) -> &mut Flow {
+        match dir {
+            Direction::Up => &mut self.up,
+            Direction::Down => &mut self.down,
+        }
+    }
+
+    /// The next connect attempt starts now.
+    pub fn retry_connect(&mut self, now: Instant) {
+        if let Phase::Connecting { attempt, .. } = self.phase {
+            self.phase = Phase::Connecting { attempt: attempt + 1, since: now };
+        }
+    }
+
+    /// The backend accepted the connection.
+    pub fn connected(&mut self, now: Instant) {
+        self.phase = Phase::Relaying;
+        self.last_activity = now;
+    }
+
+    /// `n` bytes were written to the destination of `dir`.
+    pub fn moved(&mut self, dir: Direction, n: usize, now: Instant) {
+        self.flow_mut(dir).bytes += n as u64;
+        self.last_activity = now;
+    }
+
+    /// The source of `dir` sent its end of stream.
+    pub fn source_eof(&mut self, dir: Direction, now: Instant) {
+        let flow = self.flow_mut(dir);
+        if flow.eof {
+            return;
+        }
+        flow.eof = true;
+        self.first_eof.get_or_insert(dir.source());
+        self.last_activity = now;
+    }
+
+    /// The end of stream of `dir` was forwarded (shutdown for writing).
+    pub fn shut(&mut self, dir: Direction, now: Instant) {
+        self.flow_mut(dir).shut = true;
+        self.last_activity = now;
+    }
+
+    /// Both directions have forwarded their end of stream.
+    pub fn is_finished(&self) -> bool {
+        self.up.shut && self.down.shut
+    }
+
+    /// The reason recorded for a session that finished cleanly.
+    pub fn finish_reason(&self) -> CloseReason {
+        match self.first_eof {
+            Some(Side::Backend) => CloseReason::BackendFin,
+            _ => CloseReason::ClientFin,
+        }
+    }
+
+    /// When the session must be cut if nothing happens before, and why.
+    pub fn deadline(&self, timeouts: &Timeouts) -> (Instant, CloseReason) {
+        match self.phase {
+            Phase::Connecting { since, .. } => {
+                (since + timeouts.connect, CloseReason::ConnectTimeout)
+            }
+            Phase::Relaying if self.up.eof || self.down.eof => {
+                (self.last_activity + timeouts.fin, CloseReason::FinTimeout)
+            }
+            Phase::Relaying => (self.last_activity + timeouts.idle, CloseReason::IdleTimeout),
+        }
+    }
+
+    /// Age of the session at `now`.
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(3),
+            idle: Duration::from_secs(60),
+            fin: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn connecting_session_is_cut_at_the_connect_timeout_of_its_current_attempt() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0);
+        assert_eq!(s.deadline(&timeouts()), (t0 + Duration::from_secs(3), CloseReason::ConnectTimeout));
+        let t1 = t0 + Duration::from_secs(3);
+        s.retry_connect(t1);
+        assert_eq!(s.phase, Phase::Connecting { attempt: 1, since: t1 });
+        assert_eq!(s.deadline(&timeouts()).0, t1 + Duration::from_secs(3));
+    }
+
+    #[test]
+    fn traffic_pushes_the_idle_deadline() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0);
+        s.connected(t0);
+        let t1 = t0 + Duration::from_secs(30);
+        s.moved(Direction::Up, 10, t1);
+        assert_eq!(s.deadline(&timeouts()), (t1 + Duration::from_secs(60), CloseReason::IdleTimeout));
+        assert_eq!(s.up.bytes, 10);
+    }
+
+    #[test]
+    fn half_closed_session_uses_the_fin_timeout() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0);
+        s.connected(t0);
+        s.source_eof(Direction::Up, t0);
+        s.shut(Direction::Up, t0);
+        assert_eq!(s.deadline(&timeouts()), (t0 + Duration::from_secs(10), CloseReason::FinTimeout));
+        assert!(!s.is_finished());
+    }
+
+    #[test]
+    fn finish_reason_names_the_peer_that_closed_first() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0);
+        s.connected(t0);
+        s.source_eof(Direction::Down, t0);
+        s.source_eof(Direction::Up, t0);
+        s.shut(Direction::Down, t0);
+        s.shut(Direction::Up, t0);
+        assert!(s.is_finished());
+        assert_eq!(s.finish_reason(), CloseReason::BackendFin);
+    }
+
+    #[test]
+    fn only_clean_finishes_close_gracefully() {
+        assert!(!CloseReason::ClientFin.aborts());
+        assert!(!CloseReason::BackendFin.aborts());
+        assert!(!CloseReason::ConnectRefused.aborts());
+        for r in [CloseReason::ClientRst, CloseReason::IdleTimeout, CloseReason::FinTimeout, CloseReason::Shutdown] {
+            assert!(r.aborts(), "{r}");
+        }
+    }
+}

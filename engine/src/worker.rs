@@ -1,0 +1,247 @@
+//! Workers: one pinned thread per core, each with its own SO_REUSEPORT listener on every
+//! service address and its own driver loop over its own sessions. No lock and no shared
+//! queue on the data path; the kernel spreads connections between the listeners.
+//!
+//! [`Engine::start`] binds every listener before any thread runs, so a bad address is a
+//! startup error, not a log line from a thread.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::balance::Backend;
+use crate::driver::{self, DriverChoice, Selection};
+use crate::events::{CloseRecord, Event, EventSink, WorkerStats};
+use crate::session::{CloseReason, Session};
+use crate::sys::{self, EventFd};
+use crate::tables::{Service, Tables};
+use crate::EngineError;
+
+/// Default capacity of each relay pipe (uring driver) and bound of each relay buffer
+/// (epoll driver), per direction.
+pub const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
+
+/// How the engine runs, fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Number of worker threads (at least 1).
+    pub workers: usize,
+    /// Pin worker `i` to the i-th allowed CPU.
+    pub pin: bool,
+    pub driver: DriverChoice,
+    /// Relay pipe capacity / buffer bound per direction, in bytes.
+    pub pipe_size: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            workers: default_workers(),
+            pin: true,
+            driver: DriverChoice::Auto,
+            pipe_size: DEFAULT_PIPE_SIZE,
+        }
+    }
+}
+
+/// One worker per CPU this process may run on.
+pub fn default_workers() -> usize {
+    sys::allowed_cpus().len().max(1)
+}
+
+/// A request from the control thread to a worker.
+#[derive(Debug, Clone, Copy)]
+pub enum Command {
+    /// Stop accepting, let sessions finish until `deadline`, cut the rest, then exit.
+    Drain { deadline: Instant },
+}
+
+/// Everything one worker thread owns.
+#[derive(Debug)]
+pub struct WorkerContext {
+    pub id: usize,
+    pub listeners: Vec<TcpListener>,
+    pub tables: Arc<ArcSwap<Tables>>,
+    pub commands: Receiver<Command>,
+    pub wake: Arc<EventFd>,
+    pub stats: Arc<WorkerStats>,
+    pub events: EventSink,
+    pub pipe_size: usize,
+}
+
+/// What a session learned when it was accepted: the tables that decide it for its whole
+/// life, its service and addresses.
+#[derive(Debug)]
+pub struct Admission {
+    pub tables: Arc<Tables>,
+    pub service: usize,
+    pub listener: SocketAddr,
+    pub client: SocketAddr,
+    pub pool_start: usize,
+    pub start_wall: SystemTime,
+}
+
+impl Admission {
+    /// Decides a freshly accepted connection with the current tables; `None` when no
+    /// service owns the listener any more (removed by a reload).
+    pub fn decide(tables: &ArcSwap<Tables>, listener: SocketAddr, client: SocketAddr) -> Option<Self> {
+        let tables = tables.load_full();
+        let service = tables.service_for(listener)?;
+        let pool_start = tables.services()[service].pool.start();
+        Some(Self { tables, service, listener, client, pool_start, start_wall: SystemTime::now() })
+    }
+
+    pub fn service(&self) -> &Service {
+        &self.tables.services()[self.service]
+    }
+
+    /// The backend for connect attempt `attempt`, if any remain.
+    pub fn backend(&self, attempt: usize) -> Option<&Backend> {
+        self.service().pool.pick(self.pool_start, attempt)
+    }
+
+    /// The record of this session, ended at `now` for `reason`.
+    pub fn record(
+        &self,
+        worker: usize,
+        session: &Session,
+        backend: Option<SocketAddr>,
+        reason: CloseReason,
+        now: Instant,
+    ) -> Event {
+        Event::Closed(CloseRecord {
+            worker,
+            service: self.service().name.clone(),
+            listener: self.listener,
+            client: self.client,
+            backend,
+            start: self.start_wall,
+            duration: session.age(now),
+            bytes_up: session.up.bytes,
+            bytes_down: session.down.bytes,
+            reason,
+            tables_version: self.tables.version,
+        })
+    }
+}
+
+struct WorkerHandle {
+    thread: JoinHandle<io::Result<()>>,
+    commands: Sender<Command>,
+    wake: Arc<EventFd>,
+}
+
+/// The running data plane.
+pub struct Engine {
+    selection: Selection,
+    workers: Vec<WorkerHandle>,
+    stats: Vec<Arc<WorkerStats>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("selection", &self.selection).field("workers", &self.workers.len()).finish()
+    }
+}
+
+impl Engine {
+    /// Chooses the driver, binds every listener for every worker and starts the workers.
+    pub fn start(
+        config: &EngineConfig,
+        tables: Arc<ArcSwap<Tables>>,
+        events: EventSink,
+    ) -> Result<Engine, EngineError> {
+        let selection = driver::select(config.driver)?;
+        let addrs = tables.load().listen_addrs();
+        let cpus = sys::allowed_cpus();
+        let count = config.workers.max(1);
+        let mut contexts = Vec::with_capacity(count);
+        for id in 0..count {
+            let listeners = addrs
+                .iter()
+                .map(|&addr| sys::bind_reuseport(addr).map_err(|source| EngineError::Bind { addr, source }))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let wake = Arc::new(EventFd::new().map_err(|source| EngineError::Spawn { worker: id, source })?);
+            let ctx = WorkerContext {
+                id,
+                listeners,
+                tables: tables.clone(),
+                commands: rx,
+                wake: wake.clone(),
+                stats: Arc::default(),
+                events: events.clone(),
+                pipe_size: config.pipe_size,
+            };
+            contexts.push((ctx, tx, wake));
+        }
+        let mut engine = Engine { selection, workers: Vec::new(), stats: Vec::new() };
+        for (ctx, commands, wake) in contexts {
+            let id = ctx.id;
+            let cpu = config.pin.then(|| cpus.get(id % cpus.len().max(1)).copied()).flatten();
+            engine.stats.push(ctx.stats.clone());
+            let kind = engine.selection.kind;
+            let thread = std::thread::Builder::new()
+                .name(format!("sluice-w{id}"))
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        if let Err(e) = sys::pin_to_cpu(cpu) {
+                            log::warn!("worker {id}: cannot pin to cpu {cpu}: {e}");
+                        }
+                    }
+                    driver::run(kind, ctx)
+                })
+                .map_err(|source| EngineError::Spawn { worker: id, source })?;
+            engine.workers.push(WorkerHandle { thread, commands, wake });
+        }
+        Ok(engine)
+    }
+
+    /// The driver in use and why.
+    pub fn selection(&self) -> &Selection {
+        &self.selection
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Counters of each worker, by worker id.
+    pub fn stats(&self) -> &[Arc<WorkerStats>] {
+        &self.stats
+    }
+
+    /// Asks every worker to stop accepting and drain its sessions until `grace` has passed.
+    pub fn drain(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        for w in &self.workers {
+            let _ = w.commands.send(Command::Drain { deadline });
+            w.wake.notify();
+        }
+    }
+
+    /// Whether every worker thread has exited.
+    pub fn is_stopped(&self) -> bool {
+        self.workers.iter().all(|w| w.thread.is_finished())
+    }
+
+    /// Waits for every worker; the first worker error is returned.
+    pub fn join(self) -> Result<(), EngineError> {
+        let mut result = Ok(());
+        for (worker, w) in self.workers.into_iter().enumerate() {
+            let outcome = match w.thread.join() {
+                Ok(r) => r.map_err(|source| EngineError::Worker { worker, source }),
+                Err(_) => Err(EngineError::Panicked { worker }),
+            };
+            if result.is_ok() {
+                result = outcome;
+            }
+        }
+        result
+    }
+}
