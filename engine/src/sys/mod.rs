@@ -13,7 +13,10 @@ pub mod pipe;
 pub mod socket;
 
 pub use pipe::{Pipe, splice};
-pub use socket::{bind_reuseport, set_linger_zero, take_socket_error};
+pub use socket::{
+    bind_reuseport, peer_addr, set_linger_zero, set_nodelay, shutdown_write, take_socket_error,
+    tcp_socket_for,
+};
 
 /// Calls a libc function and turns `-1` into the thread's `errno` as an [`io::Error`].
 macro_rules! syscall {

@@ -36,6 +36,28 @@ pub fn take_socket_error(fd: RawFd) -> io::Result<Option<io::Error>> {
     with_socket(fd, |s| s.take_error())
 }
 
+/// Sends a FIN: no more data will be written to `fd` (the read side stays open).
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    with_socket(fd, |s| s.shutdown(std::net::Shutdown::Write))
+}
+
+/// Turns off Nagle's algorithm, so relayed segments leave at once.
+pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
+    with_socket(fd, |s| s.set_tcp_nodelay(true))
+}
+
+/// The peer address of a connected socket.
+pub fn peer_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    with_socket(fd, |s| s.peer_addr())?
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an inet socket"))
+}
+
+/// A new non-blocking, close-on-exec TCP socket for connecting to `addr`.
+pub fn tcp_socket_for(addr: SocketAddr) -> io::Result<Socket> {
+    Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))
+}
+
 fn with_socket<T>(fd: RawFd, f: impl FnOnce(&Socket) -> io::Result<T>) -> io::Result<T> {
     // SAFETY: the caller owns `fd` and keeps it open for this call; ManuallyDrop ensures
     // this temporary view never closes it.

@@ -1,5 +1,523 @@
-//! placeholder during development
+//! The io_uring driver: one ring per worker (SINGLE_ISSUER + DEFER_TASKRUN where the kernel
+//! has them, COOP_TASKRUN otherwise) for multishot accept, asynchronous connect, readiness
+//! (PollAdd), wake-ups and timed waits; relay with splice(2) through pipes borrowed from a
+//! per-worker pool. No epoll on this path.
+//!
+//! Each turn: submit what was queued and wait for at least one completion (bounded by the
+//! next timer), handle the completions, continue work cut short by a budget, expire timers.
+//! See docs/LIFECYCLE.md for the life of a session on this driver.
+
+mod conn;
+mod ops;
+mod pipes;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io;
-use crate::worker::WorkerContext;
-pub fn probe() -> Result<String, String> { Err("not yet".into()) }
-pub(crate) fn run(ctx: WorkerContext) -> io::Result<()> { crate::driver::epoll::run(ctx) }
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
+
+use self::conn::{Conn, Pump};
+use self::ops::{bit, Op, SESSION_OPS};
+use self::pipes::PipePool;
+use super::epoll::is_resource_exhaustion;
+use super::slots::{SlotId, Slots};
+use crate::events::WorkerStats;
+use crate::session::{CloseReason, Direction, Phase};
+use crate::sys;
+use crate::worker::{Admission, Command, WorkerContext};
+
+/// Submission queue entries per ring.
+const RING_ENTRIES: u32 = 1024;
+/// Completion queue entries per ring (the kernel keeps overflow, FEAT_NODROP, beyond this).
+const CQ_ENTRIES: u32 = 8192;
+/// How long a listener pauses after the process ran out of fds or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
+/// At most one "accept paused" warning per worker per this interval.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How the ring runs completion work, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TaskRun {
+    /// SINGLE_ISSUER + DEFER_TASKRUN (Linux 6.1+): completion work runs only when the
+    /// worker asks for completions, on the worker's own thread.
+    Defer,
+    /// COOP_TASKRUN (Linux 5.19+): no interrupting IPIs for completion work.
+    Coop,
+}
+
+fn build_ring() -> io::Result<(IoUring, TaskRun)> {
+    let defer = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_cqsize(CQ_ENTRIES)
+        .build(RING_ENTRIES);
+    if let Ok(ring) = defer {
+        return Ok((ring, TaskRun::Defer));
+    }
+    let ring = IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .setup_cqsize(CQ_ENTRIES)
+        .build(RING_ENTRIES)?;
+    Ok((ring, TaskRun::Coop))
+}
+
+/// Checks that this kernel can run the driver; returns the features line, or why not.
+/// COOP_TASKRUN support implies Linux 5.19+, which also has multishot accept.
+pub fn probe() -> Result<String, String> {
+    let (ring, taskrun) = build_ring().map_err(|e| format!("cannot create a ring with COOP_TASKRUN (needs Linux 5.19+): {e}"))?;
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe).map_err(|e| format!("cannot probe opcodes: {e}"))?;
+    for (name, code) in [
+        ("accept", opcode::Accept::CODE),
+        ("connect", opcode::Connect::CODE),
+        ("poll_add", opcode::PollAdd::CODE),
+        ("async_cancel", opcode::AsyncCancel::CODE),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!("opcode {name} is not supported"));
+        }
+    }
+    let params = ring.params();
+    if !params.is_feature_ext_arg() {
+        return Err("no IORING_FEAT_EXT_ARG for timed waits (needs Linux 5.11+)".into());
+    }
+    if !params.is_feature_nodrop() {
+        return Err("no IORING_FEAT_NODROP (needs Linux 5.5+)".into());
+    }
+    let taskrun = match taskrun {
+        TaskRun::Defer => "single_issuer,defer_taskrun",
+        TaskRun::Coop => "coop_taskrun",
+    };
+    Ok(format!("{taskrun},multishot_accept,connect,poll_add,splice=inline,fast_poll={}", params.is_feature_fast_poll()))
+}
+
+pub(crate) fn run(ctx: WorkerContext) -> io::Result<()> {
+    UringWorker::new(ctx)?.run()
+}
+
+/// Queues an entry, handing a full submission queue to the kernel first.
+fn push(ring: &mut IoUring, entry: &squeue::Entry) {
+    loop {
+        // SAFETY: every entry built in this driver refers only to fds and buffers that stay
+        // alive until its completion arrives (see ops.rs: sessions are finalised only when
+        // nothing of theirs is in flight; listeners and the eventfd outlive the ring).
+        if unsafe { ring.submission().push(entry) }.is_ok() {
+            return;
+        }
+        if let Err(e) = ring.submit() {
+            log::warn!("io_uring submit failed while the queue was full: {e}");
+        }
+    }
+}
+
+struct Listener {
+    socket: Option<TcpListener>,
+    addr: SocketAddr,
+    armed: bool,
+}
+
+struct UringWorker {
+    ctx: WorkerContext,
+    ring: IoUring,
+    listeners: Vec<Listener>,
+    conns: Slots<Conn>,
+    timers: BinaryHeap<Reverse<(Instant, SlotId)>>,
+    pending: Vec<SlotId>,
+    paused: Vec<(Instant, usize)>,
+    pipes: PipePool,
+    completions: Vec<(u64, i32, u32)>,
+    draining: Option<Instant>,
+    last_warn: Option<Instant>,
+    now: Instant,
+}
+
+impl UringWorker {
+    fn new(mut ctx: WorkerContext) -> io::Result<Self> {
+        let (ring, _) = build_ring()?;
+        let listeners = std::mem::take(&mut ctx.listeners)
+            .into_iter()
+            .map(|l| Ok(Listener { addr: l.local_addr()?, socket: Some(l), armed: false }))
+            .collect::<io::Result<Vec<_>>>()?;
+        let pipes = PipePool::new(ctx.pipe_size);
+        let mut worker = Self {
+            ctx,
+            ring,
+            listeners,
+            conns: Slots::default(),
+            timers: BinaryHeap::new(),
+            pending: Vec::new(),
+            paused: Vec::new(),
+            pipes,
+            completions: Vec::with_capacity(CQ_ENTRIES as usize),
+            draining: None,
+            last_warn: None,
+            now: Instant::now(),
+        };
+        worker.arm_wake();
+        for index in 0..worker.listeners.len() {
+            worker.arm_accept(index);
+        }
+        Ok(worker)
+    }
+
+    fn run(mut self) -> io::Result<()> {
+        loop {
+            self.submit_and_wait()?;
+            self.now = Instant::now();
+            self.reap();
+            for id in std::mem::take(&mut self.pending) {
+                self.pump(id, [Direction::Up, Direction::Down]);
+            }
+            self.resume_paused();
+            self.expire_timers();
+            if self.drained() {
+                // Dropping the ring first cancels whatever is left on it; only then are the
+                // fds those operations named closed (listeners, sessions).
+                let UringWorker { ring, listeners, conns, .. } = self;
+                drop(ring);
+                drop(listeners);
+                drop(conns);
+                return Ok(());
+            }
+        }
+    }
+
+    fn submit_and_wait(&mut self) -> io::Result<()> {
+        let wait = if self.pending.is_empty() { self.next_wakeup() } else { Some(Duration::ZERO) };
+        let result = match wait {
+            None => self.ring.submit_and_wait(1),
+            Some(d) => {
+                let ts = types::Timespec::from(d);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Duration> {
+        let next = [
+            self.timers.peek().map(|Reverse((t, _))| *t),
+            self.paused.iter().map(|(t, _)| *t).min(),
+            self.draining,
+        ]
+        .into_iter()
+        .flatten()
+        .min()?;
+        Some(next.saturating_duration_since(Instant::now()) + Duration::from_micros(200))
+    }
+
+    fn reap(&mut self) {
+        let mut batch = std::mem::take(&mut self.completions);
+        batch.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+        for &(user_data, result, flags) in &batch {
+            let Some((op, index, dir)) = ops::unpack(user_data) else { continue };
+            match op {
+                Op::Accept => self.on_accept(index as usize, result, flags),
+                Op::Wake => self.on_wake(),
+                Op::Cancel => {}
+                Op::Connect | Op::PollIn | Op::PollOut => self.on_session_op(op, index, dir, result),
+            }
+        }
+        batch.clear();
+        self.completions = batch;
+    }
+
+    fn arm_wake(&mut self) {
+        let entry = ops::poll(self.ctx.wake.as_raw_fd(), libc::POLLIN, ops::pack(Op::Wake, 0, Direction::Up));
+        push(&mut self.ring, &entry);
+    }
+
+    fn on_wake(&mut self) {
+        self.ctx.wake.drain();
+        while let Ok(command) = self.ctx.commands.try_recv() {
+            match command {
+                Command::Drain { deadline } => self.start_drain(deadline),
+            }
+        }
+        self.arm_wake();
+    }
+
+    fn start_drain(&mut self, deadline: Instant) {
+        self.draining = Some(deadline);
+        self.paused.clear();
+        for index in 0..self.listeners.len() {
+            if self.listeners[index].armed {
+                let entry = ops::cancel(ops::pack(Op::Accept, index as u32, Direction::Up));
+                push(&mut self.ring, &entry);
+            } else {
+                self.listeners[index].socket = None;
+            }
+        }
+    }
+
+    fn drained(&mut self) -> bool {
+        let Some(deadline) = self.draining else { return false };
+        if self.now >= deadline {
+            for id in self.conns.ids() {
+                self.close(id, CloseReason::Shutdown);
+            }
+        }
+        self.conns.is_empty()
+    }
+
+    fn arm_accept(&mut self, index: usize) {
+        let listener = &mut self.listeners[index];
+        let Some(socket) = &listener.socket else { return };
+        let entry = ops::accept_multi(socket.as_raw_fd(), index as u32);
+        listener.armed = true;
+        push(&mut self.ring, &entry);
+    }
+
+    fn on_accept(&mut self, index: usize, result: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        if !more {
+            self.listeners[index].armed = false;
+        }
+        if result >= 0 {
+            // SAFETY: a successful accept completion carries a new fd that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(result) };
+            if self.draining.is_none() {
+                self.admit(fd, index);
+            }
+        } else {
+            let error = io::Error::from_raw_os_error(-result);
+            if -result != libc::ECANCELED {
+                WorkerStats::add(&self.ctx.stats.accept_errors, 1);
+            }
+            if is_resource_exhaustion(&error) && !more {
+                self.pause_accept(index, &error);
+                return;
+            }
+        }
+        if more {
+            return;
+        }
+        if self.draining.is_some() {
+            self.listeners[index].socket = None;
+        } else {
+            self.arm_accept(index);
+        }
+    }
+
+    fn pause_accept(&mut self, index: usize, error: &io::Error) {
+        self.paused.push((self.now + ACCEPT_BACKOFF, index));
+        if self.last_warn.is_none_or(|t| self.now >= t + WARN_INTERVAL) {
+            self.last_warn = Some(self.now);
+            log::warn!(
+                "worker {}: accept paused for {:?} on {}: {error} (open fds: {})",
+                self.ctx.id,
+                ACCEPT_BACKOFF,
+                self.listeners[index].addr,
+                sys::open_fds()
+            );
+        }
+    }
+
+    fn resume_paused(&mut self) {
+        let now = self.now;
+        let due: Vec<usize> = self.paused.iter().filter(|(t, _)| *t <= now).map(|&(_, i)| i).collect();
+        self.paused.retain(|(t, _)| *t > now);
+        for index in due {
+            if self.draining.is_none() && !self.listeners[index].armed {
+                self.arm_accept(index);
+            }
+        }
+    }
+
+    fn admit(&mut self, fd: OwnedFd, index: usize) {
+        let Ok(client) = sys::peer_addr(fd.as_raw_fd()) else { return };
+        let listener = self.listeners[index].addr;
+        let Some(admission) = Admission::decide(&self.ctx.tables, listener, client) else { return };
+        let _ = sys::set_nodelay(fd.as_raw_fd());
+        WorkerStats::add(&self.ctx.stats.accepted, 1);
+        WorkerStats::add(&self.ctx.stats.active, 1);
+        let id = self.conns.insert(Conn::new(admission, fd, self.now));
+        self.connect(id);
+    }
+
+    /// Starts the next connect attempt, walking past backends that fail at once.
+    fn connect(&mut self, id: SlotId) {
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        loop {
+            let Phase::Connecting { attempt, .. } = conn.session.phase else { return };
+            let Some(addr) = conn.admission.backend(attempt).map(|b| b.addr) else {
+                let reason = conn.last_failure;
+                return self.close(id, reason);
+            };
+            match sys::tcp_socket_for(addr) {
+                Ok(socket) => {
+                    let _ = socket.set_tcp_nodelay(true);
+                    let target = Box::new(socket2::SockAddr::from(addr));
+                    let fd: OwnedFd = socket.into();
+                    // SAFETY: `target` is boxed and kept in `conn.connect_addr` until the
+                    // connect completion arrives (cleared in on_session_op).
+                    let entry = unsafe { ops::connect(fd.as_raw_fd(), &target, id.index) };
+                    conn.backend = Some(fd);
+                    conn.backend_addr = Some(addr);
+                    conn.connect_addr = Some(target);
+                    conn.inflight |= bit(Op::Connect, Direction::Up);
+                    push(&mut self.ring, &entry);
+                    self.rearm(id);
+                    return;
+                }
+                Err(e) if is_resource_exhaustion(&e) => return self.close(id, CloseReason::LocalError),
+                Err(_) => {
+                    WorkerStats::add(&self.ctx.stats.connect_errors, 1);
+                    conn.last_failure = CloseReason::ConnectRefused;
+                    conn.session.retry_connect(now);
+                }
+            }
+        }
+    }
+
+    fn on_session_op(&mut self, op: Op, index: u32, dir: Direction, result: i32) {
+        let Some((id, conn)) = self.conns.at_mut(index) else { return };
+        conn.inflight &= !bit(op, dir);
+        if conn.closing.is_some() {
+            if conn.inflight == 0 {
+                self.conns.remove(id);
+            }
+            return;
+        }
+        match op {
+            Op::Connect => {
+                conn.connect_addr = None;
+                if result == 0 {
+                    conn.session.connected(self.now);
+                    self.pump(id, [Direction::Up, Direction::Down]);
+                } else {
+                    let reason = match -result {
+                        libc::ECANCELED | libc::ETIMEDOUT => CloseReason::ConnectTimeout,
+                        _ => CloseReason::ConnectRefused,
+                    };
+                    self.connect_failed(id, reason);
+                }
+            }
+            _ => self.pump(id, [dir]),
+        }
+    }
+
+    /// The current connect failed and its completion has arrived: drop the socket and try
+    /// the next backend.
+    fn connect_failed(&mut self, id: SlotId, reason: CloseReason) {
+        WorkerStats::add(&self.ctx.stats.connect_errors, 1);
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        conn.backend = None;
+        conn.last_failure = reason;
+        conn.session.retry_connect(now);
+        self.connect(id);
+    }
+
+    fn pump<const N: usize>(&mut self, id: SlotId, dirs: [Direction; N]) {
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        if conn.closing.is_some() || conn.session.phase != Phase::Relaying {
+            return;
+        }
+        let mut again = false;
+        for dir in dirs {
+            let Some((src, dst)) = conn.ends(dir) else { return };
+            let wait = match conn.pump(dir, &mut self.pipes, now) {
+                Pump::WaitIn => Some((Op::PollIn, src, libc::POLLIN | libc::POLLRDHUP)),
+                Pump::WaitOut => Some((Op::PollOut, dst, libc::POLLOUT)),
+                Pump::Done => None,
+                Pump::Budget => {
+                    again = true;
+                    None
+                }
+                Pump::Reset(side) => return self.close(id, CloseReason::reset_by(side)),
+                Pump::NoPipe => return self.close(id, CloseReason::LocalError),
+            };
+            if let Some((op, fd, events)) = wait {
+                if conn.inflight & bit(op, dir) == 0 {
+                    conn.inflight |= bit(op, dir);
+                    push(&mut self.ring, &ops::poll(fd, events, ops::pack(op, id.index, dir)));
+                }
+            }
+        }
+        if conn.session.is_finished() {
+            let reason = conn.session.finish_reason();
+            return self.close(id, reason);
+        }
+        if again {
+            self.pending.push(id);
+        }
+        self.rearm(id);
+    }
+
+    fn rearm(&mut self, id: SlotId) {
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        let timeouts = conn.admission.service().timeouts;
+        let (deadline, _) = conn.session.deadline(&timeouts);
+        if conn.armed.is_none_or(|armed| deadline < armed) {
+            conn.armed = Some(deadline);
+            self.timers.push(Reverse((deadline, id)));
+        }
+    }
+
+    fn expire_timers(&mut self) {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > self.now {
+                return;
+            }
+            self.timers.pop();
+            let Some(conn) = self.conns.get_mut(id) else { continue };
+            if conn.armed != Some(at) || conn.closing.is_some() {
+                continue;
+            }
+            let timeouts = conn.admission.service().timeouts;
+            let (deadline, reason) = conn.session.deadline(&timeouts);
+            if deadline > self.now {
+                conn.armed = Some(deadline);
+                self.timers.push(Reverse((deadline, id)));
+            } else if reason == CloseReason::ConnectTimeout {
+                // The connect completion (-ECANCELED) moves on to the next backend.
+                conn.armed = None;
+                let target = ops::pack(Op::Connect, id.index, Direction::Up);
+                push(&mut self.ring, &ops::cancel(target));
+            } else {
+                self.close(id, reason);
+            }
+        }
+    }
+
+    /// Decides the session closed: records it, cancels what it has on the ring, and frees it
+    /// once nothing of it is in flight.
+    fn close(&mut self, id: SlotId, reason: CloseReason) {
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        if conn.closing.is_some() {
+            return;
+        }
+        conn.closing = Some(reason);
+        conn.prepare_close(reason, &mut self.pipes);
+        let stats = &self.ctx.stats;
+        stats.active.fetch_sub(1, Ordering::Relaxed);
+        WorkerStats::add(&stats.closed, 1);
+        WorkerStats::add(&stats.bytes_up, conn.session.up.bytes);
+        WorkerStats::add(&stats.bytes_down, conn.session.down.bytes);
+        let record = conn.admission.record(self.ctx.id, &conn.session, conn.backend_addr, reason, self.now);
+        self.ctx.events.send(record);
+        let inflight = conn.inflight;
+        for (op, dir) in SESSION_OPS {
+            if inflight & bit(op, dir) != 0 {
+                push(&mut self.ring, &ops::cancel(ops::pack(op, id.index, dir)));
+            }
+        }
+        if inflight == 0 {
+            self.conns.remove(id);
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! The per-worker pipe pool. A direction borrows a pipe when it has bytes to move and gives
+//! it back when the pipe is empty again, so an idle session holds no pipe (two fds saved per
+//! direction). A pipe that still holds bytes is never returned: it is closed with its
+//! session instead.
+
+use std::io;
+
+use crate::sys::Pipe;
+
+/// Spare pipes kept per worker (each holds two fds).
+pub const SPARE_PIPES: usize = 64;
+
+#[derive(Debug)]
+pub(super) struct PipePool {
+    size: usize,
+    spare: Vec<Pipe>,
+    /// Pipes created over the worker's life (for tests and stats).
+    pub created: u64,
+}
+
+impl PipePool {
+    pub fn new(size: usize) -> Self {
+        Self { size, spare: Vec::new(), created: 0 }
+    }
+
+    pub fn take(&mut self) -> io::Result<Pipe> {
+        if let Some(p) = self.spare.pop() {
+            return Ok(p);
+        }
+        self.created += 1;
+        Pipe::new(self.size)
+    }
+
+    /// Returns an empty pipe to the pool. `buffered` is what the borrower knows is still
+    /// inside; a non-empty pipe is closed rather than reused.
+    pub fn give(&mut self, pipe: Pipe, buffered: usize) {
+        if buffered == 0 && self.spare.len() < SPARE_PIPES {
+            debug_assert_eq!(pipe.buffered().unwrap_or(0), 0, "a pipe with bytes went back to the pool");
+            self.spare.push(pipe);
+        }
+    }
+
+    /// Bytes each pipe is asked to hold (the kernel may round up).
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn spare(&self) -> usize {
+        self.spare.len()
+    }
+}
