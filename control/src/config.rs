@@ -158,7 +158,11 @@ impl Config {
         })?;
         let mut v = Validator { file, text, errors: Vec::new() };
         let config = v.config(raw);
-        if v.errors.is_empty() { Ok(config) } else { Err(ConfigErrors(v.errors)) }
+        if v.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(v.errors))
+        }
     }
 
     /// Compiles the services into tables with the given version.
@@ -205,12 +209,20 @@ impl Validator<'_> {
         for (i, s) in raw.services.iter().enumerate() {
             let spec = self.service(i, s);
             if !names.insert(spec.name.clone()) {
-                self.error(s.name.span(), &format!("service[{i}].name"), format!("duplicate service name {:?}", spec.name));
+                self.error(
+                    s.name.span(),
+                    &format!("service[{i}].name"),
+                    format!("duplicate service name {:?}", spec.name),
+                );
             }
             for (j, addr) in spec.listen.iter().enumerate() {
                 if !listens.insert(*addr) {
                     let span = s.listen.get_ref()[j].span();
-                    self.error(span, &format!("service[{i}].listen"), format!("{addr} is already a listen address of another service"));
+                    self.error(
+                        span,
+                        &format!("service[{i}].listen"),
+                        format!("{addr} is already a listen address of another service"),
+                    );
                 }
             }
             services.push(spec);
@@ -224,7 +236,11 @@ impl Validator<'_> {
             match w.get_ref() {
                 Workers::Named(s) if s == "auto" => {}
                 Workers::Count(n) if (1..=MAX_WORKERS).contains(n) => engine.workers = *n as usize,
-                _ => self.error(w.span(), "engine.workers", format!("expected \"auto\" or a number from 1 to {MAX_WORKERS}")),
+                _ => self.error(
+                    w.span(),
+                    "engine.workers",
+                    format!("expected \"auto\" or a number from 1 to {MAX_WORKERS}"),
+                ),
             }
         }
         if let Some(pin) = raw.pin {
@@ -242,8 +258,14 @@ impl Validator<'_> {
                 Size::Text(t) => parse_size(t),
             };
             match parsed {
-                Ok(n) if (MIN_PIPE_SIZE..=MAX_PIPE_SIZE).contains(&n) => engine.pipe_size = n as usize,
-                Ok(_) => self.error(size.span(), "engine.pipe_size", format!("must be between {MIN_PIPE_SIZE} and {MAX_PIPE_SIZE} bytes")),
+                Ok(n) if (MIN_PIPE_SIZE..=MAX_PIPE_SIZE).contains(&n) => {
+                    engine.pipe_size = n as usize
+                }
+                Ok(_) => self.error(
+                    size.span(),
+                    "engine.pipe_size",
+                    format!("must be between {MIN_PIPE_SIZE} and {MAX_PIPE_SIZE} bytes"),
+                ),
                 Err(message) => self.error(size.span(), "engine.pipe_size", message),
             }
         }
@@ -325,7 +347,11 @@ fn resolve(text: &str) -> Result<Vec<SocketAddr>, String> {
     match text.to_socket_addrs() {
         Ok(addrs) => {
             let addrs: Vec<_> = addrs.collect();
-            if addrs.is_empty() { Err(format!("{text:?} resolves to no address")) } else { Ok(addrs) }
+            if addrs.is_empty() {
+                Err(format!("{text:?} resolves to no address"))
+            } else {
+                Ok(addrs)
+            }
         }
         Err(e) => Err(format!("cannot resolve {text:?}: {e}")),
     }
@@ -336,7 +362,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let bad = || format!("{text:?} is not a duration such as \"500ms\", \"3s\", \"10m\", \"1h\" or \"2d\"");
+    let bad = || {
+        format!("{text:?} is not a duration such as \"500ms\", \"3s\", \"10m\", \"1h\" or \"2d\"")
+    };
     let value: f64 = number.parse().map_err(|_| bad())?;
     let seconds = match unit.trim() {
         "ms" => value / 1000.0,
@@ -371,7 +399,13 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Turns a byte span into line and column (1-based) and finds the key it belongs to.
-fn locate(file: &str, text: &str, span: Range<usize>, key: Option<&str>, message: String) -> ConfigError {
+fn locate(
+    file: &str,
+    text: &str,
+    span: Range<usize>,
+    key: Option<&str>,
+    message: String,
+) -> ConfigError {
     let start = span.start.min(text.len());
     let before = &text[..start];
     let line = before.matches('\n').count() + 1;
@@ -412,4 +446,120 @@ pub fn defaults_summary() -> String {
         DEFAULT_SHUTDOWN_TIMEOUT,
         sluice_engine::worker::DEFAULT_PIPE_SIZE
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        Config::parse("test.toml", text).expect_err("config should be rejected").0
+    }
+
+    const MINIMAL: &str = "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:8080\"]\nbackends = [\"127.0.0.1:8000\"]\n";
+
+    #[test]
+    fn durations_take_the_documented_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        for bad in ["", "3", "s", "3 weeks", "-1s", "1e3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn sizes_distinguish_binary_and_decimal_units() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64 KiB"), Ok(65536));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("100 KB"), Ok(100_000));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("99999999999999999999 GiB").is_err());
+    }
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let c = Config::parse("test.toml", MINIMAL).unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(s.timeouts, Timeouts::default());
+        assert_eq!(c.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
+        assert_eq!(c.engine.driver, DriverChoice::Auto);
+        assert!(c.engine.pin);
+    }
+
+    #[test]
+    fn ipv6_and_several_addresses_are_accepted() {
+        let text = "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\", \"[::1]:1\"]\nbackends = [\"[::1]:2\", \"localhost:3\"]\n";
+        let c = Config::parse("t", text).unwrap();
+        assert_eq!(c.services[0].listen.len(), 2);
+        assert!(c.services[0].backends.len() >= 2);
+    }
+
+    #[test]
+    fn bad_toml_is_located_by_line_and_column() {
+        let e = errors("[engine]\nworkers = 2\npin = \n");
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].file.as_str(), e[0].line), ("test.toml", 3));
+        assert!(e[0].to_string().starts_with("test.toml:3:"), "{}", e[0]);
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_its_line() {
+        let e = errors(&format!("{MINIMAL}colour = \"blue\"\n"));
+        assert_eq!(e[0].line, 5);
+        assert_eq!(e[0].key, "service.colour");
+        assert!(e[0].message.contains("unknown field"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn every_validation_error_is_reported_with_its_key() {
+        let text = "[engine]\nworkers = 0\ndriver = \"kqueue\"\n\n[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:99999\"]\nbackends = [\"nowhere\"]\nidle_timeout = \"soon\"\n";
+        let e = errors(text);
+        let found: Vec<(usize, &str)> = e.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            found,
+            vec![
+                (2, "engine.workers"),
+                (3, "engine.driver"),
+                (7, "service[0].listen"),
+                (8, "service[0].backends"),
+                (9, "service[0].idle_timeout"),
+            ]
+        );
+        assert_eq!(e[2].column, 11);
+    }
+
+    #[test]
+    fn listen_addresses_are_unique_across_services() {
+        let text = format!("{MINIMAL}\n[[service]]\nname = \"web2\"\nlisten = [\"127.0.0.1:8080\"]\nbackends = [\"127.0.0.1:8001\"]\n");
+        let e = errors(&text);
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].line, e[0].key.as_str()), (8, "service[1].listen"));
+    }
+
+    #[test]
+    fn a_config_without_services_is_rejected() {
+        assert!(errors("[engine]\nworkers = 1\n")[0].message.contains("[[service]]"));
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid_and_forwards_8080_to_8000() {
+        let c = Config::load_or_default(None).unwrap();
+        assert_eq!(c.services[0].listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.services[0].backends, vec!["127.0.0.1:8000".parse().unwrap()]);
+    }
+
+    #[test]
+    fn tables_map_each_listener_to_its_service() {
+        let c = Config::parse("t", MINIMAL).unwrap();
+        let tables = c.tables(7);
+        assert_eq!(tables.version, 7);
+        assert_eq!(tables.service_for("127.0.0.1:8080".parse().unwrap()), Some(0));
+        assert_eq!(tables.service_for("127.0.0.1:8081".parse().unwrap()), None);
+    }
 }

@@ -31,7 +31,9 @@ pub fn demo(config: Config) -> Result<bool, RunError> {
     let (sink, _records) = EventSink::bounded(1024);
     let engine = Engine::start(&config.engine, tables, sink)?;
     println!("sluice demo: {} workers, {}", engine.worker_count(), engine.selection());
-    println!("forwarding {listen} -> echo server on {backend_addr}; {CLIENTS} clients send 1 MiB each\n");
+    println!(
+        "forwarding {listen} -> echo server on {backend_addr}; {CLIENTS} clients send 1 MiB each\n"
+    );
     println!("{:<8} {:>10} {:>10} {:>8} {:>9}", "client", "sent", "received", "intact", "time");
     let clients: Vec<_> = (0..CLIENTS).map(|i| thread::spawn(move || client(listen, i))).collect();
     let mut all_ok = true;
@@ -40,7 +42,11 @@ pub fn demo(config: Config) -> Result<bool, RunError> {
         match outcome {
             Ok((received, intact, took)) => {
                 all_ok &= intact;
-                println!("{i:<8} {PAYLOAD:>10} {received:>10} {:>8} {:>7.1}ms", if intact { "yes" } else { "NO" }, took.as_secs_f64() * 1e3);
+                println!(
+                    "{i:<8} {PAYLOAD:>10} {received:>10} {:>8} {:>7.1}ms",
+                    if intact { "yes" } else { "NO" },
+                    took.as_secs_f64() * 1e3
+                );
             }
             Err(e) => {
                 all_ok = false;
@@ -62,7 +68,10 @@ pub fn demo(config: Config) -> Result<bool, RunError> {
         sum(|s| WorkerStats::get(&s.bytes_down)),
     );
     engine.join()?;
-    println!("{}", if all_ok { "demo passed: every byte came back as sent" } else { "demo FAILED" });
+    println!(
+        "{}",
+        if all_ok { "demo passed: every byte came back as sent" } else { "demo FAILED" }
+    );
     Ok(all_ok)
 }
 

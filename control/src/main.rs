@@ -69,7 +69,12 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
-                println!("{}: ok ({} services; defaults: {})", c.source, c.services.len(), config::defaults_summary());
+                println!(
+                    "{}: ok ({} services; defaults: {})",
+                    c.source,
+                    c.services.len(),
+                    config::defaults_summary()
+                );
                 ExitCode::SUCCESS
             }
             Err(errors) => {

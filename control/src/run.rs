@@ -37,7 +37,8 @@ pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
     let version = Arc::new(AtomicU64::new(1));
     let tables = Arc::new(ArcSwap::from_pointee(config.tables(1)));
     let (sink, records) = EventSink::bounded(DEFAULT_EVENT_QUEUE);
-    let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1]).map_err(RunError::Signals)?;
+    let mut signals =
+        Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1]).map_err(RunError::Signals)?;
     let engine = Engine::start(&config.engine, tables.clone(), sink.clone())?;
     announce(&config, &engine);
     let logger = std::thread::Builder::new()
@@ -96,7 +97,12 @@ fn announce(config: &Config, engine: &Engine) {
 }
 
 /// Re-reads the file and swaps the tables if it is valid; the old tables stay otherwise.
-fn reload(path: Option<&PathBuf>, current: &mut Config, tables: &ArcSwap<sluice_engine::tables::Tables>, version: &AtomicU64) {
+fn reload(
+    path: Option<&PathBuf>,
+    current: &mut Config,
+    tables: &ArcSwap<sluice_engine::tables::Tables>,
+    version: &AtomicU64,
+) {
     let Some(path) = path else {
         log::info!("SIGHUP: running on the embedded default, nothing to reload");
         return;

@@ -138,7 +138,10 @@ pub struct Flow {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// Waiting for the `attempt`-th backend connect, begun at `since`.
-    Connecting { attempt: usize, since: Instant },
+    Connecting {
+        attempt: usize,
+        since: Instant,
+    },
     Relaying,
 }
 
@@ -264,7 +267,10 @@ mod tests {
     fn connecting_session_is_cut_at_the_connect_timeout_of_its_current_attempt() {
         let t0 = Instant::now();
         let mut s = Session::new(t0);
-        assert_eq!(s.deadline(&timeouts()), (t0 + Duration::from_secs(3), CloseReason::ConnectTimeout));
+        assert_eq!(
+            s.deadline(&timeouts()),
+            (t0 + Duration::from_secs(3), CloseReason::ConnectTimeout)
+        );
         let t1 = t0 + Duration::from_secs(3);
         s.retry_connect(t1);
         assert_eq!(s.phase, Phase::Connecting { attempt: 1, since: t1 });
@@ -278,7 +284,10 @@ mod tests {
         s.connected(t0);
         let t1 = t0 + Duration::from_secs(30);
         s.moved(Direction::Up, 10, t1);
-        assert_eq!(s.deadline(&timeouts()), (t1 + Duration::from_secs(60), CloseReason::IdleTimeout));
+        assert_eq!(
+            s.deadline(&timeouts()),
+            (t1 + Duration::from_secs(60), CloseReason::IdleTimeout)
+        );
         assert_eq!(s.up.bytes, 10);
     }
 
@@ -289,7 +298,10 @@ mod tests {
         s.connected(t0);
         s.source_eof(Direction::Up, t0);
         s.shut(Direction::Up, t0);
-        assert_eq!(s.deadline(&timeouts()), (t0 + Duration::from_secs(10), CloseReason::FinTimeout));
+        assert_eq!(
+            s.deadline(&timeouts()),
+            (t0 + Duration::from_secs(10), CloseReason::FinTimeout)
+        );
         assert!(!s.is_finished());
     }
 
@@ -311,7 +323,12 @@ mod tests {
         assert!(!CloseReason::ClientFin.aborts());
         assert!(!CloseReason::BackendFin.aborts());
         assert!(!CloseReason::ConnectRefused.aborts());
-        for r in [CloseReason::ClientRst, CloseReason::IdleTimeout, CloseReason::FinTimeout, CloseReason::Shutdown] {
+        for r in [
+            CloseReason::ClientRst,
+            CloseReason::IdleTimeout,
+            CloseReason::FinTimeout,
+            CloseReason::Shutdown,
+        ] {
             assert!(r.aborts(), "{r}");
         }
     }

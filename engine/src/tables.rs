@@ -28,7 +28,11 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { connect: DEFAULT_CONNECT_TIMEOUT, idle: DEFAULT_IDLE_TIMEOUT, fin: DEFAULT_FIN_TIMEOUT }
+        Self {
+            connect: DEFAULT_CONNECT_TIMEOUT,
+            idle: DEFAULT_IDLE_TIMEOUT,
+            fin: DEFAULT_FIN_TIMEOUT,
+        }
     }
 }
 

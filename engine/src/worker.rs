@@ -89,7 +89,11 @@ pub struct Admission {
 impl Admission {
     /// Decides a freshly accepted connection with the current tables; `None` when no
     /// service owns the listener any more (removed by a reload).
-    pub fn decide(tables: &ArcSwap<Tables>, listener: SocketAddr, client: SocketAddr) -> Option<Self> {
+    pub fn decide(
+        tables: &ArcSwap<Tables>,
+        listener: SocketAddr,
+        client: SocketAddr,
+    ) -> Option<Self> {
         let tables = tables.load_full();
         let service = tables.service_for(listener)?;
         let pool_start = tables.services()[service].pool.start();
@@ -145,7 +149,10 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("selection", &self.selection).field("workers", &self.workers.len()).finish()
+        f.debug_struct("Engine")
+            .field("selection", &self.selection)
+            .field("workers", &self.workers.len())
+            .finish()
     }
 }
 
@@ -164,10 +171,14 @@ impl Engine {
         for id in 0..count {
             let listeners = addrs
                 .iter()
-                .map(|&addr| sys::bind_reuseport(addr).map_err(|source| EngineError::Bind { addr, source }))
+                .map(|&addr| {
+                    sys::bind_reuseport(addr).map_err(|source| EngineError::Bind { addr, source })
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let (tx, rx) = crossbeam_channel::unbounded();
-            let wake = Arc::new(EventFd::new().map_err(|source| EngineError::Spawn { worker: id, source })?);
+            let wake = Arc::new(
+                EventFd::new().map_err(|source| EngineError::Spawn { worker: id, source })?,
+            );
             let ctx = WorkerContext {
                 id,
                 listeners,

@@ -16,8 +16,8 @@ use std::str::FromStr;
 use crate::worker::WorkerContext;
 use crate::EngineError;
 
-mod slots;
 pub mod epoll;
+mod slots;
 pub mod uring;
 
 /// What the configuration asks for.
@@ -38,7 +38,9 @@ impl FromStr for DriverChoice {
             "auto" => Ok(DriverChoice::Auto),
             "uring" => Ok(DriverChoice::Uring),
             "epoll" => Ok(DriverChoice::Epoll),
-            other => Err(format!("unknown driver {other:?}; expected \"auto\", \"uring\" or \"epoll\"")),
+            other => {
+                Err(format!("unknown driver {other:?}; expected \"auto\", \"uring\" or \"epoll\""))
+            }
         }
     }
 }
@@ -81,11 +83,15 @@ pub fn select(choice: DriverChoice) -> Result<Selection, EngineError> {
             Ok(Selection { kind: DriverKind::Epoll, detail: "reason=configured".into() })
         }
         DriverChoice::Uring => match uring::probe() {
-            Ok(features) => Ok(Selection { kind: DriverKind::Uring, detail: format!("features={features}") }),
+            Ok(features) => {
+                Ok(Selection { kind: DriverKind::Uring, detail: format!("features={features}") })
+            }
             Err(reason) => Err(EngineError::DriverUnavailable { driver: "uring", reason }),
         },
         DriverChoice::Auto => Ok(match uring::probe() {
-            Ok(features) => Selection { kind: DriverKind::Uring, detail: format!("features={features}") },
+            Ok(features) => {
+                Selection { kind: DriverKind::Uring, detail: format!("features={features}") }
+            }
             Err(reason) => Selection {
                 kind: DriverKind::Epoll,
                 detail: format!("reason=\"io_uring unavailable: {reason}\""),

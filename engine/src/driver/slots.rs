@@ -61,10 +61,6 @@ impl<T> Slots<T> {
         Some(value)
     }
 
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -94,7 +90,7 @@ mod tests {
         assert!(slots.get_mut(a).is_none());
         assert_eq!(slots.get_mut(b), Some(&mut "b"));
         assert_eq!(slots.remove(a), None);
-        assert_eq!(slots.len(), 1);
+        assert!(!slots.is_empty());
         assert_eq!(slots.ids(), vec![b]);
     }
 }

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 pub mod pipe;
 pub mod socket;
 
-pub use pipe::{Pipe, splice};
+pub use pipe::{splice, Pipe};
 pub use socket::{
     bind_reuseport, peer_addr, set_linger_zero, set_nodelay, shutdown_write, take_socket_error,
     tcp_socket_for,
@@ -101,7 +101,11 @@ pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
     }
     // SAFETY: `set` is initialised; a null old-set pointer is allowed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(rc)) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
 }
 
 /// Counts this process's open file descriptors (via /proc/self/fd).

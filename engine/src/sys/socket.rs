@@ -14,7 +14,11 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 /// that each worker can hold its own listener on the same address and the kernel spreads
 /// new connections between them. IPv6 listeners are IPv6-only.
 pub fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -55,7 +59,11 @@ pub fn peer_addr(fd: RawFd) -> io::Result<SocketAddr> {
 
 /// A new non-blocking, close-on-exec TCP socket for connecting to `addr`.
 pub fn tcp_socket_for(addr: SocketAddr) -> io::Result<Socket> {
-    Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))
+    Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )
 }
 
 fn with_socket<T>(fd: RawFd, f: impl FnOnce(&Socket) -> io::Result<T>) -> io::Result<T> {

@@ -73,7 +73,11 @@ impl EpollWorker {
     fn new(mut ctx: WorkerContext) -> io::Result<Self> {
         let poll = Poll::new()?;
         let registry = poll.registry();
-        registry.register(&mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&*ctx.wake)), WAKE, Interest::READABLE)?;
+        registry.register(
+            &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&*ctx.wake)),
+            WAKE,
+            Interest::READABLE,
+        )?;
         let mut listeners = Vec::new();
         for (i, std_listener) in std::mem::take(&mut ctx.listeners).into_iter().enumerate() {
             let addr = std_listener.local_addr()?;
@@ -193,7 +197,11 @@ impl EpollWorker {
                 Err(_) => WorkerStats::add(&self.ctx.stats.accept_errors, 1),
             }
         }
-        self.pending.push(Ready { token: Token(LISTENER_BASE + index), readable: true, writable: false });
+        self.pending.push(Ready {
+            token: Token(LISTENER_BASE + index),
+            readable: true,
+            writable: false,
+        });
     }
 
     fn pause_accept(&mut self, index: usize, error: &io::Error) {
@@ -228,7 +236,12 @@ impl EpollWorker {
         let id = self.conns.insert(Conn::new(admission, stream, self.now));
         let conn = self.conns.get_mut(id).expect("just inserted");
         let token = session_token(id, Side::Client);
-        if self.poll.registry().register(&mut conn.client, token, Interest::READABLE | Interest::WRITABLE).is_err() {
+        if self
+            .poll
+            .registry()
+            .register(&mut conn.client, token, Interest::READABLE | Interest::WRITABLE)
+            .is_err()
+        {
             self.close(id, CloseReason::LocalError);
             return;
         }
@@ -393,7 +406,8 @@ impl EpollWorker {
         WorkerStats::add(&stats.closed, 1);
         WorkerStats::add(&stats.bytes_up, conn.session.up.bytes);
         WorkerStats::add(&stats.bytes_down, conn.session.down.bytes);
-        let record = conn.admission.record(self.ctx.id, &conn.session, conn.backend_addr, reason, self.now);
+        let record =
+            conn.admission.record(self.ctx.id, &conn.session, conn.backend_addr, reason, self.now);
         self.ctx.events.send(record);
     }
 }

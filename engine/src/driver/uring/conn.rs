@@ -166,11 +166,6 @@ impl Conn {
             }
         }
     }
-
-    /// Pipes this session holds right now.
-    pub fn pipes_held(&self) -> usize {
-        self.up.pipe.is_some() as usize + self.down.pipe.is_some() as usize
-    }
 }
 
 fn pool_capacity(pool: &PipePool) -> usize {

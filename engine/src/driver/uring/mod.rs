@@ -70,9 +70,12 @@ fn build_ring() -> io::Result<(IoUring, TaskRun)> {
 /// Checks that this kernel can run the driver; returns the features line, or why not.
 /// COOP_TASKRUN support implies Linux 5.19+, which also has multishot accept.
 pub fn probe() -> Result<String, String> {
-    let (ring, taskrun) = build_ring().map_err(|e| format!("cannot create a ring with COOP_TASKRUN (needs Linux 5.19+): {e}"))?;
+    let (ring, taskrun) = build_ring()
+        .map_err(|e| format!("cannot create a ring with COOP_TASKRUN (needs Linux 5.19+): {e}"))?;
     let mut probe = Probe::new();
-    ring.submitter().register_probe(&mut probe).map_err(|e| format!("cannot probe opcodes: {e}"))?;
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("cannot probe opcodes: {e}"))?;
     for (name, code) in [
         ("accept", opcode::Accept::CODE),
         ("connect", opcode::Connect::CODE),
@@ -94,7 +97,10 @@ pub fn probe() -> Result<String, String> {
         TaskRun::Defer => "single_issuer,defer_taskrun",
         TaskRun::Coop => "coop_taskrun",
     };
-    Ok(format!("{taskrun},multishot_accept,connect,poll_add,splice=inline,fast_poll={}", params.is_feature_fast_poll()))
+    Ok(format!(
+        "{taskrun},multishot_accept,connect,poll_add,splice=inline,fast_poll={}",
+        params.is_feature_fast_poll()
+    ))
 }
 
 pub(crate) fn run(ctx: WorkerContext) -> io::Result<()> {
@@ -200,7 +206,14 @@ impl UringWorker {
         };
         match result {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -226,7 +239,9 @@ impl UringWorker {
                 Op::Accept => self.on_accept(index as usize, result, flags),
                 Op::Wake => self.on_wake(),
                 Op::Cancel => {}
-                Op::Connect | Op::PollIn | Op::PollOut => self.on_session_op(op, index, dir, result),
+                Op::Connect | Op::PollIn | Op::PollOut => {
+                    self.on_session_op(op, index, dir, result)
+                }
             }
         }
         batch.clear();
@@ -234,7 +249,11 @@ impl UringWorker {
     }
 
     fn arm_wake(&mut self) {
-        let entry = ops::poll(self.ctx.wake.as_raw_fd(), libc::POLLIN, ops::pack(Op::Wake, 0, Direction::Up));
+        let entry = ops::poll(
+            self.ctx.wake.as_raw_fd(),
+            libc::POLLIN,
+            ops::pack(Op::Wake, 0, Direction::Up),
+        );
         push(&mut self.ring, &entry);
     }
 
@@ -326,7 +345,8 @@ impl UringWorker {
 
     fn resume_paused(&mut self) {
         let now = self.now;
-        let due: Vec<usize> = self.paused.iter().filter(|(t, _)| *t <= now).map(|&(_, i)| i).collect();
+        let due: Vec<usize> =
+            self.paused.iter().filter(|(t, _)| *t <= now).map(|&(_, i)| i).collect();
         self.paused.retain(|(t, _)| *t > now);
         for index in due {
             if self.draining.is_none() && !self.listeners[index].armed {
@@ -372,7 +392,9 @@ impl UringWorker {
                     self.rearm(id);
                     return;
                 }
-                Err(e) if is_resource_exhaustion(&e) => return self.close(id, CloseReason::LocalError),
+                Err(e) if is_resource_exhaustion(&e) => {
+                    return self.close(id, CloseReason::LocalError)
+                }
                 Err(_) => {
                     WorkerStats::add(&self.ctx.stats.connect_errors, 1);
                     conn.last_failure = CloseReason::ConnectRefused;
@@ -508,7 +530,8 @@ impl UringWorker {
         WorkerStats::add(&stats.closed, 1);
         WorkerStats::add(&stats.bytes_up, conn.session.up.bytes);
         WorkerStats::add(&stats.bytes_down, conn.session.down.bytes);
-        let record = conn.admission.record(self.ctx.id, &conn.session, conn.backend_addr, reason, self.now);
+        let record =
+            conn.admission.record(self.ctx.id, &conn.session, conn.backend_addr, reason, self.now);
         self.ctx.events.send(record);
         let inflight = conn.inflight;
         for (op, dir) in SESSION_OPS {

@@ -103,9 +103,11 @@ pub(super) fn cancel(target: u64) -> squeue::Entry {
 /// # Safety
 /// `addr` must stay valid and unmoved until the operation's completion arrives.
 pub(super) unsafe fn connect(fd: RawFd, addr: &socket2::SockAddr, index: u32) -> squeue::Entry {
-    opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
-        .build()
-        .user_data(pack(Op::Connect, index, Direction::Up))
+    opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len()).build().user_data(pack(
+        Op::Connect,
+        index,
+        Direction::Up,
+    ))
 }
 
 #[cfg(test)]

@@ -14,20 +14,17 @@ pub const SPARE_PIPES: usize = 64;
 pub(super) struct PipePool {
     size: usize,
     spare: Vec<Pipe>,
-    /// Pipes created over the worker's life (for tests and stats).
-    pub created: u64,
 }
 
 impl PipePool {
     pub fn new(size: usize) -> Self {
-        Self { size, spare: Vec::new(), created: 0 }
+        Self { size, spare: Vec::new() }
     }
 
     pub fn take(&mut self) -> io::Result<Pipe> {
         if let Some(p) = self.spare.pop() {
             return Ok(p);
         }
-        self.created += 1;
         Pipe::new(self.size)
     }
 
@@ -35,7 +32,11 @@ impl PipePool {
     /// inside; a non-empty pipe is closed rather than reused.
     pub fn give(&mut self, pipe: Pipe, buffered: usize) {
         if buffered == 0 && self.spare.len() < SPARE_PIPES {
-            debug_assert_eq!(pipe.buffered().unwrap_or(0), 0, "a pipe with bytes went back to the pool");
+            debug_assert_eq!(
+                pipe.buffered().unwrap_or(0),
+                0,
+                "a pipe with bytes went back to the pool"
+            );
             self.spare.push(pipe);
         }
     }
@@ -43,9 +44,5 @@ impl PipePool {
     /// Bytes each pipe is asked to hold (the kernel may round up).
     pub fn size(&self) -> usize {
         self.size
-    }
-
-    pub fn spare(&self) -> usize {
-        self.spare.len()
     }
 }
