@@ -50,7 +50,7 @@ pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
     while !engine.is_stopped() {
         for signal in signals.pending() {
             match signal {
-                SIGHUP => reload(path.as_ref(), &mut current, &tables, &version),
+                SIGHUP => reload(path.as_ref(), &mut current, &engine, &version),
                 SIGUSR1 => log::info!("SIGUSR1: no log files to reopen"),
                 _ if draining => {
                     log::warn!("second stop signal: cutting every session now");
@@ -96,13 +96,10 @@ fn announce(config: &Config, engine: &Engine) {
     }
 }
 
-/// Re-reads the file and swaps the tables if it is valid; the old tables stay otherwise.
-fn reload(
-    path: Option<&PathBuf>,
-    current: &mut Config,
-    tables: &ArcSwap<sluice_engine::tables::Tables>,
-    version: &AtomicU64,
-) {
+/// Re-reads the file and publishes its tables if it is valid; the old tables stay in
+/// force otherwise. Listeners are diffed by the engine; engine settings (workers, driver,
+/// pipe size) need a restart and are kept.
+fn reload(path: Option<&PathBuf>, current: &mut Config, engine: &Engine, version: &AtomicU64) {
     let Some(path) = path else {
         log::info!("SIGHUP: running on the embedded default, nothing to reload");
         return;
@@ -117,16 +114,33 @@ fn reload(
             return;
         }
     };
-    let old: Vec<_> = current.services.iter().flat_map(|s| s.listen.clone()).collect();
-    let new: Vec<_> = next.services.iter().flat_map(|s| s.listen.clone()).collect();
-    if old != new {
-        log::error!("reload rejected: listen addresses changed, which needs a restart; the running configuration stays in force");
-        return;
+    let v = version.load(Ordering::Relaxed) + 1;
+    match engine.publish(next.tables(v)) {
+        Ok(change) => {
+            version.store(v, Ordering::Relaxed);
+            for addr in &change.added {
+                log::info!("reload: listening on {addr}");
+            }
+            for addr in &change.removed {
+                log::info!("reload: closed listener {addr}");
+            }
+            if engine_settings_differ(current, &next) {
+                log::warn!("reload: [engine] settings changed; they take effect after a restart");
+            }
+            log::info!("reload: tables version {v} in force");
+            let engine_settings = current.engine.clone();
+            *current = next;
+            current.engine = engine_settings;
+        }
+        Err(e) => {
+            log::error!("reload rejected: {e}; the running configuration stays in force");
+        }
     }
-    let v = version.fetch_add(1, Ordering::Relaxed) + 1;
-    tables.store(Arc::new(next.tables(v)));
-    log::info!("reload: tables version {v} in force");
-    *current = next;
+}
+
+fn engine_settings_differ(a: &Config, b: &Config) -> bool {
+    let (a, b) = (&a.engine, &b.engine);
+    a.workers != b.workers || a.pin != b.pin || a.driver != b.driver || a.pipe_size != b.pipe_size
 }
 
 /// Logs one line per finished session until every worker has gone.

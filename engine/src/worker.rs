@@ -54,11 +54,26 @@ pub fn default_workers() -> usize {
     sys::allowed_cpus().len().max(1)
 }
 
+/// How long a reload waits for every worker to close its removed listeners.
+pub const LISTENER_REMOVAL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A request from the control thread to a worker.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub enum Command {
     /// Stop accepting, let sessions finish until `deadline`, cut the rest, then exit.
     Drain { deadline: Instant },
+    /// Stop accepting on these addresses: admit what is already in their accept queues
+    /// (decided by the tables in force), close them, then report on `done`.
+    RemoveListeners { addrs: Vec<SocketAddr>, done: Sender<usize> },
+    /// Start accepting on these listeners (already bound and listening).
+    AddListeners { listeners: Vec<TcpListener> },
+}
+
+/// What a publication changed in the listener set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerChange {
+    pub added: Vec<SocketAddr>,
+    pub removed: Vec<SocketAddr>,
 }
 
 /// Everything one worker thread owns.
@@ -142,6 +157,7 @@ struct WorkerHandle {
 
 /// The running data plane.
 pub struct Engine {
+    tables: Arc<ArcSwap<Tables>>,
     selection: Selection,
     workers: Vec<WorkerHandle>,
     stats: Vec<Arc<WorkerStats>>,
@@ -191,7 +207,7 @@ impl Engine {
             };
             contexts.push((ctx, tx, wake));
         }
-        let mut engine = Engine { selection, workers: Vec::new(), stats: Vec::new() };
+        let mut engine = Engine { tables, selection, workers: Vec::new(), stats: Vec::new() };
         for (ctx, commands, wake) in contexts {
             let id = ctx.id;
             let cpu = config.pin.then(|| cpus.get(id % cpus.len().max(1)).copied()).flatten();
@@ -225,6 +241,63 @@ impl Engine {
     /// Counters of each worker, by worker id.
     pub fn stats(&self) -> &[Arc<WorkerStats>] {
         &self.stats
+    }
+
+    /// Publishes new tables. Listeners are diffed: every added address is bound for every
+    /// worker first (a failure changes nothing); removed addresses stop accepting, their
+    /// queued connections are admitted under the tables in force and they are closed; then
+    /// the new tables are stored and the added listeners start accepting. Unchanged
+    /// listeners are never touched.
+    pub fn publish(&self, next: Tables) -> Result<ListenerChange, EngineError> {
+        let current: Vec<SocketAddr> = self.tables.load().listen_addrs();
+        let wanted = next.listen_addrs();
+        let change = ListenerChange {
+            added: wanted.iter().filter(|a| !current.contains(a)).copied().collect(),
+            removed: current.iter().filter(|a| !wanted.contains(a)).copied().collect(),
+        };
+        let mut bound = Vec::with_capacity(self.workers.len());
+        for _ in &self.workers {
+            let listeners = change
+                .added
+                .iter()
+                .map(|&addr| {
+                    sys::bind_reuseport(addr).map_err(|source| EngineError::Bind { addr, source })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            bound.push(listeners);
+        }
+        if !change.removed.is_empty() {
+            self.remove_listeners(&change.removed);
+        }
+        self.tables.store(Arc::new(next));
+        for (w, listeners) in self.workers.iter().zip(bound) {
+            if !listeners.is_empty() {
+                let _ = w.commands.send(Command::AddListeners { listeners });
+                w.wake.notify();
+            }
+        }
+        Ok(change)
+    }
+
+    fn remove_listeners(&self, addrs: &[SocketAddr]) {
+        let (done, acks) = crossbeam_channel::bounded(self.workers.len());
+        for w in &self.workers {
+            let command = Command::RemoveListeners { addrs: addrs.to_vec(), done: done.clone() };
+            let _ = w.commands.send(command);
+            w.wake.notify();
+        }
+        let deadline = Instant::now() + LISTENER_REMOVAL_TIMEOUT;
+        for _ in &self.workers {
+            if acks.recv_deadline(deadline).is_err() {
+                log::warn!("a worker did not confirm closing removed listeners in time");
+                return;
+            }
+        }
+    }
+
+    /// The tables in force.
+    pub fn tables(&self) -> Arc<Tables> {
+        self.tables.load_full()
     }
 
     /// Asks every worker to stop accepting and drain its sessions until `grace` has passed.

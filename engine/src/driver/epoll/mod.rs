@@ -58,7 +58,8 @@ pub(crate) fn run(ctx: WorkerContext) -> io::Result<()> {
 struct EpollWorker {
     ctx: WorkerContext,
     poll: Poll,
-    listeners: Vec<Listener>,
+    /// Indexed by token; a removed listener leaves `None` so indices stay stable.
+    listeners: Vec<Option<Listener>>,
     conns: Slots<Conn>,
     timers: BinaryHeap<Reverse<(Instant, SlotId)>>,
     pending: Vec<Ready>,
@@ -83,7 +84,7 @@ impl EpollWorker {
             let addr = std_listener.local_addr()?;
             let mut socket = TcpListener::from_std(std_listener);
             registry.register(&mut socket, Token(LISTENER_BASE + i), Interest::READABLE)?;
-            listeners.push(Listener { socket, addr });
+            listeners.push(Some(Listener { socket, addr }));
         }
         let pool = BufferPool::new(ctx.pipe_size);
         Ok(Self {
@@ -157,12 +158,56 @@ impl EpollWorker {
         while let Ok(command) = self.ctx.commands.try_recv() {
             match command {
                 Command::Drain { deadline } => self.start_drain(deadline),
+                Command::RemoveListeners { addrs, done } => {
+                    for index in 0..self.listeners.len() {
+                        if self.listeners[index].as_ref().is_some_and(|l| addrs.contains(&l.addr)) {
+                            self.retire_listener(index);
+                        }
+                    }
+                    let _ = done.send(self.ctx.id);
+                }
+                Command::AddListeners { listeners } => {
+                    for listener in listeners {
+                        self.add_listener(listener);
+                    }
+                }
             }
         }
     }
 
+    fn add_listener(&mut self, listener: std::net::TcpListener) {
+        let Ok(addr) = listener.local_addr() else { return };
+        let mut socket = TcpListener::from_std(listener);
+        let token = Token(LISTENER_BASE + self.listeners.len());
+        if let Err(e) = self.poll.registry().register(&mut socket, token, Interest::READABLE) {
+            log::error!("worker {}: cannot watch new listener {addr}: {e}", self.ctx.id);
+            return;
+        }
+        self.listeners.push(Some(Listener { socket, addr }));
+        // Connections may have queued between bind and registration.
+        self.accept(self.listeners.len() - 1);
+    }
+
+    /// Admits the connections already queued on a listener, then closes it.
+    fn retire_listener(&mut self, index: usize) {
+        while let Some(listener) = &self.listeners[index] {
+            match listener.socket.accept() {
+                Ok((stream, client)) => {
+                    let addr = listener.addr;
+                    self.admit(stream, client, addr);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        if let Some(mut l) = self.listeners[index].take() {
+            let _ = self.poll.registry().deregister(&mut l.socket);
+        }
+        self.paused.retain(|&(_, i)| i != index);
+    }
+
     fn start_drain(&mut self, deadline: Instant) {
-        for mut l in self.listeners.drain(..) {
+        for mut l in self.listeners.drain(..).flatten() {
             let _ = self.poll.registry().deregister(&mut l.socket);
         }
         self.paused.clear();
@@ -182,7 +227,7 @@ impl EpollWorker {
 
     fn accept(&mut self, index: usize) {
         for _ in 0..ACCEPT_BUDGET {
-            let Some(listener) = self.listeners.get(index) else { return };
+            let Some(Some(listener)) = self.listeners.get(index) else { return };
             match listener.socket.accept() {
                 Ok((stream, client)) => {
                     let addr = listener.addr;
@@ -206,13 +251,14 @@ impl EpollWorker {
 
     fn pause_accept(&mut self, index: usize, error: &io::Error) {
         self.paused.push((self.now + ACCEPT_BACKOFF, index));
+        let Some(Some(listener)) = self.listeners.get(index) else { return };
         if self.last_warn.is_none_or(|t| self.now >= t + WARN_INTERVAL) {
             self.last_warn = Some(self.now);
             log::warn!(
                 "worker {}: accept paused for {:?} on {}: {error} (open fds: {})",
                 self.ctx.id,
                 ACCEPT_BACKOFF,
-                self.listeners[index].addr,
+                listener.addr,
                 sys::open_fds()
             );
         }

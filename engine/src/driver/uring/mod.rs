@@ -126,6 +126,8 @@ struct Listener {
     socket: Option<TcpListener>,
     addr: SocketAddr,
     armed: bool,
+    /// Being removed by a reload: closed once its accept is off the ring.
+    retiring: bool,
 }
 
 struct UringWorker {
@@ -139,6 +141,8 @@ struct UringWorker {
     pipes: PipePool,
     completions: Vec<(u64, i32, u32)>,
     draining: Option<Instant>,
+    /// A reload waiting for this worker to close listeners: who to tell, and how many are left.
+    removal: Option<(crossbeam_channel::Sender<usize>, usize)>,
     last_warn: Option<Instant>,
     now: Instant,
 }
@@ -148,7 +152,14 @@ impl UringWorker {
         let (ring, _) = build_ring()?;
         let listeners = std::mem::take(&mut ctx.listeners)
             .into_iter()
-            .map(|l| Ok(Listener { addr: l.local_addr()?, socket: Some(l), armed: false }))
+            .map(|l| {
+                Ok(Listener {
+                    addr: l.local_addr()?,
+                    socket: Some(l),
+                    armed: false,
+                    retiring: false,
+                })
+            })
             .collect::<io::Result<Vec<_>>>()?;
         let pipes = PipePool::new(ctx.pipe_size);
         let mut worker = Self {
@@ -162,6 +173,7 @@ impl UringWorker {
             pipes,
             completions: Vec::with_capacity(CQ_ENTRIES as usize),
             draining: None,
+            removal: None,
             last_warn: None,
             now: Instant::now(),
         };
@@ -262,9 +274,61 @@ impl UringWorker {
         while let Ok(command) = self.ctx.commands.try_recv() {
             match command {
                 Command::Drain { deadline } => self.start_drain(deadline),
+                Command::RemoveListeners { addrs, done } => self.remove_listeners(&addrs, done),
+                Command::AddListeners { listeners } => {
+                    for listener in listeners {
+                        self.add_listener(listener);
+                    }
+                }
             }
         }
         self.arm_wake();
+    }
+
+    fn add_listener(&mut self, socket: TcpListener) {
+        let Ok(addr) = socket.local_addr() else { return };
+        self.listeners.push(Listener { socket: Some(socket), addr, armed: false, retiring: false });
+        self.arm_accept(self.listeners.len() - 1);
+    }
+
+    fn remove_listeners(&mut self, addrs: &[SocketAddr], done: crossbeam_channel::Sender<usize>) {
+        let mut waiting = 0;
+        for index in 0..self.listeners.len() {
+            let listener = &mut self.listeners[index];
+            if listener.socket.is_none() || !addrs.contains(&listener.addr) {
+                continue;
+            }
+            listener.retiring = true;
+            if listener.armed {
+                waiting += 1;
+                let entry = ops::cancel(ops::pack(Op::Accept, index as u32, Direction::Up));
+                push(&mut self.ring, &entry);
+            } else {
+                self.retire_listener(index);
+            }
+        }
+        if waiting == 0 {
+            let _ = done.send(self.ctx.id);
+        } else {
+            self.removal = Some((done, waiting));
+        }
+    }
+
+    /// Admits the connections already queued on a retiring listener, then closes it.
+    fn retire_listener(&mut self, index: usize) {
+        self.paused.retain(|&(_, i)| i != index);
+        while let Some(socket) = &self.listeners[index].socket {
+            match socket.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_ok() {
+                        self.admit(stream.into(), index);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        self.listeners[index].socket = None;
     }
 
     fn start_drain(&mut self, deadline: Instant) {
@@ -314,7 +378,7 @@ impl UringWorker {
             if -result != libc::ECANCELED {
                 WorkerStats::add(&self.ctx.stats.accept_errors, 1);
             }
-            if is_resource_exhaustion(&error) && !more {
+            if is_resource_exhaustion(&error) && !more && !self.listeners[index].retiring {
                 self.pause_accept(index, &error);
                 return;
             }
@@ -324,6 +388,15 @@ impl UringWorker {
         }
         if self.draining.is_some() {
             self.listeners[index].socket = None;
+        } else if self.listeners[index].retiring {
+            self.retire_listener(index);
+            if let Some((done, left)) = self.removal.take() {
+                if left <= 1 {
+                    let _ = done.send(self.ctx.id);
+                } else {
+                    self.removal = Some((done, left - 1));
+                }
+            }
         } else {
             self.arm_accept(index);
         }
@@ -349,7 +422,8 @@ impl UringWorker {
             self.paused.iter().filter(|(t, _)| *t <= now).map(|&(_, i)| i).collect();
         self.paused.retain(|(t, _)| *t > now);
         for index in due {
-            if self.draining.is_none() && !self.listeners[index].armed {
+            let listener = &self.listeners[index];
+            if self.draining.is_none() && !listener.armed && !listener.retiring {
                 self.arm_accept(index);
             }
         }
