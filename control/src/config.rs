@@ -3,7 +3,7 @@
 //! line and column, and the key; validation reports every error it finds, not just the
 //! first. Every default is a documented `DEFAULT_*` constant.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use sluice_engine::balance::{Backend, Pool};
+use sluice_engine::events::{BackendState, ServiceCounters};
 use sluice_engine::tables::{self, Service, Tables, Timeouts};
 use sluice_engine::{DriverChoice, EngineConfig};
 use toml::Spanned;
@@ -165,19 +166,55 @@ impl Config {
         }
     }
 
-    /// Compiles the services into tables with the given version.
-    pub fn tables(&self, version: u64) -> Tables {
+    /// Compiles the services into tables with the given version. Counters and backend
+    /// admin states come from `registry`, so they survive reloads for names that stay.
+    pub fn tables(&self, version: u64, registry: &mut Registry) -> Tables {
         let services = self
             .services
             .iter()
             .map(|s| Service {
                 name: Arc::from(s.name.as_str()),
                 listen: s.listen.clone(),
-                pool: Pool::new(s.backends.iter().map(|&addr| Backend { addr }).collect()),
+                pool: Pool::new(
+                    s.backends
+                        .iter()
+                        .map(|&addr| Backend { addr, state: registry.backend(&s.name, addr) })
+                        .collect(),
+                ),
                 timeouts: s.timeouts,
+                counters: registry.service(&s.name),
             })
             .collect();
         Tables::new(version, services)
+    }
+}
+
+/// Counters and backend states by service name (and backend address), carried from one
+/// compilation of the tables to the next.
+#[derive(Debug, Default)]
+pub struct Registry {
+    services: HashMap<String, Arc<ServiceCounters>>,
+    backends: HashMap<(String, SocketAddr), Arc<BackendState>>,
+}
+
+impl Registry {
+    fn service(&mut self, name: &str) -> Arc<ServiceCounters> {
+        self.services.entry(name.to_string()).or_default().clone()
+    }
+
+    fn backend(&mut self, service: &str, addr: SocketAddr) -> Arc<BackendState> {
+        let key = (service.to_string(), addr);
+        self.backends.entry(key).or_insert_with(|| Arc::new(BackendState::new(addr))).clone()
+    }
+
+    /// Forgets services and backends the configuration no longer has (call once its tables
+    /// are in force).
+    pub fn retain(&mut self, config: &Config) {
+        let names: HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        self.services.retain(|name, _| names.contains(name.as_str()));
+        self.backends.retain(|(name, addr), _| {
+            config.services.iter().any(|s| &s.name == name && s.backends.contains(addr))
+        });
     }
 }
 
@@ -557,9 +594,26 @@ mod tests {
     #[test]
     fn tables_map_each_listener_to_its_service() {
         let c = Config::parse("t", MINIMAL).unwrap();
-        let tables = c.tables(7);
+        let mut registry = Registry::default();
+        let tables = c.tables(7, &mut registry);
         assert_eq!(tables.version, 7);
         assert_eq!(tables.service_for("127.0.0.1:8080".parse().unwrap()), Some(0));
         assert_eq!(tables.service_for("127.0.0.1:8081".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn counters_and_backend_states_survive_recompilation_by_name() {
+        let c = Config::parse("t", MINIMAL).unwrap();
+        let mut registry = Registry::default();
+        let first = c.tables(1, &mut registry);
+        let second = c.tables(2, &mut registry);
+        let (a, b) = (&first.services()[0], &second.services()[0]);
+        assert!(Arc::ptr_eq(&a.counters, &b.counters));
+        assert!(Arc::ptr_eq(&a.pool.backends()[0].state, &b.pool.backends()[0].state));
+        let renamed = Config::parse("t", &MINIMAL.replace("\"web\"", "\"www\"")).unwrap();
+        let third = renamed.tables(3, &mut registry);
+        registry.retain(&renamed);
+        assert!(!Arc::ptr_eq(&a.counters, &third.services()[0].counters));
+        assert_eq!(registry.services.len(), 1);
     }
 }

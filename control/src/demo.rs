@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use sluice_engine::events::{EventSink, WorkerStats};
 use sluice_engine::Engine;
 
-use crate::config::Config;
+use crate::config::{Config, Registry};
 use crate::run::RunError;
 
 const CLIENTS: usize = 8;
@@ -27,7 +27,7 @@ pub fn demo(config: Config) -> Result<bool, RunError> {
         RunError::Engine(sluice_engine::EngineError::Bind { addr: backend_addr, source })
     })?;
     thread::spawn(move || echo_server(backend));
-    let tables = Arc::new(ArcSwap::from_pointee(config.tables(1)));
+    let tables = Arc::new(ArcSwap::from_pointee(config.tables(1, &mut Registry::default())));
     let (sink, _records) = EventSink::bounded(1024);
     let engine = Engine::start(&config.engine, tables, sink)?;
     println!("sluice demo: {} workers, {}", engine.worker_count(), engine.selection());

@@ -15,7 +15,7 @@ use signal_hook::iterator::Signals;
 use sluice_engine::events::{Event, EventSink, DEFAULT_EVENT_QUEUE};
 use sluice_engine::{Engine, EngineError};
 
-use crate::config::{Config, EMBEDDED_NAME};
+use crate::config::{Config, Registry, EMBEDDED_NAME};
 use crate::logger::rfc3339;
 
 /// How often the control thread checks for signals and worker exits.
@@ -35,7 +35,8 @@ pub enum RunError {
 /// Starts the engine for `config` and runs the control loop until a graceful stop.
 pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
     let version = Arc::new(AtomicU64::new(1));
-    let tables = Arc::new(ArcSwap::from_pointee(config.tables(1)));
+    let mut registry = Registry::default();
+    let tables = Arc::new(ArcSwap::from_pointee(config.tables(1, &mut registry)));
     let (sink, records) = EventSink::bounded(DEFAULT_EVENT_QUEUE);
     let mut signals =
         Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1]).map_err(RunError::Signals)?;
@@ -50,7 +51,7 @@ pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
     while !engine.is_stopped() {
         for signal in signals.pending() {
             match signal {
-                SIGHUP => reload(path.as_ref(), &mut current, &engine, &version),
+                SIGHUP => reload(path.as_ref(), &mut current, &engine, &version, &mut registry),
                 SIGUSR1 => log::info!("SIGUSR1: no log files to reopen"),
                 _ if draining => {
                     log::warn!("second stop signal: cutting every session now");
@@ -99,7 +100,13 @@ fn announce(config: &Config, engine: &Engine) {
 /// Re-reads the file and publishes its tables if it is valid; the old tables stay in
 /// force otherwise. Listeners are diffed by the engine; engine settings (workers, driver,
 /// pipe size) need a restart and are kept.
-fn reload(path: Option<&PathBuf>, current: &mut Config, engine: &Engine, version: &AtomicU64) {
+fn reload(
+    path: Option<&PathBuf>,
+    current: &mut Config,
+    engine: &Engine,
+    version: &AtomicU64,
+    registry: &mut Registry,
+) {
     let Some(path) = path else {
         log::info!("SIGHUP: running on the embedded default, nothing to reload");
         return;
@@ -115,9 +122,10 @@ fn reload(path: Option<&PathBuf>, current: &mut Config, engine: &Engine, version
         }
     };
     let v = version.load(Ordering::Relaxed) + 1;
-    match engine.publish(next.tables(v)) {
+    match engine.publish(next.tables(v, registry)) {
         Ok(change) => {
             version.store(v, Ordering::Relaxed);
+            registry.retain(&next);
             for addr in &change.added {
                 log::info!("reload: listening on {addr}");
             }

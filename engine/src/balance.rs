@@ -2,18 +2,30 @@
 //! Pure: no I/O. Shared by all workers, so the cursor is an atomic.
 //!
 //! Round-robin: each new session starts at the next backend; a refused or timed-out
-//! connect moves on to the following one, at most [`Pool::attempts`] times.
+//! connect moves on to the following one, at most [`Pool::attempts`] times. Backends that
+//! are draining or disabled (admin API) are skipped.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::events::BackendState;
 
 /// At most this many backends are tried for one session before the client is closed.
 pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
 
-/// One backend server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One backend server: its address and its shared state (admin state, counters).
+#[derive(Debug, Clone)]
 pub struct Backend {
     pub addr: SocketAddr,
+    pub state: Arc<BackendState>,
+}
+
+impl Backend {
+    /// A backend with fresh state.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr, state: Arc::new(BackendState::new(addr)) }
+    }
 }
 
 /// A set of interchangeable backends with a round-robin cursor.
@@ -44,22 +56,28 @@ impl Pool {
         self.cursor.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The backend for the `attempt`-th connect (0-based) of a walk that began at `start`,
-    /// or `None` when the attempts are used up or the pool is empty.
+    /// The backend for the `attempt`-th connect (0-based) of a walk that began at `start`:
+    /// the `attempt`-th backend that accepts sessions, in pool order from `start`. `None`
+    /// when the attempts are used up or no backend accepts sessions.
     pub fn pick(&self, start: usize, attempt: usize) -> Option<&Backend> {
         if attempt >= self.attempts || self.backends.is_empty() {
             return None;
         }
-        self.backends.get(start.wrapping_add(attempt) % self.backends.len())
+        let n = self.backends.len();
+        (0..n)
+            .map(|i| &self.backends[start.wrapping_add(i) % n])
+            .filter(|b| b.state.accepts_sessions())
+            .nth(attempt)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::AdminState;
 
     fn pool(n: u16) -> Pool {
-        Pool::new((0..n).map(|i| Backend { addr: ([127, 0, 0, 1], 9000 + i).into() }).collect())
+        Pool::new((0..n).map(|i| Backend::new(([127, 0, 0, 1], 9000 + i).into())).collect())
     }
 
     #[test]
@@ -89,5 +107,19 @@ mod tests {
         assert!(pool.pick(start, 1).is_some());
         assert!(pool.pick(start, 2).is_none());
         assert!(Pool::new(Vec::new()).pick(0, 0).is_none());
+    }
+
+    #[test]
+    fn drained_and_disabled_backends_get_no_new_sessions() {
+        let pool = pool(3);
+        pool.backends()[0].state.set_admin(AdminState::Draining);
+        pool.backends()[2].state.set_admin(AdminState::Disabled);
+        for _ in 0..10 {
+            let start = pool.start();
+            assert_eq!(pool.pick(start, 0).unwrap().addr.port(), 9001);
+            assert!(pool.pick(start, 1).is_none());
+        }
+        pool.backends()[1].state.set_admin(AdminState::Disabled);
+        assert!(pool.pick(pool.start(), 0).is_none());
     }
 }

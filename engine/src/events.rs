@@ -36,6 +36,129 @@ impl WorkerStats {
     }
 }
 
+/// Upper bounds, in microseconds, of the connect-latency histogram buckets (the last
+/// bucket, +Inf, is implicit).
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 5_000_000,
+];
+
+/// A lock-free cumulative histogram of durations (Prometheus style).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations at or below each bound of [`LATENCY_BUCKETS_US`] (not cumulative).
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, d: Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        if let Some(i) = LATENCY_BUCKETS_US.iter().position(|&b| us <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound, then the total count and the sum in microseconds.
+    pub fn snapshot(&self) -> (Vec<(u64, u64)>, u64, u64) {
+        let mut running = 0;
+        let cumulative = LATENCY_BUCKETS_US
+            .iter()
+            .zip(&self.buckets)
+            .map(|(&bound, c)| {
+                running += c.load(Ordering::Relaxed);
+                (bound, running)
+            })
+            .collect();
+        (cumulative, self.count.load(Ordering::Relaxed), self.sum_us.load(Ordering::Relaxed))
+    }
+}
+
+/// Counters of one service, kept across reloads for as long as the service's name exists.
+#[derive(Debug, Default)]
+pub struct ServiceCounters {
+    pub sessions: AtomicU64,
+    pub active: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    pub connect_errors: AtomicU64,
+    /// Sessions closed because no backend could be reached.
+    pub unserved: AtomicU64,
+    pub connect_latency: LatencyHistogram,
+}
+
+/// Administrative state of a backend, set through the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminState {
+    /// Gets new sessions.
+    Enabled,
+    /// No new sessions; existing ones finish.
+    Draining,
+    /// No new sessions (maintenance); existing ones finish.
+    Disabled,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Enabled => "enabled",
+            AdminState::Draining => "draining",
+            AdminState::Disabled => "disabled",
+        }
+    }
+}
+
+/// State and counters of one backend of one service, kept across reloads.
+#[derive(Debug)]
+pub struct BackendState {
+    pub addr: SocketAddr,
+    admin: AtomicU64,
+    pub sessions: AtomicU64,
+    pub active: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    pub connect_errors: AtomicU64,
+}
+
+impl BackendState {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            admin: AtomicU64::new(0),
+            sessions: AtomicU64::default(),
+            active: AtomicU64::default(),
+            bytes_up: AtomicU64::default(),
+            bytes_down: AtomicU64::default(),
+            connect_errors: AtomicU64::default(),
+        }
+    }
+
+    pub fn admin(&self) -> AdminState {
+        match self.admin.load(Ordering::Relaxed) {
+            1 => AdminState::Draining,
+            2 => AdminState::Disabled,
+            _ => AdminState::Enabled,
+        }
+    }
+
+    pub fn set_admin(&self, state: AdminState) {
+        let v = match state {
+            AdminState::Enabled => 0,
+            AdminState::Draining => 1,
+            AdminState::Disabled => 2,
+        };
+        self.admin.store(v, Ordering::Relaxed);
+    }
+
+    /// Whether new sessions may go to this backend.
+    pub fn accepts_sessions(&self) -> bool {
+        self.admin() == AdminState::Enabled
+    }
+}
+
 /// The record of one finished session.
 #[derive(Debug, Clone)]
 pub struct CloseRecord {
@@ -109,6 +232,32 @@ mod tests {
             reason: CloseReason::NoBackend,
             tables_version: 1,
         })
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_count_everything() {
+        let h = LatencyHistogram::default();
+        for us in [50, 100, 101, 3_000, 10_000_000] {
+            h.observe(Duration::from_micros(us));
+        }
+        let (buckets, count, sum) = h.snapshot();
+        assert_eq!(buckets[0], (100, 2));
+        assert_eq!(buckets[1], (250, 3));
+        assert_eq!(buckets.iter().find(|(b, _)| *b == 5_000).unwrap().1, 4);
+        assert_eq!(buckets.last().unwrap().1, 4, "10 s lies beyond the last finite bound");
+        assert_eq!(count, 5);
+        assert_eq!(sum, 50 + 100 + 101 + 3_000 + 10_000_000);
+    }
+
+    #[test]
+    fn admin_state_round_trips() {
+        let b = BackendState::new(([127, 0, 0, 1], 1).into());
+        assert!(b.accepts_sessions());
+        for s in [AdminState::Draining, AdminState::Disabled, AdminState::Enabled] {
+            b.set_admin(s);
+            assert_eq!(b.admin(), s);
+            assert_eq!(b.accepts_sessions(), s == AdminState::Enabled);
+        }
     }
 
     #[test]

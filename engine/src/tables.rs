@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::balance::Pool;
+use crate::events::ServiceCounters;
 
 /// Time allowed for a backend connect before the next backend is tried.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,6 +44,8 @@ pub struct Service {
     pub listen: Vec<SocketAddr>,
     pub pool: Pool,
     pub timeouts: Timeouts,
+    /// Shared with the admin API; carried over by name when tables are rebuilt.
+    pub counters: Arc<ServiceCounters>,
 }
 
 /// Everything a worker needs to decide a new connection, in one immutable value.
@@ -73,6 +76,11 @@ impl Tables {
     /// The service that owns a listener address, by index.
     pub fn service_for(&self, listener: SocketAddr) -> Option<usize> {
         self.by_listener.get(&listener).copied()
+    }
+
+    /// The service with this name.
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| &*s.name == name)
     }
 
     /// Every listen address, in service order.

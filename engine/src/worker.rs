@@ -17,10 +17,11 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::balance::Backend;
 use crate::driver::{self, DriverChoice, Selection};
 use crate::events::{CloseRecord, Event, EventSink, WorkerStats};
-use crate::session::{CloseReason, Session};
+use crate::session::{CloseReason, Phase, Session};
 use crate::sys::{self, EventFd};
 use crate::tables::{Service, Tables};
 use crate::EngineError;
+use std::sync::atomic::Ordering;
 
 /// Default capacity of each relay pipe (uring driver) and bound of each relay buffer
 /// (epoll driver), per direction.
@@ -90,7 +91,8 @@ pub struct WorkerContext {
 }
 
 /// What a session learned when it was accepted: the tables that decide it for its whole
-/// life, its service and addresses.
+/// life, its service and addresses, and the backend it is connecting or connected to. It
+/// also keeps the service and backend counters up to date.
 #[derive(Debug)]
 pub struct Admission {
     pub tables: Arc<Tables>,
@@ -99,6 +101,8 @@ pub struct Admission {
     pub client: SocketAddr,
     pub pool_start: usize,
     pub start_wall: SystemTime,
+    /// The backend of the current connect attempt, then of the relay.
+    pub backend: Option<Backend>,
 }
 
 impl Admission {
@@ -111,34 +115,69 @@ impl Admission {
     ) -> Option<Self> {
         let tables = tables.load_full();
         let service = tables.service_for(listener)?;
-        let pool_start = tables.services()[service].pool.start();
-        Some(Self { tables, service, listener, client, pool_start, start_wall: SystemTime::now() })
+        let s = &tables.services()[service];
+        let pool_start = s.pool.start();
+        WorkerStats::add(&s.counters.sessions, 1);
+        WorkerStats::add(&s.counters.active, 1);
+        let start_wall = SystemTime::now();
+        Some(Self { tables, service, listener, client, pool_start, start_wall, backend: None })
     }
 
     pub fn service(&self) -> &Service {
         &self.tables.services()[self.service]
     }
 
-    /// The backend for connect attempt `attempt`, if any remain.
-    pub fn backend(&self, attempt: usize) -> Option<&Backend> {
-        self.service().pool.pick(self.pool_start, attempt)
+    /// Chooses the backend for connect attempt `attempt`; `None` when none is left.
+    pub fn begin_attempt(&mut self, attempt: usize) -> Option<SocketAddr> {
+        let backend = self.tables.services()[self.service].pool.pick(self.pool_start, attempt)?;
+        self.backend = Some(backend.clone());
+        Some(backend.addr)
     }
 
-    /// The record of this session, ended at `now` for `reason`.
-    pub fn record(
+    /// The current connect attempt failed.
+    pub fn attempt_failed(&self) {
+        WorkerStats::add(&self.service().counters.connect_errors, 1);
+        if let Some(b) = &self.backend {
+            WorkerStats::add(&b.state.connect_errors, 1);
+        }
+    }
+
+    /// The backend accepted the connection after `latency`.
+    pub fn connected(&self, latency: Duration) {
+        self.service().counters.connect_latency.observe(latency);
+        if let Some(b) = &self.backend {
+            WorkerStats::add(&b.state.sessions, 1);
+            WorkerStats::add(&b.state.active, 1);
+        }
+    }
+
+    /// Accounts for the end of the session and returns its record.
+    pub fn finish(
         &self,
         worker: usize,
         session: &Session,
-        backend: Option<SocketAddr>,
         reason: CloseReason,
         now: Instant,
     ) -> Event {
+        let counters = &self.service().counters;
+        counters.active.fetch_sub(1, Ordering::Relaxed);
+        WorkerStats::add(&counters.bytes_up, session.up.bytes);
+        WorkerStats::add(&counters.bytes_down, session.down.bytes);
+        let relayed = session.phase == Phase::Relaying;
+        if !relayed {
+            WorkerStats::add(&counters.unserved, 1);
+        }
+        if let (true, Some(b)) = (relayed, &self.backend) {
+            b.state.active.fetch_sub(1, Ordering::Relaxed);
+            WorkerStats::add(&b.state.bytes_up, session.up.bytes);
+            WorkerStats::add(&b.state.bytes_down, session.down.bytes);
+        }
         Event::Closed(CloseRecord {
             worker,
             service: self.service().name.clone(),
             listener: self.listener,
             client: self.client,
-            backend,
+            backend: self.backend.as_ref().map(|b| b.addr),
             start: self.start_wall,
             duration: session.age(now),
             bytes_up: session.up.bytes,

@@ -7,7 +7,7 @@
 //! been written out.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
@@ -88,7 +88,6 @@ pub(super) struct Conn {
     pub session: Session,
     pub client: TcpStream,
     pub backend: Option<TcpStream>,
-    pub backend_addr: Option<SocketAddr>,
     /// Why the latest connect attempt failed, reported if no attempt succeeds.
     pub last_failure: CloseReason,
     /// The deadline for which a timer entry exists.
@@ -104,7 +103,6 @@ impl Conn {
             session: Session::new(now),
             client,
             backend: None,
-            backend_addr: None,
             last_failure: CloseReason::NoBackend,
             armed: None,
             up: Buffer::default(),

@@ -300,7 +300,7 @@ impl EpollWorker {
         let Some(conn) = self.conns.get_mut(id) else { return };
         loop {
             let Phase::Connecting { attempt, .. } = conn.session.phase else { return };
-            let Some(addr) = conn.admission.backend(attempt).map(|b| b.addr) else {
+            let Some(addr) = conn.admission.begin_attempt(attempt) else {
                 let reason = conn.last_failure;
                 self.close(id, reason);
                 return;
@@ -314,7 +314,6 @@ impl EpollWorker {
                         return;
                     }
                     conn.backend = Some(stream);
-                    conn.backend_addr = Some(addr);
                     self.rearm(id);
                     return;
                 }
@@ -324,6 +323,7 @@ impl EpollWorker {
                 }
                 Err(_) => {
                     WorkerStats::add(&self.ctx.stats.connect_errors, 1);
+                    conn.admission.attempt_failed();
                     conn.last_failure = CloseReason::ConnectRefused;
                     conn.session.retry_connect(now);
                 }
@@ -336,6 +336,7 @@ impl EpollWorker {
         WorkerStats::add(&self.ctx.stats.connect_errors, 1);
         let now = self.now;
         let Some(conn) = self.conns.get_mut(id) else { return };
+        conn.admission.attempt_failed();
         if let Some(mut stream) = conn.backend.take() {
             let _ = self.poll.registry().deregister(&mut stream);
         }
@@ -376,6 +377,9 @@ impl EpollWorker {
             Err(_) => return self.connect_failed(id, CloseReason::ConnectRefused),
         }
         let _ = stream.set_nodelay(true);
+        if let Phase::Connecting { since, .. } = conn.session.phase {
+            conn.admission.connected(self.now.saturating_duration_since(since));
+        }
         conn.session.connected(self.now);
         self.pump(id, [Direction::Up, Direction::Down].into_iter());
     }
@@ -452,8 +456,7 @@ impl EpollWorker {
         WorkerStats::add(&stats.closed, 1);
         WorkerStats::add(&stats.bytes_up, conn.session.up.bytes);
         WorkerStats::add(&stats.bytes_down, conn.session.down.bytes);
-        let record =
-            conn.admission.record(self.ctx.id, &conn.session, conn.backend_addr, reason, self.now);
+        let record = conn.admission.finish(self.ctx.id, &conn.session, reason, self.now);
         self.ctx.events.send(record);
     }
 }

@@ -7,7 +7,6 @@
 //! worker thread is involved (IORING_OP_SPLICE would always run on io-wq).
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
@@ -57,7 +56,6 @@ pub(super) struct Conn {
     pub session: Session,
     pub client: OwnedFd,
     pub backend: Option<OwnedFd>,
-    pub backend_addr: Option<SocketAddr>,
     /// The address a connect operation reads from; owned here until its completion.
     pub connect_addr: Option<Box<socket2::SockAddr>>,
     pub last_failure: CloseReason,
@@ -76,7 +74,6 @@ impl Conn {
             session: Session::new(now),
             client,
             backend: None,
-            backend_addr: None,
             connect_addr: None,
             last_failure: CloseReason::NoBackend,
             armed: None,

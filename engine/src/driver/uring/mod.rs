@@ -446,7 +446,7 @@ impl UringWorker {
         let Some(conn) = self.conns.get_mut(id) else { return };
         loop {
             let Phase::Connecting { attempt, .. } = conn.session.phase else { return };
-            let Some(addr) = conn.admission.backend(attempt).map(|b| b.addr) else {
+            let Some(addr) = conn.admission.begin_attempt(attempt) else {
                 let reason = conn.last_failure;
                 return self.close(id, reason);
             };
@@ -459,7 +459,6 @@ impl UringWorker {
                     // connect completion arrives (cleared in on_session_op).
                     let entry = unsafe { ops::connect(fd.as_raw_fd(), &target, id.index) };
                     conn.backend = Some(fd);
-                    conn.backend_addr = Some(addr);
                     conn.connect_addr = Some(target);
                     conn.inflight |= bit(Op::Connect, Direction::Up);
                     push(&mut self.ring, &entry);
@@ -471,6 +470,7 @@ impl UringWorker {
                 }
                 Err(_) => {
                     WorkerStats::add(&self.ctx.stats.connect_errors, 1);
+                    conn.admission.attempt_failed();
                     conn.last_failure = CloseReason::ConnectRefused;
                     conn.session.retry_connect(now);
                 }
@@ -491,6 +491,9 @@ impl UringWorker {
             Op::Connect => {
                 conn.connect_addr = None;
                 if result == 0 {
+                    if let Phase::Connecting { since, .. } = conn.session.phase {
+                        conn.admission.connected(self.now.saturating_duration_since(since));
+                    }
                     conn.session.connected(self.now);
                     self.pump(id, [Direction::Up, Direction::Down]);
                 } else {
@@ -511,6 +514,7 @@ impl UringWorker {
         WorkerStats::add(&self.ctx.stats.connect_errors, 1);
         let now = self.now;
         let Some(conn) = self.conns.get_mut(id) else { return };
+        conn.admission.attempt_failed();
         conn.backend = None;
         conn.last_failure = reason;
         conn.session.retry_connect(now);
@@ -604,8 +608,7 @@ impl UringWorker {
         WorkerStats::add(&stats.closed, 1);
         WorkerStats::add(&stats.bytes_up, conn.session.up.bytes);
         WorkerStats::add(&stats.bytes_down, conn.session.down.bytes);
-        let record =
-            conn.admission.record(self.ctx.id, &conn.session, conn.backend_addr, reason, self.now);
+        let record = conn.admission.finish(self.ctx.id, &conn.session, reason, self.now);
         self.ctx.events.send(record);
         let inflight = conn.inflight;
         for (op, dir) in SESSION_OPS {
