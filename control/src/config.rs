@@ -18,6 +18,8 @@ use sluice_engine::tables::{self, Service, Tables, Timeouts};
 use sluice_engine::{DriverChoice, EngineConfig};
 use toml::Spanned;
 
+use crate::admin::{AdminAddr, DEFAULT_ADMIN_LISTEN};
+
 /// The configuration `sluice run` uses when no file is given: one service forwarding
 /// 127.0.0.1:8080 to a server on 127.0.0.1:8000.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../examples/default.toml");
@@ -69,8 +71,15 @@ impl fmt::Display for ConfigErrors {
 struct FileConfig {
     #[serde(default)]
     engine: EngineSection,
+    admin: Option<AdminSection>,
     #[serde(default, rename = "service")]
     services: Vec<ServiceSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminSection {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +132,8 @@ pub struct Config {
     pub source: String,
     pub engine: EngineConfig,
     pub shutdown_timeout: Duration,
+    /// Where the admin API listens; `None` without an `[admin]` section.
+    pub admin: Option<AdminAddr>,
     pub services: Vec<ServiceSpec>,
 }
 
@@ -237,6 +248,7 @@ impl Validator<'_> {
             .as_ref()
             .and_then(|d| self.duration(d, "engine.shutdown_timeout"))
             .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
+        let admin = raw.admin.as_ref().and_then(|a| self.admin(a));
         if raw.services.is_empty() {
             self.error(0..0, "service", "at least one [[service]] is required");
         }
@@ -244,7 +256,7 @@ impl Validator<'_> {
         let mut listens = HashSet::new();
         let mut services = Vec::new();
         for (i, s) in raw.services.iter().enumerate() {
-            let spec = self.service(i, s);
+            let spec = self.service(i, s, admin.as_ref());
             if !names.insert(spec.name.clone()) {
                 self.error(
                     s.name.span(),
@@ -264,7 +276,20 @@ impl Validator<'_> {
             }
             services.push(spec);
         }
-        Config { source: self.file.to_string(), engine, shutdown_timeout, services }
+        Config { source: self.file.to_string(), engine, shutdown_timeout, admin, services }
+    }
+
+    fn admin(&mut self, raw: &AdminSection) -> Option<AdminAddr> {
+        let Some(listen) = &raw.listen else {
+            return AdminAddr::parse(DEFAULT_ADMIN_LISTEN).ok();
+        };
+        match AdminAddr::parse(listen.get_ref()) {
+            Ok(addr) => Some(addr),
+            Err(message) => {
+                self.error(listen.span(), "admin.listen", message);
+                None
+            }
+        }
     }
 
     fn engine(&mut self, raw: &EngineSection) -> EngineConfig {
@@ -309,7 +334,12 @@ impl Validator<'_> {
         engine
     }
 
-    fn service(&mut self, i: usize, raw: &ServiceSection) -> ServiceSpec {
+    fn service(
+        &mut self,
+        i: usize,
+        raw: &ServiceSection,
+        admin: Option<&AdminAddr>,
+    ) -> ServiceSpec {
         let key = |k: &str| format!("service[{i}].{k}");
         let name = raw.name.get_ref().trim().to_string();
         if name.is_empty() {
@@ -337,7 +367,7 @@ impl Validator<'_> {
             .backends
             .get_ref()
             .iter()
-            .flat_map(|b| match resolve(b.get_ref()) {
+            .flat_map(|b| match resolve(b.get_ref(), admin) {
                 Ok(addrs) => addrs,
                 Err(message) => {
                     self.error(b.span(), &key("backends"), message);
@@ -373,8 +403,19 @@ impl Validator<'_> {
     }
 }
 
-/// Resolves a backend written as `ip:port` or `host:port`.
-fn resolve(text: &str) -> Result<Vec<SocketAddr>, String> {
+/// Resolves a backend written as `ip:port`, `host:port`, or `admin` (the admin API's TCP
+/// address, so that a service with firewall rules can front it).
+fn resolve(text: &str, admin: Option<&AdminAddr>) -> Result<Vec<SocketAddr>, String> {
+    if text == "admin" {
+        return match admin {
+            Some(AdminAddr::Tcp(addr)) => Ok(vec![*addr]),
+            Some(AdminAddr::Unix(_)) => {
+                Err("backend \"admin\" needs the admin API on a TCP address, not a unix socket"
+                    .into())
+            }
+            None => Err("backend \"admin\" needs an [admin] section".into()),
+        };
+    }
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(vec![addr]);
     }
@@ -577,6 +618,19 @@ mod tests {
         let e = errors(&text);
         assert_eq!(e.len(), 1);
         assert_eq!((e[0].line, e[0].key.as_str()), (8, "service[1].listen"));
+    }
+
+    #[test]
+    fn admin_section_defaults_to_loopback_and_can_be_a_backend() {
+        let text = format!("[admin]\n{MINIMAL}").replace("\"127.0.0.1:8000\"", "\"admin\"");
+        let c = Config::parse("t", &text).unwrap();
+        assert_eq!(c.admin, Some(AdminAddr::Tcp("127.0.0.1:9900".parse().unwrap())));
+        assert_eq!(c.services[0].backends, vec!["127.0.0.1:9900".parse().unwrap()]);
+        assert!(Config::parse("t", MINIMAL).unwrap().admin.is_none());
+        let e = errors(&MINIMAL.replace("\"127.0.0.1:8000\"", "\"admin\""));
+        assert_eq!(e[0].key, "service[0].backends");
+        let e = errors(&format!("[admin]\nlisten = \"nowhere\"\n{MINIMAL}"));
+        assert_eq!((e[0].line, e[0].key.as_str()), (2, "admin.listen"));
     }
 
     #[test]

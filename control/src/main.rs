@@ -2,9 +2,11 @@
 //! data plane lives in `sluice-engine`; this crate never touches a socket on the relay path.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod config;
 mod demo;
 mod logger;
+mod metrics;
 mod run;
 
 use std::path::PathBuf;

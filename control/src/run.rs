@@ -1,12 +1,16 @@
 //! `sluice run`: the control thread. It starts the engine on the compiled tables, then owns
-//! signals and the record channel: SIGHUP reloads the file (an invalid file leaves the
-//! running tables in force), SIGTERM/SIGINT drain gracefully (a second one stops at once),
-//! and every session record is logged.
+//! the configuration, the signals and the record channel:
+//!
+//! - SIGHUP or `POST /reload` re-reads the file; a valid file is published (listeners
+//!   diffed by the engine), an invalid one is logged with file, line and key, counted, and
+//!   the running tables stay in force;
+//! - SIGTERM/SIGINT drain gracefully for `shutdown_timeout`; a second one cuts at once;
+//! - every session record is logged by a log thread.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use crossbeam_channel::Receiver;
@@ -15,8 +19,10 @@ use signal_hook::iterator::Signals;
 use sluice_engine::events::{Event, EventSink, DEFAULT_EVENT_QUEUE};
 use sluice_engine::{Engine, EngineError};
 
+use crate::admin::{Admin, ControlRequest};
 use crate::config::{Config, Registry, EMBEDDED_NAME};
 use crate::logger::rfc3339;
+use crate::metrics::Shared;
 
 /// How often the control thread checks for signals and worker exits.
 const TICK: Duration = Duration::from_millis(50);
@@ -30,11 +36,21 @@ pub enum RunError {
     Engine(#[from] EngineError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("{0}")]
+    Admin(String),
+}
+
+/// The state the control thread owns.
+struct Control {
+    path: Option<PathBuf>,
+    config: Config,
+    registry: Registry,
+    engine: Engine,
+    shared: Arc<Shared>,
 }
 
 /// Starts the engine for `config` and runs the control loop until a graceful stop.
 pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
-    let version = Arc::new(AtomicU64::new(1));
     let mut registry = Registry::default();
     let tables = Arc::new(ArcSwap::from_pointee(config.tables(1, &mut registry)));
     let (sink, records) = EventSink::bounded(DEFAULT_EVENT_QUEUE);
@@ -42,35 +58,41 @@ pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
         Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1]).map_err(RunError::Signals)?;
     let engine = Engine::start(&config.engine, tables.clone(), sink.clone())?;
     announce(&config, &engine);
+    let shared = Arc::new(Shared {
+        tables,
+        workers: engine.stats().to_vec(),
+        driver: engine.selection().kind.as_str(),
+        driver_detail: engine.selection().detail.clone(),
+        started: Instant::now(),
+        reloads: Default::default(),
+        reload_failures: Default::default(),
+        events: sink.clone(),
+    });
+    let (requests_tx, requests) = crossbeam_channel::bounded(16);
+    let admin = match &config.admin {
+        Some(addr) => {
+            let admin = Admin::start(addr, shared.clone(), requests_tx.clone());
+            let admin =
+                admin.inspect_err(|_| engine.drain(Duration::ZERO)).map_err(RunError::Admin)?;
+            log::info!("admin API on {addr}");
+            Some(admin)
+        }
+        None => None,
+    };
     let logger = std::thread::Builder::new()
         .name("sluice-log".into())
         .spawn(move || log_records(records))
         .map_err(RunError::Signals)?;
-    let mut current = config;
-    let mut draining = false;
-    while !engine.is_stopped() {
-        for signal in signals.pending() {
-            match signal {
-                SIGHUP => reload(path.as_ref(), &mut current, &engine, &version, &mut registry),
-                SIGUSR1 => log::info!("SIGUSR1: no log files to reopen"),
-                _ if draining => {
-                    log::warn!("second stop signal: cutting every session now");
-                    engine.drain(Duration::ZERO);
-                }
-                _ => {
-                    log::info!(
-                        "stop signal: draining sessions for up to {:?}",
-                        current.shutdown_timeout
-                    );
-                    engine.drain(current.shutdown_timeout);
-                    draining = true;
-                }
-            }
-        }
-        std::thread::sleep(TICK);
+    let mut control = Control { path, config, registry, engine, shared };
+    control.serve(&mut signals, &requests);
+    drop(requests_tx);
+    if let Some(admin) = admin {
+        admin.stop();
     }
+    let Control { engine, shared, .. } = control;
     let dropped = sink.dropped();
     drop(sink);
+    drop(shared);
     let result = engine.join();
     let _ = logger.join();
     if dropped > 0 {
@@ -78,6 +100,102 @@ pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
     }
     log::info!("stopped");
     Ok(result?)
+}
+
+impl Control {
+    fn serve(&mut self, signals: &mut Signals, requests: &Receiver<ControlRequest>) {
+        let mut draining = false;
+        while !self.engine.is_stopped() {
+            crossbeam_channel::select! {
+                recv(requests) -> request => if let Ok(request) = request { self.answer(request) },
+                default(TICK) => {}
+            }
+            for signal in signals.pending() {
+                match signal {
+                    SIGHUP => {
+                        let _ = self.reload();
+                    }
+                    SIGUSR1 => log::info!("SIGUSR1: no log files to reopen"),
+                    _ if draining => {
+                        log::warn!("second stop signal: cutting every session now");
+                        self.engine.drain(Duration::ZERO);
+                    }
+                    _ => {
+                        let grace = self.config.shutdown_timeout;
+                        log::info!("stop signal: draining sessions for up to {grace:?}");
+                        self.engine.drain(grace);
+                        draining = true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, request: ControlRequest) {
+        match request {
+            ControlRequest::Reload { reply } => {
+                let _ = reply.send(self.reload());
+            }
+            ControlRequest::Sessions { limit, reply } => {
+                let _ = reply.send(self.engine.sessions(limit));
+            }
+        }
+    }
+
+    /// Re-reads the file and publishes its tables if it is valid; the old tables stay in
+    /// force otherwise. Engine settings (workers, driver, pipe size) need a restart.
+    fn reload(&mut self) -> Result<u64, String> {
+        let result = self.try_reload();
+        match &result {
+            Ok(v) => {
+                self.shared.reloads.fetch_add(1, Ordering::Relaxed);
+                log::info!("reload: tables version {v} in force");
+            }
+            Err(message) => {
+                self.shared.reload_failures.fetch_add(1, Ordering::Relaxed);
+                for line in message.lines() {
+                    log::error!("reload rejected: {line}");
+                }
+                log::error!("reload rejected: the running configuration stays in force");
+            }
+        }
+        result
+    }
+
+    fn try_reload(&mut self) -> Result<u64, String> {
+        let Some(path) = &self.path else {
+            return Err("running on the embedded default: there is no file to reload".into());
+        };
+        let next = Config::load(path).map_err(|e| e.to_string())?;
+        let version = self.engine.tables().version + 1;
+        let change = self
+            .engine
+            .publish(next.tables(version, &mut self.registry))
+            .map_err(|e| e.to_string())?;
+        self.registry.retain(&next);
+        for addr in &change.added {
+            log::info!("reload: listening on {addr}");
+        }
+        for addr in &change.removed {
+            log::info!("reload: closed listener {addr}");
+        }
+        if engine_settings_differ(&self.config, &next) {
+            log::warn!("reload: [engine] settings changed; they take effect after a restart");
+        }
+        if self.config.admin != next.admin {
+            log::warn!("reload: [admin] changed; it takes effect after a restart");
+        }
+        let (engine, admin) = (self.config.engine.clone(), self.config.admin.clone());
+        self.config = next;
+        self.config.engine = engine;
+        self.config.admin = admin;
+        Ok(version)
+    }
+}
+
+fn engine_settings_differ(a: &Config, b: &Config) -> bool {
+    let (a, b) = (&a.engine, &b.engine);
+    a.workers != b.workers || a.pin != b.pin || a.driver != b.driver || a.pipe_size != b.pipe_size
 }
 
 fn announce(config: &Config, engine: &Engine) {
@@ -95,60 +213,6 @@ fn announce(config: &Config, engine: &Engine) {
         log::info!("service {} listen={}", s.name, listen.join(","));
         log::info!("service {} backends={}", s.name, backends.join(","));
     }
-}
-
-/// Re-reads the file and publishes its tables if it is valid; the old tables stay in
-/// force otherwise. Listeners are diffed by the engine; engine settings (workers, driver,
-/// pipe size) need a restart and are kept.
-fn reload(
-    path: Option<&PathBuf>,
-    current: &mut Config,
-    engine: &Engine,
-    version: &AtomicU64,
-    registry: &mut Registry,
-) {
-    let Some(path) = path else {
-        log::info!("SIGHUP: running on the embedded default, nothing to reload");
-        return;
-    };
-    let next = match Config::load(path) {
-        Ok(next) => next,
-        Err(errors) => {
-            for e in &errors.0 {
-                log::error!("reload rejected: {e}");
-            }
-            log::error!("reload rejected: the running configuration stays in force");
-            return;
-        }
-    };
-    let v = version.load(Ordering::Relaxed) + 1;
-    match engine.publish(next.tables(v, registry)) {
-        Ok(change) => {
-            version.store(v, Ordering::Relaxed);
-            registry.retain(&next);
-            for addr in &change.added {
-                log::info!("reload: listening on {addr}");
-            }
-            for addr in &change.removed {
-                log::info!("reload: closed listener {addr}");
-            }
-            if engine_settings_differ(current, &next) {
-                log::warn!("reload: [engine] settings changed; they take effect after a restart");
-            }
-            log::info!("reload: tables version {v} in force");
-            let engine_settings = current.engine.clone();
-            *current = next;
-            current.engine = engine_settings;
-        }
-        Err(e) => {
-            log::error!("reload rejected: {e}; the running configuration stays in force");
-        }
-    }
-}
-
-fn engine_settings_differ(a: &Config, b: &Config) -> bool {
-    let (a, b) = (&a.engine, &b.engine);
-    a.workers != b.workers || a.pin != b.pin || a.driver != b.driver || a.pipe_size != b.pipe_size
 }
 
 /// Logs one line per finished session until every worker has gone.

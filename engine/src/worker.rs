@@ -68,7 +68,27 @@ pub enum Command {
     RemoveListeners { addrs: Vec<SocketAddr>, done: Sender<usize> },
     /// Start accepting on these listeners (already bound and listening).
     AddListeners { listeners: Vec<TcpListener> },
+    /// Report up to `limit` live sessions.
+    Snapshot { limit: usize, reply: Sender<Vec<LiveSession>> },
 }
+
+/// A live session, as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSession {
+    pub worker: usize,
+    pub service: Arc<str>,
+    pub client: SocketAddr,
+    pub listener: SocketAddr,
+    pub backend: Option<SocketAddr>,
+    /// "connecting" or "relaying".
+    pub state: &'static str,
+    pub age: Duration,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// How long [`Engine::sessions`] waits for each worker's answer.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a publication changed in the listener set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -148,6 +168,21 @@ impl Admission {
         if let Some(b) = &self.backend {
             WorkerStats::add(&b.state.sessions, 1);
             WorkerStats::add(&b.state.active, 1);
+        }
+    }
+
+    /// What the admin API shows of this session at `now`.
+    pub fn live(&self, worker: usize, session: &Session, now: Instant) -> LiveSession {
+        LiveSession {
+            worker,
+            service: self.service().name.clone(),
+            client: self.client,
+            listener: self.listener,
+            backend: self.backend.as_ref().map(|b| b.addr),
+            state: if session.phase == Phase::Relaying { "relaying" } else { "connecting" },
+            age: session.age(now),
+            bytes_up: session.up.bytes,
+            bytes_down: session.down.bytes,
         }
     }
 
@@ -332,6 +367,27 @@ impl Engine {
                 return;
             }
         }
+    }
+
+    /// Up to `limit` live sessions across all workers (each worker answers between two of
+    /// its loop turns; a worker that does not answer in time is left out).
+    pub fn sessions(&self, limit: usize) -> Vec<LiveSession> {
+        let (reply, answers) = crossbeam_channel::bounded(self.workers.len());
+        for w in &self.workers {
+            let _ = w.commands.send(Command::Snapshot { limit, reply: reply.clone() });
+            w.wake.notify();
+        }
+        let deadline = Instant::now() + SNAPSHOT_TIMEOUT;
+        let mut all = Vec::new();
+        for _ in &self.workers {
+            match answers.recv_deadline(deadline) {
+                Ok(mut sessions) => all.append(&mut sessions),
+                Err(_) => break,
+            }
+        }
+        all.sort_by(|a, b| b.age.cmp(&a.age));
+        all.truncate(limit);
+        all
     }
 
     /// The tables in force.

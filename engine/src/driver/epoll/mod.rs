@@ -22,7 +22,7 @@ use super::slots::{SlotId, Slots};
 use crate::events::WorkerStats;
 use crate::session::{CloseReason, Direction, Phase, Side};
 use crate::sys;
-use crate::worker::{Admission, Command, WorkerContext};
+use crate::worker::{Admission, Command, LiveSession, WorkerContext};
 
 /// Connections accepted per listener per turn before other work gets its turn.
 const ACCEPT_BUDGET: usize = 64;
@@ -165,6 +165,9 @@ impl EpollWorker {
                         }
                     }
                     let _ = done.send(self.ctx.id);
+                }
+                Command::Snapshot { limit, reply } => {
+                    let _ = reply.send(self.snapshot(limit));
                 }
                 Command::AddListeners { listeners } => {
                     for listener in listeners {
@@ -441,6 +444,17 @@ impl EpollWorker {
                 self.close(id, reason);
             }
         }
+    }
+
+    fn snapshot(&mut self, limit: usize) -> Vec<LiveSession> {
+        let (worker, now) = (self.ctx.id, Instant::now());
+        let mut out = Vec::new();
+        for id in self.conns.ids().into_iter().take(limit) {
+            if let Some(c) = self.conns.get_mut(id) {
+                out.push(c.admission.live(worker, &c.session, now));
+            }
+        }
+        out
     }
 
     fn close(&mut self, id: SlotId, reason: CloseReason) {

@@ -29,7 +29,7 @@ use super::slots::{SlotId, Slots};
 use crate::events::WorkerStats;
 use crate::session::{CloseReason, Direction, Phase};
 use crate::sys;
-use crate::worker::{Admission, Command, WorkerContext};
+use crate::worker::{Admission, Command, LiveSession, WorkerContext};
 
 /// Submission queue entries per ring.
 const RING_ENTRIES: u32 = 1024;
@@ -275,6 +275,9 @@ impl UringWorker {
             match command {
                 Command::Drain { deadline } => self.start_drain(deadline),
                 Command::RemoveListeners { addrs, done } => self.remove_listeners(&addrs, done),
+                Command::Snapshot { limit, reply } => {
+                    let _ = reply.send(self.snapshot(limit));
+                }
                 Command::AddListeners { listeners } => {
                     for listener in listeners {
                         self.add_listener(listener);
@@ -596,6 +599,20 @@ impl UringWorker {
 
     /// Decides the session closed: records it, cancels what it has on the ring, and frees it
     /// once nothing of it is in flight.
+    fn snapshot(&mut self, limit: usize) -> Vec<LiveSession> {
+        let (worker, now) = (self.ctx.id, Instant::now());
+        let mut out = Vec::new();
+        for id in self.conns.ids() {
+            if out.len() >= limit {
+                break;
+            }
+            if let Some(c) = self.conns.get_mut(id).filter(|c| c.closing.is_none()) {
+                out.push(c.admission.live(worker, &c.session, now));
+            }
+        }
+        out
+    }
+
     fn close(&mut self, id: SlotId, reason: CloseReason) {
         let Some(conn) = self.conns.get_mut(id) else { return };
         if conn.closing.is_some() {

@@ -1,0 +1,328 @@
+//! What the admin API reports: a JSON view of the counters (`/stats`, `/connections`) and
+//! the Prometheus text exposition (`/metrics`, format 0.0.4). Both read the same atomics
+//! the workers update; nothing here takes a lock the data path uses.
+//!
+//! Byte and session totals of services and backends are added when a session closes; live
+//! sessions show their running byte counts in `/connections`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use serde_json::{json, Value};
+use sluice_engine::events::{BackendState, EventSink, ServiceCounters, WorkerStats};
+use sluice_engine::tables::Tables;
+use sluice_engine::worker::LiveSession;
+
+/// Everything the admin API reads, shared with the control thread.
+#[derive(Debug)]
+pub struct Shared {
+    pub tables: Arc<ArcSwap<Tables>>,
+    pub workers: Vec<Arc<WorkerStats>>,
+    pub driver: &'static str,
+    pub driver_detail: String,
+    pub started: Instant,
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+    pub events: EventSink,
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// The `/stats` document.
+pub fn stats(shared: &Shared) -> Value {
+    let tables = shared.tables.load();
+    let services: Vec<Value> = tables
+        .services()
+        .iter()
+        .map(|s| {
+            let c = &s.counters;
+            let backends: Vec<Value> = s
+                .pool
+                .backends()
+                .iter()
+                .map(|b| {
+                    let st = &b.state;
+                    json!({
+                        "addr": b.addr.to_string(),
+                        "state": st.admin().as_str(),
+                        "sessions": get(&st.sessions),
+                        "active": get(&st.active),
+                        "bytes_up": get(&st.bytes_up),
+                        "bytes_down": get(&st.bytes_down),
+                        "connect_errors": get(&st.connect_errors),
+                    })
+                })
+                .collect();
+            json!({
+                "name": &*s.name,
+                "listen": s.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "sessions": get(&c.sessions),
+                "active": get(&c.active),
+                "bytes_up": get(&c.bytes_up),
+                "bytes_down": get(&c.bytes_down),
+                "connect_errors": get(&c.connect_errors),
+                "unserved": get(&c.unserved),
+                "backends": backends,
+            })
+        })
+        .collect();
+    let workers: Vec<Value> = shared
+        .workers
+        .iter()
+        .enumerate()
+        .map(|(id, w)| {
+            json!({
+                "id": id,
+                "accepted": get(&w.accepted),
+                "active": get(&w.active),
+                "closed": get(&w.closed),
+                "bytes_up": get(&w.bytes_up),
+                "bytes_down": get(&w.bytes_down),
+                "accept_errors": get(&w.accept_errors),
+                "connect_errors": get(&w.connect_errors),
+            })
+        })
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "driver": shared.driver,
+        "driver_detail": shared.driver_detail,
+        "uptime_seconds": shared.started.elapsed().as_secs(),
+        "tables_version": tables.version,
+        "reloads": get(&shared.reloads),
+        "reload_failures": get(&shared.reload_failures),
+        "records_dropped": shared.events.dropped(),
+        "services": services,
+        "workers": workers,
+    })
+}
+
+/// The `/connections` document.
+pub fn connections(sessions: &[LiveSession]) -> Value {
+    let list: Vec<Value> = sessions
+        .iter()
+        .map(|s| {
+            json!({
+                "worker": s.worker,
+                "service": &*s.service,
+                "client": s.client.to_string(),
+                "listener": s.listener.to_string(),
+                "backend": s.backend.map(|b| b.to_string()),
+                "state": s.state,
+                "age_ms": s.age.as_millis() as u64,
+                "bytes_up": s.bytes_up,
+                "bytes_down": s.bytes_down,
+            })
+        })
+        .collect();
+    json!({ "count": list.len(), "connections": list })
+}
+
+/// Writes Prometheus text exposition for one metric family.
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn header(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape_label(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+}
+
+/// Escapes a label value as the text format requires (backslash, quote, newline).
+pub fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The `/metrics` exposition.
+pub fn prometheus(shared: &Shared) -> String {
+    let tables = shared.tables.load();
+    let mut out = String::with_capacity(8192);
+    let mut f = Family { out: &mut out };
+    type ServiceMetric = (&'static str, &'static str, &'static str, fn(&ServiceCounters) -> u64);
+    let service_metrics: [ServiceMetric; 4] = [
+        ("sluice_sessions_total", "counter", "Sessions accepted.", |c| get(&c.sessions)),
+        ("sluice_sessions_active", "gauge", "Sessions open now.", |c| get(&c.active)),
+        ("sluice_connect_errors_total", "counter", "Backend connect attempts that failed.", |c| {
+            get(&c.connect_errors)
+        }),
+        (
+            "sluice_unserved_sessions_total",
+            "counter",
+            "Sessions closed before reaching a backend.",
+            |c| get(&c.unserved),
+        ),
+    ];
+    for (name, kind, help, value) in service_metrics {
+        f.header(name, kind, help);
+        for s in tables.services() {
+            f.sample(name, &[("service", &s.name)], value(&s.counters));
+        }
+    }
+    let name = "sluice_session_bytes_total";
+    f.header(
+        name,
+        "counter",
+        "Bytes relayed by closed sessions, by direction (up: client to backend).",
+    );
+    for s in tables.services() {
+        f.sample(name, &[("service", &s.name), ("direction", "up")], get(&s.counters.bytes_up));
+        f.sample(name, &[("service", &s.name), ("direction", "down")], get(&s.counters.bytes_down));
+    }
+    f.header(
+        "sluice_connect_latency_seconds",
+        "histogram",
+        "Time from connect start to an established backend connection.",
+    );
+    for s in tables.services() {
+        let (buckets, count, sum_us) = s.counters.connect_latency.snapshot();
+        for (bound_us, n) in buckets {
+            let le = format!("{}", bound_us as f64 / 1e6);
+            f.sample(
+                "sluice_connect_latency_seconds_bucket",
+                &[("service", &s.name), ("le", &le)],
+                n,
+            );
+        }
+        f.sample(
+            "sluice_connect_latency_seconds_bucket",
+            &[("service", &s.name), ("le", "+Inf")],
+            count,
+        );
+        f.sample(
+            "sluice_connect_latency_seconds_sum",
+            &[("service", &s.name)],
+            sum_us as f64 / 1e6,
+        );
+        f.sample("sluice_connect_latency_seconds_count", &[("service", &s.name)], count);
+    }
+    backend_metrics(&mut f, &tables);
+    f.header("sluice_worker_accepted_total", "counter", "Connections accepted, per worker.");
+    for (id, w) in shared.workers.iter().enumerate() {
+        f.sample("sluice_worker_accepted_total", &[("worker", &id.to_string())], get(&w.accepted));
+    }
+    f.header("sluice_worker_sessions_active", "gauge", "Sessions open now, per worker.");
+    for (id, w) in shared.workers.iter().enumerate() {
+        f.sample("sluice_worker_sessions_active", &[("worker", &id.to_string())], get(&w.active));
+    }
+    f.header("sluice_worker_accept_errors_total", "counter", "Accept failures, per worker.");
+    for (id, w) in shared.workers.iter().enumerate() {
+        f.sample(
+            "sluice_worker_accept_errors_total",
+            &[("worker", &id.to_string())],
+            get(&w.accept_errors),
+        );
+    }
+    for (name, help, value) in [
+        ("sluice_reloads_total", "Successful configuration reloads.", get(&shared.reloads)),
+        (
+            "sluice_reload_failures_total",
+            "Rejected configuration reloads.",
+            get(&shared.reload_failures),
+        ),
+        (
+            "sluice_records_dropped_total",
+            "Session records dropped because the log queue was full.",
+            shared.events.dropped(),
+        ),
+    ] {
+        f.header(name, "counter", help);
+        f.sample(name, &[], value);
+    }
+    f.header("sluice_tables_version", "gauge", "Version of the tables in force.");
+    f.sample("sluice_tables_version", &[], tables.version);
+    out
+}
+
+fn backend_metrics(f: &mut Family<'_>, tables: &Tables) {
+    f.header(
+        "sluice_backend_up",
+        "gauge",
+        "1 if the backend takes new sessions (admin state enabled).",
+    );
+    for s in tables.services() {
+        for b in s.pool.backends() {
+            let addr = b.addr.to_string();
+            f.sample(
+                "sluice_backend_up",
+                &[("service", &s.name), ("backend", &addr)],
+                b.state.accepts_sessions() as u8,
+            );
+        }
+    }
+    type BackendMetric = (&'static str, &'static str, &'static str, fn(&BackendState) -> u64);
+    let metrics: [BackendMetric; 3] = [
+        ("sluice_backend_sessions_total", "counter", "Sessions relayed to the backend.", |b| {
+            get(&b.sessions)
+        }),
+        ("sluice_backend_sessions_active", "gauge", "Sessions open to the backend now.", |b| {
+            get(&b.active)
+        }),
+        (
+            "sluice_backend_connect_errors_total",
+            "counter",
+            "Connect attempts to the backend that failed.",
+            |b| get(&b.connect_errors),
+        ),
+    ];
+    for (name, kind, help, value) in metrics {
+        f.header(name, kind, help);
+        for s in tables.services() {
+            for b in s.pool.backends() {
+                let addr = b.addr.to_string();
+                f.sample(name, &[("service", &s.name), ("backend", &addr)], value(&b.state));
+            }
+        }
+    }
+    f.header(
+        "sluice_backend_bytes_total",
+        "counter",
+        "Bytes relayed by closed sessions of the backend, by direction.",
+    );
+    for s in tables.services() {
+        for b in s.pool.backends() {
+            let addr = b.addr.to_string();
+            f.sample(
+                "sluice_backend_bytes_total",
+                &[("service", &s.name), ("backend", &addr), ("direction", "up")],
+                get(&b.state.bytes_up),
+            );
+            f.sample(
+                "sluice_backend_bytes_total",
+                &[("service", &s.name), ("backend", &addr), ("direction", "down")],
+                get(&b.state.bytes_down),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape_label("x\ny"), "x\\ny");
+    }
+}
