@@ -13,12 +13,20 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use sluice_engine::balance::{Backend, Pool};
-use sluice_engine::events::{BackendState, ServiceCounters};
+use sluice_engine::events::{BackendState, RecordKind, RecordPolicy, ServiceCounters, Verdict};
+use sluice_engine::session::CloseReason;
 use sluice_engine::tables::{self, Service, Tables, Timeouts};
 use sluice_engine::{DriverChoice, EngineConfig};
 use toml::Spanned;
 
 use crate::admin::{AdminAddr, DEFAULT_ADMIN_LISTEN};
+use crate::records::{Template, DEFAULT_TEMPLATE};
+use crate::sinks::{self, Filter, Format, SinkSpec, SyslogAddr, Target};
+
+/// Where a syslog sink sends without an `address`.
+pub const DEFAULT_SYSLOG_SOCKET: &str = "/dev/log";
+/// Facility of a syslog sink without one: local0.
+pub const DEFAULT_SYSLOG_FACILITY: u8 = 16;
 
 /// The configuration `sluice run` uses when no file is given: one service forwarding
 /// 127.0.0.1:8080 to a server on 127.0.0.1:8000.
@@ -72,8 +80,40 @@ struct FileConfig {
     #[serde(default)]
     engine: EngineSection,
     admin: Option<AdminSection>,
+    records: Option<RecordsSection>,
+    #[serde(default, rename = "log")]
+    logs: Vec<LogSection>,
     #[serde(default, rename = "service")]
     services: Vec<ServiceSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordsSection {
+    open: Option<bool>,
+    interim: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogSection {
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    path: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    facility: Option<Spanned<String>>,
+    tag: Option<String>,
+    format: Option<Spanned<String>>,
+    template: Option<Spanned<String>>,
+    #[serde(default)]
+    kinds: Vec<Spanned<String>>,
+    #[serde(default)]
+    verdicts: Vec<Spanned<String>>,
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default)]
+    reasons: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +174,10 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Where the admin API listens; `None` without an `[admin]` section.
     pub admin: Option<AdminAddr>,
+    /// Which records workers make besides close records.
+    pub records: RecordPolicy,
+    /// Connection-log sinks; empty means the process log.
+    pub logs: Vec<SinkSpec>,
     pub services: Vec<ServiceSpec>,
 }
 
@@ -196,7 +240,7 @@ impl Config {
                 counters: registry.service(&s.name),
             })
             .collect();
-        Tables::new(version, services)
+        Tables::new(version, services).with_records(self.records)
     }
 }
 
@@ -249,6 +293,8 @@ impl Validator<'_> {
             .and_then(|d| self.duration(d, "engine.shutdown_timeout"))
             .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
         let admin = raw.admin.as_ref().and_then(|a| self.admin(a));
+        let records = raw.records.as_ref().map(|r| self.records(r)).unwrap_or_default();
+        let logs = raw.logs.iter().enumerate().filter_map(|(i, l)| self.log(i, l)).collect();
         if raw.services.is_empty() {
             self.error(0..0, "service", "at least one [[service]] is required");
         }
@@ -276,7 +322,147 @@ impl Validator<'_> {
             }
             services.push(spec);
         }
-        Config { source: self.file.to_string(), engine, shutdown_timeout, admin, services }
+        Config {
+            source: self.file.to_string(),
+            engine,
+            shutdown_timeout,
+            admin,
+            records,
+            logs,
+            services,
+        }
+    }
+
+    fn records(&mut self, raw: &RecordsSection) -> RecordPolicy {
+        let interim = raw.interim.as_ref().and_then(|d| self.duration(d, "records.interim"));
+        RecordPolicy { open: raw.open.unwrap_or(false), interim }
+    }
+
+    fn log(&mut self, i: usize, raw: &LogSection) -> Option<SinkSpec> {
+        let key = |k: &str| format!("log[{i}].{k}");
+        let before = self.errors.len();
+        let target = match raw.kind.get_ref().as_str() {
+            "file" => match &raw.path {
+                Some(p) => Some(Target::File(PathBuf::from(p.get_ref()))),
+                None => {
+                    self.error(raw.kind.span(), &key("path"), "a file sink needs a path");
+                    None
+                }
+            },
+            "stdout" => Some(Target::Stdout),
+            "syslog" => {
+                let addr = match &raw.address {
+                    None => Some(SyslogAddr::Unix(DEFAULT_SYSLOG_SOCKET.into())),
+                    Some(a) => SyslogAddr::parse(a.get_ref())
+                        .map_err(|m| self.error(a.span(), &key("address"), m))
+                        .ok(),
+                };
+                let facility = match &raw.facility {
+                    None => Some(DEFAULT_SYSLOG_FACILITY),
+                    Some(f) => sinks::facility(f.get_ref())
+                        .map_err(|m| self.error(f.span(), &key("facility"), m))
+                        .ok(),
+                };
+                let tag = raw.tag.clone().unwrap_or_else(|| "sluice".into());
+                addr.zip(facility).map(|(addr, facility)| Target::Syslog { addr, facility, tag })
+            }
+            other => {
+                self.error(
+                    raw.kind.span(),
+                    &key("type"),
+                    format!(
+                        "unknown sink type {other:?}; expected \"file\", \"syslog\" or \"stdout\""
+                    ),
+                );
+                None
+            }
+        };
+        let format = self.log_format(raw, &key);
+        let mut filter =
+            Filter { services: raw.services.iter().cloned().collect(), ..Filter::default() };
+        for k in &raw.kinds {
+            match k.get_ref().as_str() {
+                "open" => filter.kinds.insert(RecordKind::Open),
+                "interim" => filter.kinds.insert(RecordKind::Interim),
+                "close" => filter.kinds.insert(RecordKind::Close),
+                "deny" => filter.kinds.insert(RecordKind::Deny),
+                other => {
+                    self.error(
+                        k.span(),
+                        &key("kinds"),
+                        format!(
+                            "unknown record kind {other:?}; expected open, interim, close or deny"
+                        ),
+                    );
+                    false
+                }
+            };
+        }
+        for v in &raw.verdicts {
+            match v.get_ref().as_str() {
+                "allow" => filter.verdicts.insert(Verdict::Allow),
+                "deny" => filter.verdicts.insert(Verdict::Deny),
+                other => {
+                    self.error(
+                        v.span(),
+                        &key("verdicts"),
+                        format!("unknown verdict {other:?}; expected allow or deny"),
+                    );
+                    false
+                }
+            };
+        }
+        for r in &raw.reasons {
+            if CloseReason::ALL.iter().any(|c| c.as_str() == r.get_ref()) {
+                filter.reasons.insert(r.get_ref().clone());
+            } else {
+                let known: Vec<&str> = CloseReason::ALL.iter().map(|c| c.as_str()).collect();
+                self.error(
+                    r.span(),
+                    &key("reasons"),
+                    format!(
+                        "unknown close reason {:?}; expected one of {}",
+                        r.get_ref(),
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        let name = raw.name.clone().unwrap_or_else(|| format!("log{i}"));
+        Some(SinkSpec { name, target: target?, format: format?, filter })
+    }
+
+    /// JSON lines unless a template is given or `format = "text"`.
+    fn log_format(&mut self, raw: &LogSection, key: &dyn Fn(&str) -> String) -> Option<Format> {
+        let format = raw.format.as_ref().map(|f| f.get_ref().as_str());
+        match (format, &raw.template) {
+            (Some("json") | None, None) => Some(Format::Json),
+            (Some("json"), Some(t)) => {
+                self.error(t.span(), &key("template"), "a template needs format = \"text\"");
+                None
+            }
+            (Some("text") | None, t) => {
+                let (text, span) = t
+                    .as_ref()
+                    .map_or((DEFAULT_TEMPLATE, 0..0), |t| (t.get_ref().as_str(), t.span()));
+                Template::parse(text)
+                    .map(Format::Text)
+                    .map_err(|m| self.error(span, &key("template"), m))
+                    .ok()
+            }
+            (Some(other), _) => {
+                let span = raw.format.as_ref().map_or(0..0, |f| f.span());
+                self.error(
+                    span,
+                    &key("format"),
+                    format!("unknown format {other:?}; expected \"json\" or \"text\""),
+                );
+                None
+            }
+        }
     }
 
     fn admin(&mut self, raw: &AdminSection) -> Option<AdminAddr> {

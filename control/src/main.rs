@@ -7,7 +7,9 @@ mod config;
 mod demo;
 mod logger;
 mod metrics;
+mod records;
 mod run;
+mod sinks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -16,6 +16,8 @@ use sluice_engine::events::{BackendState, EventSink, ServiceCounters, WorkerStat
 use sluice_engine::tables::Tables;
 use sluice_engine::worker::LiveSession;
 
+use crate::sinks::SinkCounters;
+
 /// Everything the admin API reads, shared with the control thread.
 #[derive(Debug)]
 pub struct Shared {
@@ -27,6 +29,8 @@ pub struct Shared {
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
     pub events: EventSink,
+    /// Counters of the connection-log sinks in use.
+    pub sinks: ArcSwap<Vec<Arc<SinkCounters>>>,
 }
 
 fn get(c: &AtomicU64) -> u64 {
@@ -97,6 +101,11 @@ pub fn stats(shared: &Shared) -> Value {
         "reloads": get(&shared.reloads),
         "reload_failures": get(&shared.reload_failures),
         "records_dropped": shared.events.dropped(),
+        "log_sinks": shared.sinks.load().iter().map(|s| json!({
+            "name": s.name,
+            "written": get(&s.written),
+            "dropped": get(&s.dropped),
+        })).collect::<Vec<_>>(),
         "services": services,
         "workers": workers,
     })
@@ -248,6 +257,19 @@ pub fn prometheus(shared: &Shared) -> String {
     ] {
         f.header(name, "counter", help);
         f.sample(name, &[], value);
+    }
+    let sinks = shared.sinks.load();
+    f.header("sluice_log_records_total", "counter", "Records written, per log sink.");
+    for s in sinks.iter() {
+        f.sample("sluice_log_records_total", &[("sink", &s.name)], get(&s.written));
+    }
+    f.header(
+        "sluice_log_dropped_total",
+        "counter",
+        "Records a log sink could not take (slow peer, write error).",
+    );
+    for s in sinks.iter() {
+        f.sample("sluice_log_dropped_total", &[("sink", &s.name)], get(&s.dropped));
     }
     f.header("sluice_tables_version", "gauge", "Version of the tables in force.");
     f.sample("sluice_tables_version", &[], tables.version);

@@ -16,13 +16,14 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::Receiver;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
-use sluice_engine::events::{Event, EventSink, DEFAULT_EVENT_QUEUE};
+use sluice_engine::events::{EventSink, DEFAULT_EVENT_QUEUE};
 use sluice_engine::{Engine, EngineError};
 
 use crate::admin::{Admin, ControlRequest};
 use crate::config::{Config, Registry, EMBEDDED_NAME};
-use crate::logger::rfc3339;
 use crate::metrics::Shared;
+use crate::records::{Template, PROCESS_LOG_TEMPLATE};
+use crate::sinks::{self, Filter, Format, LogCommand, Sink, SinkSpec, Target};
 
 /// How often the control thread checks for signals and worker exits.
 const TICK: Duration = Duration::from_millis(50);
@@ -37,7 +38,7 @@ pub enum RunError {
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("{0}")]
-    Admin(String),
+    Setup(String),
 }
 
 /// The state the control thread owns.
@@ -47,6 +48,7 @@ struct Control {
     registry: Registry,
     engine: Engine,
     shared: Arc<Shared>,
+    log: crossbeam_channel::Sender<LogCommand>,
 }
 
 /// Starts the engine for `config` and runs the control loop until a graceful stop.
@@ -56,6 +58,8 @@ pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
     let (sink, records) = EventSink::bounded(DEFAULT_EVENT_QUEUE);
     let mut signals =
         Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1]).map_err(RunError::Signals)?;
+    let log_sinks = open_sinks(&config).map_err(RunError::Setup)?;
+    let sink_counters = log_sinks.iter().map(Sink::counters).collect();
     let engine = Engine::start(&config.engine, tables.clone(), sink.clone())?;
     announce(&config, &engine);
     let shared = Arc::new(Shared {
@@ -67,29 +71,32 @@ pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
         reloads: Default::default(),
         reload_failures: Default::default(),
         events: sink.clone(),
+        sinks: ArcSwap::from_pointee(sink_counters),
     });
     let (requests_tx, requests) = crossbeam_channel::bounded(16);
     let admin = match &config.admin {
         Some(addr) => {
             let admin = Admin::start(addr, shared.clone(), requests_tx.clone());
             let admin =
-                admin.inspect_err(|_| engine.drain(Duration::ZERO)).map_err(RunError::Admin)?;
+                admin.inspect_err(|_| engine.drain(Duration::ZERO)).map_err(RunError::Setup)?;
             log::info!("admin API on {addr}");
             Some(admin)
         }
         None => None,
     };
+    let (log, log_commands) = crossbeam_channel::unbounded();
     let logger = std::thread::Builder::new()
         .name("sluice-log".into())
-        .spawn(move || log_records(records))
+        .spawn(move || sinks::run_log_thread(records, log_commands, log_sinks))
         .map_err(RunError::Signals)?;
-    let mut control = Control { path, config, registry, engine, shared };
+    let mut control = Control { path, config, registry, engine, shared, log };
     control.serve(&mut signals, &requests);
     drop(requests_tx);
     if let Some(admin) = admin {
         admin.stop();
     }
-    let Control { engine, shared, .. } = control;
+    let Control { engine, shared, log, .. } = control;
+    drop(log);
     let dropped = sink.dropped();
     drop(sink);
     drop(shared);
@@ -115,7 +122,10 @@ impl Control {
                     SIGHUP => {
                         let _ = self.reload();
                     }
-                    SIGUSR1 => log::info!("SIGUSR1: no log files to reopen"),
+                    SIGUSR1 => {
+                        log::info!("SIGUSR1: reopening log files");
+                        let _ = self.log.send(LogCommand::Reopen);
+                    }
                     _ if draining => {
                         log::warn!("second stop signal: cutting every session now");
                         self.engine.drain(Duration::ZERO);
@@ -168,10 +178,16 @@ impl Control {
         };
         let next = Config::load(path).map_err(|e| e.to_string())?;
         let version = self.engine.tables().version + 1;
+        let new_sinks = if next.logs != self.config.logs { Some(open_sinks(&next)?) } else { None };
         let change = self
             .engine
             .publish(next.tables(version, &mut self.registry))
             .map_err(|e| e.to_string())?;
+        if let Some(new_sinks) = new_sinks {
+            self.shared.sinks.store(Arc::new(new_sinks.iter().map(Sink::counters).collect()));
+            let _ = self.log.send(LogCommand::Replace(new_sinks));
+            log::info!("reload: log sinks replaced");
+        }
         self.registry.retain(&next);
         for addr in &change.added {
             log::info!("reload: listening on {addr}");
@@ -215,23 +231,17 @@ fn announce(config: &Config, engine: &Engine) {
     }
 }
 
-/// Logs one line per finished session until every worker has gone.
-fn log_records(records: Receiver<Event>) {
-    for event in records {
-        match event {
-            Event::Closed(r) => log::info!(
-                "session service={} client={} listener={} backend={} start={} duration_ms={} bytes_up={} bytes_down={} reason={} worker={}",
-                r.service,
-                r.client,
-                r.listener,
-                r.backend.map_or_else(|| "-".to_string(), |b| b.to_string()),
-                rfc3339(r.start),
-                r.duration.as_millis(),
-                r.bytes_up,
-                r.bytes_down,
-                r.reason,
-                r.worker
-            ),
-        }
+/// Opens the configured sinks, or the process log when none is configured.
+pub fn open_sinks(config: &Config) -> Result<Vec<Sink>, String> {
+    if config.logs.is_empty() {
+        let template = Template::parse(PROCESS_LOG_TEMPLATE).map_err(|e| e.to_string())?;
+        let spec = SinkSpec {
+            name: "process-log".into(),
+            target: Target::ProcessLog,
+            format: Format::Text(template),
+            filter: Filter::default(),
+        };
+        return Ok(vec![Sink::open(spec)?]);
     }
+    config.logs.iter().cloned().map(Sink::open).collect()
 }

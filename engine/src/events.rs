@@ -1,5 +1,5 @@
-//! What workers report: counters (atomics, read by anyone at any time) and one record per
-//! finished session, sent over a bounded channel. A full channel drops the record and
+//! What workers report: counters (atomics, read by anyone at any time) and connection-log
+//! records (open, interim, close, deny), sent over a bounded channel. A full channel drops the record and
 //! counts the drop: reporting never blocks a worker.
 
 use std::net::SocketAddr;
@@ -159,47 +159,97 @@ impl BackendState {
     }
 }
 
-/// The record of one finished session.
+/// What a record reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    /// The session reached its backend (only when open records are enabled).
+    Open,
+    /// A long-lived session is still running (every interim interval).
+    Interim,
+    /// The session ended: always reported.
+    Close,
+    /// The firewall refused the connection.
+    Deny,
+}
+
+impl RecordKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Open => "open",
+            RecordKind::Interim => "interim",
+            RecordKind::Close => "close",
+            RecordKind::Deny => "deny",
+        }
+    }
+}
+
+/// The firewall's decision for a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+        }
+    }
+}
+
+/// One connection-log record.
 #[derive(Debug, Clone)]
-pub struct CloseRecord {
+pub struct Record {
+    pub kind: RecordKind,
     pub worker: usize,
     pub service: Arc<str>,
     pub listener: SocketAddr,
     pub client: SocketAddr,
     pub backend: Option<SocketAddr>,
     pub start: SystemTime,
+    /// When the record was made (the end, for a close record).
+    pub end: SystemTime,
     pub duration: Duration,
-    /// Bytes client -> backend.
+    /// Bytes client -> backend so far.
     pub bytes_up: u64,
-    /// Bytes backend -> client.
+    /// Bytes backend -> client so far.
     pub bytes_down: u64,
-    pub reason: CloseReason,
+    pub verdict: Verdict,
+    /// Name of the firewall rule that decided the session; `None` for the default action.
+    pub rule: Option<Arc<str>>,
+    /// Why the session ended (close and deny records).
+    pub reason: Option<CloseReason>,
     /// Version of the tables that decided the session.
     pub tables_version: u64,
 }
 
-/// Something a worker reports to the control thread.
-#[derive(Debug, Clone)]
-pub enum Event {
-    Closed(CloseRecord),
+/// Which records workers produce besides close records (part of the tables, so a reload
+/// changes it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordPolicy {
+    pub open: bool,
+    /// Interval of interim records for long-lived sessions; `None` for none.
+    pub interim: Option<Duration>,
 }
 
 /// The sending half held by each worker.
 #[derive(Debug, Clone)]
 pub struct EventSink {
-    tx: Sender<Event>,
+    tx: Sender<Record>,
     dropped: Arc<AtomicU64>,
 }
 
 impl EventSink {
     /// A bounded channel of `capacity` events; the receiver goes to the control thread.
-    pub fn bounded(capacity: usize) -> (EventSink, Receiver<Event>) {
+    pub fn bounded(capacity: usize) -> (EventSink, Receiver<Record>) {
         let (tx, rx) = crossbeam_channel::bounded(capacity);
         (EventSink { tx, dropped: Arc::default() }, rx)
     }
 
     /// Sends without blocking; a full or closed channel drops the event and counts it.
-    pub fn send(&self, event: Event) {
+    pub fn send(&self, event: Record) {
         match self.tx.try_send(event) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
@@ -218,20 +268,24 @@ impl EventSink {
 mod tests {
     use super::*;
 
-    fn record() -> Event {
-        Event::Closed(CloseRecord {
+    fn record() -> Record {
+        Record {
+            kind: RecordKind::Close,
             worker: 0,
             service: "s".into(),
             listener: ([127, 0, 0, 1], 1).into(),
             client: ([127, 0, 0, 1], 2).into(),
             backend: None,
             start: SystemTime::now(),
+            end: SystemTime::now(),
             duration: Duration::ZERO,
             bytes_up: 0,
             bytes_down: 0,
-            reason: CloseReason::NoBackend,
+            verdict: Verdict::Allow,
+            rule: None,
+            reason: Some(CloseReason::NoBackend),
             tables_version: 1,
-        })
+        }
     }
 
     #[test]

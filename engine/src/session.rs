@@ -77,6 +77,21 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// Every reason, for validating filters.
+    pub const ALL: [CloseReason; 11] = [
+        CloseReason::ClientFin,
+        CloseReason::BackendFin,
+        CloseReason::ClientRst,
+        CloseReason::BackendRst,
+        CloseReason::IdleTimeout,
+        CloseReason::FinTimeout,
+        CloseReason::ConnectTimeout,
+        CloseReason::ConnectRefused,
+        CloseReason::NoBackend,
+        CloseReason::Shutdown,
+        CloseReason::LocalError,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::ClientFin => "client_fin",
@@ -155,6 +170,8 @@ pub struct Session {
     pub down: Flow,
     /// The peer whose end of stream arrived first.
     pub first_eof: Option<Side>,
+    /// When the last interim record was made (or the session started).
+    pub last_report: Instant,
 }
 
 impl Session {
@@ -166,7 +183,18 @@ impl Session {
             up: Flow::default(),
             down: Flow::default(),
             first_eof: None,
+            last_report: now,
         }
+    }
+
+    /// Whether an interim record is due at `now` for reports every `every`; if so, the
+    /// report time moves to `now`.
+    pub fn take_interim(&mut self, every: Duration, now: Instant) -> bool {
+        if self.phase != Phase::Relaying || now < self.last_report + every {
+            return false;
+        }
+        self.last_report = now;
+        true
     }
 
     pub fn flow(&self, dir: Direction) -> &Flow {
@@ -316,6 +344,19 @@ mod tests {
         s.shut(Direction::Up, t0);
         assert!(s.is_finished());
         assert_eq!(s.finish_reason(), CloseReason::BackendFin);
+    }
+
+    #[test]
+    fn interim_reports_come_once_per_interval_and_only_while_relaying() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(60);
+        let mut s = Session::new(t0);
+        assert!(!s.take_interim(every, t0 + every), "a connecting session has nothing to report");
+        s.connected(t0);
+        assert!(!s.take_interim(every, t0 + Duration::from_secs(59)));
+        assert!(s.take_interim(every, t0 + every));
+        assert!(!s.take_interim(every, t0 + every + Duration::from_secs(1)));
+        assert!(s.take_interim(every, t0 + every * 2));
     }
 
     #[test]

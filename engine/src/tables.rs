@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::balance::Pool;
-use crate::events::ServiceCounters;
+use crate::events::{RecordPolicy, ServiceCounters};
 
 /// Time allowed for a backend connect before the next backend is tried.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,6 +55,8 @@ pub struct Tables {
     pub version: u64,
     services: Vec<Service>,
     by_listener: HashMap<SocketAddr, usize>,
+    /// Which records workers produce besides close records.
+    pub records: RecordPolicy,
 }
 
 impl Tables {
@@ -66,7 +68,13 @@ impl Tables {
             .enumerate()
             .flat_map(|(i, s)| s.listen.iter().map(move |&a| (a, i)))
             .collect();
-        Self { version, services, by_listener }
+        Self { version, services, by_listener, records: RecordPolicy::default() }
+    }
+
+    /// The same tables with a record policy.
+    pub fn with_records(mut self, records: RecordPolicy) -> Self {
+        self.records = records;
+        self
     }
 
     pub fn services(&self) -> &[Service] {

@@ -16,7 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::balance::Backend;
 use crate::driver::{self, DriverChoice, Selection};
-use crate::events::{CloseRecord, Event, EventSink, WorkerStats};
+use crate::events::{EventSink, Record, RecordKind, Verdict, WorkerStats};
 use crate::session::{CloseReason, Phase, Session};
 use crate::sys::{self, EventFd};
 use crate::tables::{Service, Tables};
@@ -186,14 +186,42 @@ impl Admission {
         }
     }
 
-    /// Accounts for the end of the session and returns its record.
+    /// A record of this session of `kind`, made at `now`.
+    pub fn record(
+        &self,
+        kind: RecordKind,
+        worker: usize,
+        session: &Session,
+        now: Instant,
+    ) -> Record {
+        let duration = session.age(now);
+        Record {
+            kind,
+            worker,
+            service: self.service().name.clone(),
+            listener: self.listener,
+            client: self.client,
+            backend: self.backend.as_ref().map(|b| b.addr),
+            start: self.start_wall,
+            end: self.start_wall + duration,
+            duration,
+            bytes_up: session.up.bytes,
+            bytes_down: session.down.bytes,
+            verdict: Verdict::Allow,
+            rule: None,
+            reason: None,
+            tables_version: self.tables.version,
+        }
+    }
+
+    /// Accounts for the end of the session and returns its close record.
     pub fn finish(
         &self,
         worker: usize,
         session: &Session,
         reason: CloseReason,
         now: Instant,
-    ) -> Event {
+    ) -> Record {
         let counters = &self.service().counters;
         counters.active.fetch_sub(1, Ordering::Relaxed);
         WorkerStats::add(&counters.bytes_up, session.up.bytes);
@@ -207,19 +235,7 @@ impl Admission {
             WorkerStats::add(&b.state.bytes_up, session.up.bytes);
             WorkerStats::add(&b.state.bytes_down, session.down.bytes);
         }
-        Event::Closed(CloseRecord {
-            worker,
-            service: self.service().name.clone(),
-            listener: self.listener,
-            client: self.client,
-            backend: self.backend.as_ref().map(|b| b.addr),
-            start: self.start_wall,
-            duration: session.age(now),
-            bytes_up: session.up.bytes,
-            bytes_down: session.down.bytes,
-            reason,
-            tables_version: self.tables.version,
-        })
+        Record { reason: Some(reason), ..self.record(RecordKind::Close, worker, session, now) }
     }
 }
 
@@ -385,7 +401,7 @@ impl Engine {
                 Err(_) => break,
             }
         }
-        all.sort_by(|a, b| b.age.cmp(&a.age));
+        all.sort_by_key(|s| std::cmp::Reverse(s.age));
         all.truncate(limit);
         all
     }

@@ -7,11 +7,11 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use sluice_engine::balance::{Backend, Pool};
-use sluice_engine::events::{Event, EventSink};
+use sluice_engine::events::EventSink;
 use sluice_engine::tables::{Service, Tables, Timeouts};
 use sluice_engine::{DriverChoice, Engine, EngineConfig, EngineError};
 
@@ -112,8 +112,7 @@ fn swap_race(driver: DriverChoice) {
     engine.drain(Duration::from_secs(2));
     engine.join().unwrap();
     let mut checked = 0;
-    for event in records.try_iter() {
-        let Event::Closed(r) = event;
+    for r in records.try_iter() {
         assert_eq!(
             r.backend,
             Some(backend_for(r.tables_version)),

@@ -19,7 +19,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use self::conn::{BufferPool, Conn, Pump};
 use super::slots::{SlotId, Slots};
-use crate::events::WorkerStats;
+use crate::events::{RecordKind, WorkerStats};
 use crate::session::{CloseReason, Direction, Phase, Side};
 use crate::sys;
 use crate::worker::{Admission, Command, LiveSession, WorkerContext};
@@ -28,6 +28,8 @@ use crate::worker::{Admission, Command, LiveSession, WorkerContext};
 const ACCEPT_BUDGET: usize = 64;
 /// How long a listener pauses after the process ran out of fds or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
+/// How often sessions are scanned for due interim records.
+const REPORT_SCAN: Duration = Duration::from_secs(1);
 /// At most one "accept paused" warning per worker per this interval.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -67,6 +69,8 @@ struct EpollWorker {
     pool: BufferPool,
     draining: Option<Instant>,
     last_warn: Option<Instant>,
+    /// When sessions are next scanned for due interim records.
+    next_report_scan: Instant,
     now: Instant,
 }
 
@@ -98,6 +102,7 @@ impl EpollWorker {
             pool,
             draining: None,
             last_warn: None,
+            next_report_scan: Instant::now() + REPORT_SCAN,
             now: Instant::now(),
         })
     }
@@ -122,6 +127,7 @@ impl EpollWorker {
             }
             self.resume_paused();
             self.expire_timers();
+            self.report_interim();
             if self.drained() {
                 return Ok(());
             }
@@ -136,6 +142,7 @@ impl EpollWorker {
             self.timers.peek().map(|Reverse((t, _))| *t),
             self.paused.iter().map(|(t, _)| *t).min(),
             self.draining,
+            Some(self.next_report_scan),
         ]
         .into_iter()
         .flatten()
@@ -384,6 +391,11 @@ impl EpollWorker {
             conn.admission.connected(self.now.saturating_duration_since(since));
         }
         conn.session.connected(self.now);
+        if conn.admission.tables.records.open {
+            let record =
+                conn.admission.record(RecordKind::Open, self.ctx.id, &conn.session, self.now);
+            self.ctx.events.send(record);
+        }
         self.pump(id, [Direction::Up, Direction::Down].into_iter());
     }
 
@@ -442,6 +454,23 @@ impl EpollWorker {
                 self.connect_failed(id, reason);
             } else {
                 self.close(id, reason);
+            }
+        }
+    }
+
+    /// Sends an interim record for every long-lived session whose interval has passed.
+    fn report_interim(&mut self) {
+        if self.now < self.next_report_scan {
+            return;
+        }
+        self.next_report_scan = self.now + REPORT_SCAN;
+        let (worker, now) = (self.ctx.id, self.now);
+        for id in self.conns.ids() {
+            let Some(c) = self.conns.get_mut(id) else { continue };
+            let Some(every) = c.admission.tables.records.interim else { continue };
+            if c.session.take_interim(every, now) {
+                let record = c.admission.record(RecordKind::Interim, worker, &c.session, now);
+                self.ctx.events.send(record);
             }
         }
     }

@@ -26,7 +26,7 @@ use self::ops::{bit, Op, SESSION_OPS};
 use self::pipes::PipePool;
 use super::epoll::is_resource_exhaustion;
 use super::slots::{SlotId, Slots};
-use crate::events::WorkerStats;
+use crate::events::{RecordKind, WorkerStats};
 use crate::session::{CloseReason, Direction, Phase};
 use crate::sys;
 use crate::worker::{Admission, Command, LiveSession, WorkerContext};
@@ -37,6 +37,8 @@ const RING_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 8192;
 /// How long a listener pauses after the process ran out of fds or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
+/// How often sessions are scanned for due interim records.
+const REPORT_SCAN: Duration = Duration::from_secs(1);
 /// At most one "accept paused" warning per worker per this interval.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -144,6 +146,8 @@ struct UringWorker {
     /// A reload waiting for this worker to close listeners: who to tell, and how many are left.
     removal: Option<(crossbeam_channel::Sender<usize>, usize)>,
     last_warn: Option<Instant>,
+    /// When sessions are next scanned for due interim records.
+    next_report_scan: Instant,
     now: Instant,
 }
 
@@ -175,6 +179,7 @@ impl UringWorker {
             draining: None,
             removal: None,
             last_warn: None,
+            next_report_scan: Instant::now() + REPORT_SCAN,
             now: Instant::now(),
         };
         worker.arm_wake();
@@ -194,6 +199,7 @@ impl UringWorker {
             }
             self.resume_paused();
             self.expire_timers();
+            self.report_interim();
             if self.drained() {
                 // Dropping the ring first cancels whatever is left on it; only then are the
                 // fds those operations named closed (listeners, sessions).
@@ -235,6 +241,7 @@ impl UringWorker {
             self.timers.peek().map(|Reverse((t, _))| *t),
             self.paused.iter().map(|(t, _)| *t).min(),
             self.draining,
+            Some(self.next_report_scan),
         ]
         .into_iter()
         .flatten()
@@ -498,6 +505,15 @@ impl UringWorker {
                         conn.admission.connected(self.now.saturating_duration_since(since));
                     }
                     conn.session.connected(self.now);
+                    if conn.admission.tables.records.open {
+                        let record = conn.admission.record(
+                            RecordKind::Open,
+                            self.ctx.id,
+                            &conn.session,
+                            self.now,
+                        );
+                        self.ctx.events.send(record);
+                    }
                     self.pump(id, [Direction::Up, Direction::Down]);
                 } else {
                     let reason = match -result {
@@ -599,6 +615,23 @@ impl UringWorker {
 
     /// Decides the session closed: records it, cancels what it has on the ring, and frees it
     /// once nothing of it is in flight.
+    /// Sends an interim record for every long-lived session whose interval has passed.
+    fn report_interim(&mut self) {
+        if self.now < self.next_report_scan {
+            return;
+        }
+        self.next_report_scan = self.now + REPORT_SCAN;
+        let (worker, now) = (self.ctx.id, self.now);
+        for id in self.conns.ids() {
+            let Some(c) = self.conns.get_mut(id).filter(|c| c.closing.is_none()) else { continue };
+            let Some(every) = c.admission.tables.records.interim else { continue };
+            if c.session.take_interim(every, now) {
+                let record = c.admission.record(RecordKind::Interim, worker, &c.session, now);
+                self.ctx.events.send(record);
+            }
+        }
+    }
+
     fn snapshot(&mut self, limit: usize) -> Vec<LiveSession> {
         let (worker, now) = (self.ctx.id, Instant::now());
         let mut out = Vec::new();

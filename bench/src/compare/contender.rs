@@ -1,0 +1,512 @@
+//! The contenders of a comparison, and the lifecycle of a proxy process.
+//!
+//! LIFECYCLE of a proxy: its config is rendered into a private run directory; it is
+//! spawned in a process group of its own with output to a log file; it counts as ready
+//! once every listen port shows LISTEN in /proc/net/tcp (if it exits first, the error
+//! carries the tail of its log); after the measurement the whole group gets SIGTERM, then
+//! SIGKILL after a grace period, and the leader is reaped. `Drop` performs the stop, so an
+//! error or a panic leaves no process behind; nginx workers die with their group.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde::Serialize;
+
+use crate::compare::template::{render, Templates};
+use crate::error::{file_context, io_context, BenchError, Result};
+use crate::net;
+use crate::procfs::listening_ports;
+use crate::scenario::Scenario;
+use crate::timeline;
+
+/// How long a proxy may take to listen on all its ports.
+const READY_LIMIT: Duration = Duration::from_secs(10);
+/// Grace period between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Lowest port tried for proxy listeners; below the usual ephemeral range (32768+),
+/// so client connections never take a port a proxy is about to bind.
+pub const DEFAULT_BASE_PORT: u16 = 21000;
+/// Where Debian and Fedora put nginx's dynamic stream module.
+const NGINX_STREAM_MODULES: [&str; 2] = [
+    "/usr/lib/nginx/modules/ngx_stream_module.so",
+    "/usr/share/nginx/modules/ngx_stream_module.so",
+];
+/// Directories searched after PATH for proxy programs (root's sbin is often not on PATH).
+const EXTRA_PROGRAM_DIRS: [&str; 3] = ["/usr/sbin", "/usr/local/sbin", "/sbin"];
+
+/// Who is being measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContenderKind {
+    /// No proxy: clients talk to the backend.
+    Direct,
+    /// sluice with the io_uring driver.
+    SluiceUring,
+    /// sluice with the epoll driver.
+    SluiceEpoll,
+    /// HAProxy in TCP mode with splice.
+    Haproxy,
+    /// nginx stream module.
+    Nginx,
+}
+
+impl ContenderKind {
+    /// Every contender, in the order a comparison interleaves them.
+    pub const ALL: [ContenderKind; 5] = [
+        ContenderKind::Direct,
+        ContenderKind::SluiceUring,
+        ContenderKind::SluiceEpoll,
+        ContenderKind::Haproxy,
+        ContenderKind::Nginx,
+    ];
+
+    /// Name in tables, files and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            ContenderKind::Direct => "direct",
+            ContenderKind::SluiceUring => "sluice-uring",
+            ContenderKind::SluiceEpoll => "sluice-epoll",
+            ContenderKind::Haproxy => "haproxy",
+            ContenderKind::Nginx => "nginx",
+        }
+    }
+
+    /// True for the sluice contenders.
+    pub fn is_sluice(self) -> bool {
+        matches!(self, ContenderKind::SluiceUring | ContenderKind::SluiceEpoll)
+    }
+}
+
+/// Where the proxy programs are.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    pub sluice: PathBuf,
+    pub haproxy: PathBuf,
+    pub nginx: PathBuf,
+}
+
+/// Sizing shared by every proxy so they are configured alike.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Sizing {
+    /// Worker threads or processes: the core count unless told otherwise.
+    pub workers: usize,
+    /// Connection limit.
+    pub maxconn: u64,
+    /// Descriptor limit a proxy may ask for.
+    pub nofile: u64,
+}
+
+impl Sizing {
+    /// Sockets one worker may hold: both sides of every connection, in case a single
+    /// worker accepts them all, within the descriptor limit.
+    pub fn worker_connections(&self) -> u64 {
+        const SPARE: u64 = 64;
+        (2 * self.maxconn + SPARE).min(self.nofile.saturating_sub(SPARE))
+    }
+}
+
+/// One forwarding rule: clients of `scenario` connect to `listen`, the proxy forwards to
+/// `backend`.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    pub scenario: Scenario,
+    pub listen: SocketAddr,
+    pub backend: SocketAddr,
+}
+
+/// A contender found usable: what to run and how to configure it.
+#[derive(Debug, Clone)]
+pub struct Contender {
+    pub kind: ContenderKind,
+    program: PathBuf,
+    template: String,
+    fixed: BTreeMap<String, String>,
+}
+
+/// Checks that `kind` can run here; `Err` holds the reason it is skipped.
+pub fn prepare(
+    kind: ContenderKind,
+    programs: &Programs,
+    templates: &Templates,
+) -> std::result::Result<Contender, String> {
+    let mut fixed = BTreeMap::new();
+    let (program, template) = match kind {
+        ContenderKind::Direct => (PathBuf::new(), String::new()),
+        ContenderKind::SluiceUring | ContenderKind::SluiceEpoll => {
+            if !programs.sluice.is_file() {
+                return Err(format!(
+                    "sluice binary missing at {} (build it with `cargo build --release -p sluice`)",
+                    programs.sluice.display()
+                ));
+            }
+            let driver = if kind == ContenderKind::SluiceUring { "uring" } else { "epoll" };
+            fixed.insert("DRIVER".into(), driver.into());
+            (programs.sluice.clone(), templates.sluice.clone())
+        }
+        ContenderKind::Haproxy => {
+            let program = find_program(&programs.haproxy)
+                .ok_or("haproxy not installed (scripts/compare installs it with apt-get)")?;
+            (program, templates.haproxy.clone())
+        }
+        ContenderKind::Nginx => {
+            let program = find_program(&programs.nginx)
+                .ok_or("nginx not installed (scripts/compare installs it with apt-get)")?;
+            fixed.insert("NGINX_MODULES".into(), nginx_modules_line(&program)?);
+            (program, templates.nginx.clone())
+        }
+    };
+    Ok(Contender { kind, program, template, fixed })
+}
+
+impl Contender {
+    /// Name in tables, files and JSON.
+    pub fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    /// False for "direct", which has no process.
+    pub fn is_proxy(&self) -> bool {
+        self.kind != ContenderKind::Direct
+    }
+
+    /// Renders the config into `run_dir`, starts the proxy and waits until it listens.
+    pub fn start(&self, routes: &[Route], sizing: Sizing, run_dir: &Path) -> Result<RunningProxy> {
+        fs::create_dir_all(run_dir).map_err(file_context(run_dir))?;
+        let config = self.write_config(routes, sizing, run_dir)?;
+        let log = run_dir.join(format!("{}.log", self.name()));
+        let output = File::create(&log).map_err(file_context(&log))?;
+        let errors = output.try_clone().map_err(file_context(&log))?;
+        let child = self
+            .command(&config, run_dir)
+            .stdin(Stdio::null())
+            .stdout(output)
+            .stderr(errors)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| self.start_error(format!("cannot run {}: {e}", self.program.display())))?;
+        let mut proxy = RunningProxy { name: self.name(), child, log, config, stopped: false };
+        let ports: Vec<u16> = routes.iter().map(|r| r.listen.port()).collect();
+        proxy.wait_ready(&ports)?;
+        Ok(proxy)
+    }
+
+    fn write_config(&self, routes: &[Route], sizing: Sizing, run_dir: &Path) -> Result<PathBuf> {
+        let values = self.values(routes, sizing, run_dir);
+        let text = render(self.name(), &self.template, &values)?;
+        let extension = match self.kind {
+            ContenderKind::Haproxy => "cfg",
+            ContenderKind::Nginx => "conf",
+            _ => "toml",
+        };
+        let path = run_dir.join(format!("{}.{extension}", self.name()));
+        fs::write(&path, text).map_err(file_context(&path))?;
+        Ok(path)
+    }
+
+    /// Every placeholder value for this contender's template.
+    pub fn values(
+        &self,
+        routes: &[Route],
+        sizing: Sizing,
+        run_dir: &Path,
+    ) -> BTreeMap<String, String> {
+        let mut values = self.fixed.clone();
+        values.insert("WORKERS".into(), sizing.workers.to_string());
+        values.insert("MAXCONN".into(), sizing.maxconn.to_string());
+        values.insert("NOFILE".into(), sizing.nofile.to_string());
+        values.insert("WORKER_CONNECTIONS".into(), sizing.worker_connections().to_string());
+        values.insert("RUN_DIR".into(), run_dir.display().to_string());
+        for route in routes {
+            let prefix = route.scenario.placeholder();
+            values.insert(format!("{prefix}_LISTEN"), route.listen.to_string());
+            values.insert(format!("{prefix}_BACKEND"), route.backend.to_string());
+        }
+        values
+    }
+
+    fn command(&self, config: &Path, run_dir: &Path) -> Command {
+        let mut command = Command::new(&self.program);
+        match self.kind {
+            ContenderKind::Haproxy => command.arg("-db").arg("-f").arg(config),
+            ContenderKind::Nginx => command
+                .arg("-p")
+                .arg(run_dir)
+                .arg("-e")
+                .arg(run_dir.join("nginx-startup.log"))
+                .arg("-c")
+                .arg(config),
+            _ => command.arg("run").arg("--config").arg(config),
+        };
+        command
+    }
+
+    fn start_error(&self, detail: String) -> BenchError {
+        BenchError::ProxyStart { contender: self.name().into(), detail }
+    }
+}
+
+/// A started proxy; dropping it stops its whole process group.
+pub struct RunningProxy {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+    config: PathBuf,
+    stopped: bool,
+}
+
+impl RunningProxy {
+    /// Pid of the process that was started (nginx's master).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The rendered configuration file it runs with.
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
+    fn wait_ready(&mut self, ports: &[u16]) -> Result<()> {
+        let began = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(io_context("waiting for proxy"))? {
+                self.stopped = true;
+                return Err(self.error(format!("exited with {status}")));
+            }
+            let listening = listening_ports();
+            if ports.iter().all(|p| listening.contains(p)) {
+                return Ok(());
+            }
+            if began.elapsed() > READY_LIMIT {
+                return Err(
+                    self.error(format!("not listening on ports {ports:?} after {READY_LIMIT:?}"))
+                );
+            }
+            timeline::pause(Duration::from_millis(10))?;
+        }
+    }
+
+    fn error(&self, what: String) -> BenchError {
+        let tail = log_tail(&self.log, 12);
+        BenchError::ProxyStart {
+            contender: self.name.into(),
+            detail: format!("{what}; last lines of {}:\n{tail}", self.log.display()),
+        }
+    }
+
+    /// SIGTERM to the group, SIGKILL after the grace period, then reap.
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        let group = Pid::from_raw(self.child.id() as i32);
+        let _ = killpg(group, Signal::SIGTERM);
+        let began = Instant::now();
+        while began.elapsed() < STOP_GRACE {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Kills whatever is left of the group: the leader if it ignored SIGTERM, and any
+        // worker that outlived it.
+        let _ = killpg(group, Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends a probe through `addr` (an echo route) and expects it back.
+pub fn check_forwarding(addr: SocketAddr) -> Result<()> {
+    const PROBE: &[u8] = b"sluice-bench forwarding probe";
+    let mut stream = net::connect(addr)?;
+    let fail = |source| BenchError::Connect { addr, source };
+    stream.set_read_timeout(Some(Duration::from_secs(3))).map_err(fail)?;
+    stream.write_all(PROBE).map_err(fail)?;
+    let mut echoed = vec![0; PROBE.len()];
+    stream.read_exact(&mut echoed).map_err(fail)?;
+    if echoed != PROBE {
+        return Err(BenchError::ProxyStart {
+            contender: addr.to_string(),
+            detail: "probe came back altered".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Hands out free loopback ports for proxy listeners, never the same one twice in a run.
+#[derive(Debug)]
+pub struct PortPool {
+    next: u16,
+}
+
+impl PortPool {
+    pub fn new(base: u16) -> Self {
+        Self { next: base }
+    }
+
+    /// The next port that can be bound on 127.0.0.1 right now.
+    pub fn take(&mut self) -> Result<SocketAddr> {
+        while self.next < u16::MAX {
+            let addr = SocketAddr::from(([127, 0, 0, 1], self.next));
+            self.next += 1;
+            if TcpListener::bind(addr).is_ok() {
+                return Ok(addr);
+            }
+        }
+        Err(BenchError::Usage("no free loopback port left above --base-port".into()))
+    }
+}
+
+/// How nginx was built with the stream module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamModule {
+    Static,
+    Dynamic,
+    Missing,
+}
+
+/// Reads the stream module's presence from the output of `nginx -V`.
+pub fn stream_module(configure_output: &str) -> StreamModule {
+    let args: Vec<&str> = configure_output.split_whitespace().collect();
+    if args.contains(&"--with-stream=dynamic") {
+        return StreamModule::Dynamic;
+    }
+    if args.contains(&"--with-stream") {
+        return StreamModule::Static;
+    }
+    StreamModule::Missing
+}
+
+fn nginx_modules_line(nginx: &Path) -> std::result::Result<String, String> {
+    let output = Command::new(nginx)
+        .arg("-V")
+        .output()
+        .map_err(|e| format!("cannot run {} -V: {e}", nginx.display()))?;
+    let text = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    match stream_module(&text) {
+        StreamModule::Static => Ok(String::new()),
+        StreamModule::Missing => Err("nginx was built without the stream module".into()),
+        StreamModule::Dynamic => NGINX_STREAM_MODULES
+            .iter()
+            .find(|p| Path::new(p).is_file())
+            .map(|p| format!("load_module {p};"))
+            .ok_or_else(|| {
+                "nginx stream module not installed (Debian: libnginx-mod-stream)".into()
+            }),
+    }
+}
+
+/// Resolves a program name through PATH and the sbin directories; a path is taken as is.
+pub fn find_program(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return program.is_file().then(|| program.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(EXTRA_PROGRAM_DIRS.iter().map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_module_kinds() {
+        let debian = "nginx version: nginx/1.22.1\nconfigure arguments: --with-http_ssl_module --with-stream=dynamic --with-stream_ssl_module";
+        assert_eq!(stream_module(debian), StreamModule::Dynamic);
+        assert_eq!(
+            stream_module("configure arguments: --with-stream --with-threads"),
+            StreamModule::Static
+        );
+        assert_eq!(
+            stream_module("configure arguments: --with-stream_ssl_module"),
+            StreamModule::Missing
+        );
+    }
+
+    #[test]
+    fn ports_are_never_handed_out_twice() {
+        let mut pool = PortPool::new(DEFAULT_BASE_PORT);
+        let a = pool.take().unwrap();
+        let held = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], a.port() + 1))).ok();
+        let b = pool.take().unwrap();
+        assert!(b.port() > a.port());
+        if held.is_some() {
+            assert!(b.port() > a.port() + 1, "a bound port was handed out");
+        }
+        assert!(a.ip().is_loopback());
+    }
+
+    #[test]
+    fn sluice_skips_with_a_reason_when_missing() {
+        let programs = Programs {
+            sluice: PathBuf::from("/nonexistent/sluice"),
+            haproxy: PathBuf::from("haproxy"),
+            nginx: PathBuf::from("nginx"),
+        };
+        let reason =
+            prepare(ContenderKind::SluiceUring, &programs, &Templates::builtin()).unwrap_err();
+        assert!(reason.contains("/nonexistent/sluice"), "{reason}");
+    }
+
+    #[test]
+    fn values_cover_every_route_and_driver() {
+        let programs = Programs {
+            sluice: std::env::current_exe().unwrap(),
+            haproxy: PathBuf::from("haproxy"),
+            nginx: PathBuf::from("nginx"),
+        };
+        let contender =
+            prepare(ContenderKind::SluiceEpoll, &programs, &Templates::builtin()).unwrap();
+        let routes: Vec<Route> = Scenario::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, &scenario)| Route {
+                scenario,
+                listen: SocketAddr::from(([127, 0, 0, 1], 30000 + i as u16)),
+                backend: SocketAddr::from(([127, 0, 0, 1], 31000 + i as u16)),
+            })
+            .collect();
+        let sizing = Sizing { workers: 2, maxconn: 100, nofile: 1000 };
+        let values = contender.values(&routes, sizing, Path::new("/tmp/run"));
+        assert_eq!(values["DRIVER"], "epoll");
+        assert_eq!(values["WORKER_CONNECTIONS"], "264");
+        let tight = Sizing { workers: 2, maxconn: 7500, nofile: 10_000 };
+        assert_eq!(tight.worker_connections(), 9_936, "capped by the descriptor limit");
+        assert_eq!(values["IDLE_LISTEN"], "127.0.0.1:30003");
+        assert_eq!(values["RR_BACKEND"], "127.0.0.1:31001");
+        let text = render("sluice", &contender.template, &values).unwrap();
+        assert!(text.contains("driver = \"epoll\""));
+        assert!(text.contains("listen = [\"127.0.0.1:30000\"]"));
+    }
+
+    #[test]
+    fn program_lookup_takes_paths_as_given() {
+        assert!(find_program(Path::new("/nonexistent/haproxy")).is_none());
+        assert_eq!(find_program(Path::new("/bin/sh")), Some(PathBuf::from("/bin/sh")));
+        assert!(find_program(Path::new("sh")).is_some());
+    }
+}

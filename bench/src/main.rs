@@ -1,0 +1,146 @@
+//! `sluice-bench`: load generator and peer comparison for the sluice TCP forwarder.
+//!
+//! Scenarios (`throughput`, `rr`, `connect`, `idle`) each start their own loopback backend
+//! unless `--backend` names an external one, send load to `--target` (or straight to the
+//! backend), and print a result table or JSON. `compare` runs them all against direct,
+//! sluice, HAProxy and nginx. Every run is bounded in time and stops by itself; traffic
+//! only ever goes to loopback addresses.
+
+#![forbid(unsafe_code)]
+
+mod backend;
+mod cli;
+mod compare;
+mod error;
+mod net;
+mod procfs;
+mod report;
+mod scenario;
+mod session;
+mod slots;
+mod stats;
+mod table;
+mod timeline;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::backend::{Backend, Behaviour};
+use crate::cli::{Cli, Command, Endpoints, Output};
+use crate::error::{BenchError, Result};
+use crate::report::{append_json_lines, Report};
+use crate::scenario::connect::ConnectParams;
+use crate::scenario::idle::{max_connections, IdleParams};
+use crate::scenario::rr::RrParams;
+use crate::scenario::throughput::ThroughputParams;
+use crate::scenario::Target;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(BenchError::Interrupted) => {
+            eprintln!("sluice-bench: interrupted; children stopped");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("sluice-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    timeline::install_interrupt_handler()?;
+    let fd_limit = procfs::raise_fd_limit()?;
+    match command {
+        Command::Throughput(args) => {
+            let params = ThroughputParams {
+                streams: args.streams,
+                direction: args.direction,
+                timing: args.timing.into(),
+            };
+            let (backend, target) = setup(&args.endpoints, params.direction.backend())?;
+            let report = scenario::throughput::run(&params, &target, backend.as_ref())?;
+            emit(&report, &args.output)
+        }
+        Command::Rr(args) => {
+            let params = RrParams {
+                size: args.size,
+                concurrency: args.concurrency,
+                threads: args.threads,
+                timing: args.timing.into(),
+            };
+            let (_backend, target) = setup(&args.endpoints, Behaviour::Echo)?;
+            emit(&scenario::rr::run(&params, &target)?, &args.output)
+        }
+        Command::Connect(args) => {
+            let params = ConnectParams {
+                concurrency: args.concurrency,
+                size: args.size,
+                threads: args.threads,
+                timing: args.timing.into(),
+            };
+            let behaviour = Behaviour::Reply { request: args.size, reply: args.size };
+            let (_backend, target) = setup(&args.endpoints, behaviour)?;
+            emit(&scenario::connect::run(&params, &target)?, &args.output)
+        }
+        Command::Idle(args) => {
+            let limit = max_connections(fd_limit, args.endpoints.backend.is_none());
+            if args.connections as u64 > limit {
+                return Err(BenchError::Usage(format!(
+                    "--connections {} exceeds what the descriptor limit {fd_limit} allows ({limit})",
+                    args.connections
+                )));
+            }
+            if args.pid.is_none() {
+                eprintln!("[idle] no --pid: only connection setup is measured");
+            }
+            let params =
+                IdleParams { connections: args.connections, settle: args.settle, pid: args.pid };
+            let (backend, target) = setup(&args.endpoints, Behaviour::Hold)?;
+            emit(&scenario::idle::run(&params, &target, backend.as_ref())?, &args.output)
+        }
+        Command::Compare(args) => compare::run(&args),
+    }
+}
+
+/// Starts the in-process backend (unless external) and decides where clients connect.
+fn setup(endpoints: &Endpoints, behaviour: Behaviour) -> Result<(Option<Backend>, Target)> {
+    if let Some(external) = endpoints.backend {
+        let target = endpoints.target.map_or_else(|| Target::direct(external), Target::proxy);
+        return Ok((None, target));
+    }
+    if endpoints.target.is_some() && endpoints.backend_listen.is_none() {
+        return Err(BenchError::Usage(
+            "with --target, give --backend-listen ADDR (the address the proxy forwards to) or --backend ADDR".into(),
+        ));
+    }
+    let listen: SocketAddr = endpoints
+        .backend_listen
+        .unwrap_or_else(|| "127.0.0.1:0".parse().expect("constant address"));
+    let backend = Backend::start(listen, behaviour)?;
+    let target = match endpoints.target {
+        Some(addr) => {
+            eprintln!("backend listening on {}; clients connect to {addr}", backend.addr());
+            Target::proxy(addr)
+        }
+        None => Target::direct(backend.addr()),
+    };
+    Ok((Some(backend), target))
+}
+
+/// Prints the report as a table or JSON and appends it to `--out`.
+fn emit(report: &Report, output: &Output) -> Result<()> {
+    if output.json {
+        println!("{}", report.to_json_line()?);
+    } else {
+        print!("{}", report.render_text());
+    }
+    if let Some(path) = &output.out {
+        append_json_lines(path, std::slice::from_ref(report))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! Formatting connection-log records: JSON lines and text templates with named fields
+//! (like HAProxy's log-format). Pure: the sinks decide where the bytes go.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+
+use serde_json::{json, Value};
+use sluice_engine::events::Record;
+
+use crate::logger::rfc3339;
+
+/// Every field a template may name, in the order of the JSON object.
+pub const FIELDS: [&str; 19] = [
+    "kind",
+    "start",
+    "end",
+    "duration_ms",
+    "service",
+    "listener",
+    "client_addr",
+    "client_port",
+    "backend_addr",
+    "backend_port",
+    "bytes_up",
+    "bytes_down",
+    "verdict",
+    "rule",
+    "reason",
+    "worker",
+    "tables_version",
+    "client",
+    "backend",
+];
+
+/// The template of the default sink (the process log, when no `[[log]]` is configured).
+pub const PROCESS_LOG_TEMPLATE: &str = "session service={service} client={client} listener={listener} backend={backend} start={start} duration_ms={duration_ms} bytes_up={bytes_up} bytes_down={bytes_down} reason={reason} worker={worker} kind={kind} verdict={verdict} rule={rule}";
+
+/// The template used when a text sink names none.
+pub const DEFAULT_TEMPLATE: &str = "{kind} service={service} client={client} listener={listener} backend={backend_addr}:{backend_port} start={start} duration_ms={duration_ms} bytes_up={bytes_up} bytes_down={bytes_down} verdict={verdict} rule={rule} reason={reason} worker={worker}";
+
+/// The JSON object of a record.
+pub fn to_json(r: &Record) -> Value {
+    json!({
+        "kind": r.kind.as_str(),
+        "start": rfc3339(r.start),
+        "end": rfc3339(r.end),
+        "duration_ms": r.duration.as_millis() as u64,
+        "service": &*r.service,
+        "listener": r.listener.to_string(),
+        "client_addr": r.client.ip().to_string(),
+        "client_port": r.client.port(),
+        "backend_addr": r.backend.map(|b| b.ip().to_string()),
+        "backend_port": r.backend.map(|b| b.port()),
+        "bytes_up": r.bytes_up,
+        "bytes_down": r.bytes_down,
+        "verdict": r.verdict.as_str(),
+        "rule": r.rule.as_deref(),
+        "reason": r.reason.map(|x| x.as_str()),
+        "worker": r.worker,
+        "tables_version": r.tables_version,
+    })
+}
+
+/// One JSON line (without the newline).
+pub fn json_line(r: &Record) -> String {
+    to_json(r).to_string()
+}
+
+/// A parsed text template: literal text and field names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Field(&'static str),
+}
+
+impl Template {
+    /// Parses `{field}` placeholders; `{{` and `}}` are literal braces. Unknown fields are
+    /// errors that list the known ones.
+    pub fn parse(text: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (c, chars.peek()) {
+                ('{', Some('{')) | ('}', Some('}')) => {
+                    chars.next();
+                    literal.push(c);
+                }
+                ('{', _) => {
+                    let name: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                    let field = FIELDS.iter().find(|f| **f == name).ok_or_else(|| {
+                        format!(
+                            "unknown field {{{name}}} in template; known fields: {}",
+                            FIELDS.join(", ")
+                        )
+                    })?;
+                    if !literal.is_empty() {
+                        parts.push(Part::Text(std::mem::take(&mut literal)));
+                    }
+                    parts.push(Part::Field(field));
+                }
+                ('}', _) => return Err("unmatched '}' in template (write '}}' for a brace)".into()),
+                _ => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(Part::Text(literal));
+        }
+        Ok(Template { parts })
+    }
+
+    /// Renders a record; absent values are written as `-`.
+    pub fn render(&self, r: &Record) -> String {
+        let mut out = String::with_capacity(256);
+        for part in &self.parts {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Field(f) => write_field(&mut out, f, r),
+            }
+        }
+        out
+    }
+}
+
+fn write_field(out: &mut String, field: &str, r: &Record) {
+    let addr = |a: Option<SocketAddr>| a.map(|a| a.ip().to_string()).unwrap_or_else(|| "-".into());
+    let port =
+        |a: Option<SocketAddr>| a.map(|a| a.port().to_string()).unwrap_or_else(|| "-".into());
+    let _ = match field {
+        "kind" => write!(out, "{}", r.kind.as_str()),
+        "start" => write!(out, "{}", rfc3339(r.start)),
+        "end" => write!(out, "{}", rfc3339(r.end)),
+        "duration_ms" => write!(out, "{}", r.duration.as_millis()),
+        "service" => write!(out, "{}", r.service),
+        "listener" => write!(out, "{}", r.listener),
+        "client" => write!(out, "{}", r.client),
+        "client_addr" => write!(out, "{}", r.client.ip()),
+        "client_port" => write!(out, "{}", r.client.port()),
+        "backend" => match r.backend {
+            Some(b) => write!(out, "{b}"),
+            None => write!(out, "-"),
+        },
+        "backend_addr" => write!(out, "{}", addr(r.backend)),
+        "backend_port" => write!(out, "{}", port(r.backend)),
+        "bytes_up" => write!(out, "{}", r.bytes_up),
+        "bytes_down" => write!(out, "{}", r.bytes_down),
+        "verdict" => write!(out, "{}", r.verdict.as_str()),
+        "rule" => write!(out, "{}", r.rule.as_deref().unwrap_or("-")),
+        "reason" => write!(out, "{}", r.reason.map_or("-", |x| x.as_str())),
+        "worker" => write!(out, "{}", r.worker),
+        "tables_version" => write!(out, "{}", r.tables_version),
+        _ => Ok(()),
+    };
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use sluice_engine::events::{RecordKind, Verdict};
+    use sluice_engine::session::CloseReason;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    pub fn sample() -> Record {
+        Record {
+            kind: RecordKind::Close,
+            worker: 1,
+            service: "web".into(),
+            listener: "127.0.0.1:8080".parse().unwrap(),
+            client: "127.0.0.2:50312".parse().unwrap(),
+            backend: Some("127.0.0.1:8000".parse().unwrap()),
+            start: UNIX_EPOCH + Duration::from_millis(1_795_305_600_123),
+            end: UNIX_EPOCH + Duration::from_millis(1_795_305_600_135),
+            duration: Duration::from_millis(12),
+            bytes_up: 73,
+            bytes_down: 1024,
+            verdict: Verdict::Allow,
+            rule: None,
+            reason: Some(CloseReason::BackendFin),
+            tables_version: 3,
+        }
+    }
+
+    #[test]
+    fn json_has_every_field_with_split_addresses() {
+        let v = to_json(&sample());
+        assert_eq!(v["client_addr"], "127.0.0.2");
+        assert_eq!(v["client_port"], 50312);
+        assert_eq!(v["backend_port"], 8000);
+        assert_eq!(v["start"], "2026-11-22T00:00:00.123Z");
+        assert_eq!(v["reason"], "backend_fin");
+        assert_eq!(v["rule"], Value::Null);
+        for f in FIELDS.iter().filter(|f| !matches!(**f, "client" | "backend")) {
+            assert!(v.get(f).is_some(), "missing {f}");
+        }
+        let _ = SystemTime::now();
+    }
+
+    #[test]
+    fn templates_render_named_fields_and_literal_braces() {
+        let t =
+            Template::parse("{{{client}}} -> {backend_addr}:{backend_port} {bytes_down}B {rule}")
+                .unwrap();
+        assert_eq!(t.render(&sample()), "{127.0.0.2:50312} -> 127.0.0.1:8000 1024B -");
+        let e = Template::parse("{clinet}").unwrap_err();
+        assert!(e.contains("unknown field {clinet}"), "{e}");
+        assert!(Template::parse("a } b").is_err());
+        assert!(Template::parse(DEFAULT_TEMPLATE).is_ok());
+    }
+}
