@@ -8,6 +8,7 @@ mod demo;
 mod logger;
 mod metrics;
 mod records;
+mod report;
 mod run;
 mod sinks;
 
@@ -45,6 +46,18 @@ enum Command {
     },
     /// Show sluice working: the embedded default with a local echo server and clients.
     Demo,
+    /// Aggregate JSON-lines connection logs (plain or gzip'd) into a report.
+    Report {
+        /// Log files written by a `[[log]]` sink with format "json".
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also write an HTML page with charts to this file.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
 }
 
 fn parse_level(s: &str) -> Result<LevelFilter, String> {
@@ -84,6 +97,26 @@ fn main() -> ExitCode {
             Err(errors) => {
                 eprintln!("{errors}");
                 ExitCode::from(2)
+            }
+        },
+        Command::Report { files, json, html } => match report::Report::from_files(&files) {
+            Ok(r) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r.to_json()).unwrap_or_default());
+                } else {
+                    print!("{}", r.to_text());
+                }
+                if let Some(path) = html {
+                    if let Err(e) = std::fs::write(&path, r.to_html()) {
+                        eprintln!("sluice report: cannot write {}: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sluice report: {e}");
+                ExitCode::FAILURE
             }
         },
         Command::Demo => {

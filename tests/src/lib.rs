@@ -1,1 +1,85 @@
-//! placeholder
+//! Support for sluice's end-to-end tests. Every test starts the real `sluice` binary on
+//! loopback and talks to it through real sockets; nothing here links the engine.
+//!
+//! - [`Sluice`]: one running process: its config file, its log, its fd count and RSS.
+//! - [`Backend`], [`Blackhole`], [`refused_addr`]: the servers behind it.
+//! - [`Payload`], [`drain`]: deterministic data and byte-exact checks on the client side.
+//! - [`for_each_driver!`]: runs a relay test once per driver; a driver that sluice cannot
+//!   run on this machine is skipped with a printed reason, never failed.
+//!
+//! Invariants: only loopback addresses are used; every wait is bounded by a timeout; every
+//! process and thread started here stops by itself or when its handle is dropped.
+#![forbid(unsafe_code)]
+
+mod backend;
+mod client;
+mod payload;
+mod ports;
+mod process;
+mod sluice;
+
+pub use backend::{Backend, Blackhole, Reports};
+pub use client::{
+    abort, connect, drain, echo_exchange, echo_round_trip, read_exactly, set_timeouts, try_connect,
+    Drained, End, IO_TIMEOUT,
+};
+pub use nix::sys::signal::Signal;
+pub use payload::{hex, Digest, Payload, Verifier};
+pub use ports::{free_addr, free_port, refused_addr};
+pub use process::raise_fd_limit;
+pub use sluice::{
+    binary, scratch_dir, Config, Service, SessionKey, SessionRecord, Sluice, StartError,
+};
+
+/// The relay drivers sluice offers; every relay test runs on each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    Epoll,
+    Uring,
+}
+
+impl Driver {
+    /// The value of `engine.driver` that selects this driver.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Driver::Epoll => "epoll",
+            Driver::Uring => "uring",
+        }
+    }
+}
+
+/// Turns test bodies that take a [`Driver`] into one `#[test]` per driver: `epoll::NAME`
+/// and `uring::NAME`, each calling `NAME(Driver::...)`. Use it once per test file, naming
+/// every such body (a body left out is dead code, which the lints reject).
+///
+/// ```text
+/// /// What the test asserts.
+/// fn relays_bytes(driver: Driver) {
+///     let Some(sluice) = Sluice::start(Config::new(driver).service(...)) else { return };
+///     ...
+/// }
+///
+/// sluice_tests::for_each_driver!(relays_bytes);
+/// ```
+#[macro_export]
+macro_rules! for_each_driver {
+    ($($name:ident),+ $(,)?) => {
+        mod epoll {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::Driver::Epoll)
+                }
+            )+
+        }
+
+        mod uring {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::Driver::Uring)
+                }
+            )+
+        }
+    };
+}

@@ -100,6 +100,23 @@ pub fn select(choice: DriverChoice) -> Result<Selection, EngineError> {
     }
 }
 
+/// Whether an error ending a connect attempt means the backend could not be reached (try
+/// the next one), as opposed to a connection that was made and then reset (a backend
+/// reset, which the client must see as one).
+pub(crate) fn is_connect_failure(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ECONNREFUSED
+            | libc::ETIMEDOUT
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH
+            | libc::EHOSTDOWN
+            | libc::ENETDOWN
+            | libc::EADDRNOTAVAIL
+            | libc::ECANCELED
+    )
+}
+
 /// Runs one worker's loop on the chosen driver until it is drained.
 pub(crate) fn run(kind: DriverKind, ctx: WorkerContext) -> io::Result<()> {
     match kind {

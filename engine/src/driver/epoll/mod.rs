@@ -18,6 +18,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use self::conn::{BufferPool, Conn, Pump};
+use super::is_connect_failure;
 use super::slots::{SlotId, Slots};
 use crate::events::{RecordKind, WorkerStats};
 use crate::session::{CloseReason, Direction, Phase, Side};
@@ -377,13 +378,20 @@ impl EpollWorker {
     fn check_connect(&mut self, id: SlotId) {
         let Some(conn) = self.conns.get_mut(id) else { return };
         let Some(stream) = conn.backend.as_ref() else { return };
-        match stream.take_error() {
-            Ok(None) => {}
-            Ok(Some(_)) | Err(_) => return self.connect_failed(id, CloseReason::ConnectRefused),
-        }
+        // A connected socket relays, even with an error pending: the relay then forwards
+        // the data and the error. Only an unconnected socket is asked why.
         match stream.peer_addr() {
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => match stream.take_error() {
+                Ok(None) => return,
+                Ok(Some(e)) if !e.raw_os_error().is_some_and(is_connect_failure) => {
+                    // It was accepted, then reset before this event was handled.
+                    return self.close(id, CloseReason::BackendRst);
+                }
+                Ok(Some(_)) | Err(_) => {
+                    return self.connect_failed(id, CloseReason::ConnectRefused)
+                }
+            },
             Err(_) => return self.connect_failed(id, CloseReason::ConnectRefused),
         }
         let _ = stream.set_nodelay(true);

@@ -25,6 +25,7 @@ use self::conn::{Conn, Pump};
 use self::ops::{bit, Op, SESSION_OPS};
 use self::pipes::PipePool;
 use super::epoll::is_resource_exhaustion;
+use super::is_connect_failure;
 use super::slots::{SlotId, Slots};
 use crate::events::{RecordKind, WorkerStats};
 use crate::session::{CloseReason, Direction, Phase};
@@ -440,13 +441,19 @@ impl UringWorker {
     }
 
     fn admit(&mut self, fd: OwnedFd, index: usize) {
-        let Ok(client) = sys::peer_addr(fd.as_raw_fd()) else { return };
         let listener = self.listeners[index].addr;
+        // Multishot accept carries no address: a client that reset before this point has
+        // none left to read, and is recorded as a reset from an unknown address.
+        let peer = sys::peer_addr(fd.as_raw_fd());
+        let client = peer.as_ref().map_or_else(|_| unspecified_like(listener), |&a| a);
         let Some(admission) = Admission::decide(&self.ctx.tables, listener, client) else { return };
         let _ = sys::set_nodelay(fd.as_raw_fd());
         WorkerStats::add(&self.ctx.stats.accepted, 1);
         WorkerStats::add(&self.ctx.stats.active, 1);
         let id = self.conns.insert(Conn::new(admission, fd, self.now));
+        if peer.is_err() {
+            return self.close(id, CloseReason::ClientRst);
+        }
         self.connect(id);
     }
 
@@ -515,6 +522,9 @@ impl UringWorker {
                         self.ctx.events.send(record);
                     }
                     self.pump(id, [Direction::Up, Direction::Down]);
+                } else if !is_connect_failure(-result) {
+                    // Accepted, then reset before the completion was handled.
+                    self.close(id, CloseReason::BackendRst);
                 } else {
                     let reason = match -result {
                         libc::ECANCELED | libc::ETIMEDOUT => CloseReason::ConnectTimeout,
@@ -670,4 +680,13 @@ impl UringWorker {
             self.conns.remove(id);
         }
     }
+}
+
+/// The unspecified address (port 0) of the same family as `addr`.
+fn unspecified_like(addr: SocketAddr) -> SocketAddr {
+    let ip: std::net::IpAddr = match addr {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    SocketAddr::new(ip, 0)
 }
