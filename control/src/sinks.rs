@@ -223,6 +223,9 @@ impl Sink {
         if !self.spec.filter.accepts(r) {
             return;
         }
+        if matches!(self.output, Output::ProcessLog) && !log::log_enabled!(log::Level::Info) {
+            return;
+        }
         let msg = self.render(r);
         let ok = match &mut self.output {
             Output::File { out, .. } => writeln!(out, "{msg}").is_ok(),

@@ -8,10 +8,12 @@
 use std::io;
 use std::net::SocketAddr;
 
+pub mod acl;
 pub mod balance;
 pub mod driver;
 pub mod events;
 pub mod session;
+pub mod sni;
 pub mod sys;
 pub mod tables;
 pub mod worker;
