@@ -36,7 +36,7 @@ pub const EMBEDDED_NAME: &str = "<embedded default>";
 
 /// How long a graceful stop lets sessions finish before cutting them.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Smallest and largest relay pipe / buffer size accepted.
+/// Smallest and largest relay pipe or buffer size accepted.
 pub const MIN_PIPE_SIZE: u64 = 4096;
 pub const MAX_PIPE_SIZE: u64 = 64 << 20;
 /// Most workers accepted.
@@ -129,6 +129,8 @@ struct EngineSection {
     pin: Option<bool>,
     driver: Option<Spanned<String>>,
     pipe_size: Option<Spanned<Size>>,
+    buffer_size: Option<Spanned<Size>>,
+    relay: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
 }
 
@@ -500,24 +502,40 @@ impl Validator<'_> {
                 Err(message) => self.error(d.span(), "engine.driver", message),
             }
         }
-        if let Some(size) = &raw.pipe_size {
-            let parsed = match size.get_ref() {
-                Size::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_string()),
-                Size::Text(t) => parse_size(t),
-            };
-            match parsed {
-                Ok(n) if (MIN_PIPE_SIZE..=MAX_PIPE_SIZE).contains(&n) => {
-                    engine.pipe_size = n as usize
-                }
-                Ok(_) => self.error(
-                    size.span(),
-                    "engine.pipe_size",
-                    format!("must be between {MIN_PIPE_SIZE} and {MAX_PIPE_SIZE} bytes"),
-                ),
-                Err(message) => self.error(size.span(), "engine.pipe_size", message),
+        if let Some(r) = &raw.relay {
+            match r.get_ref().parse() {
+                Ok(relay) => engine.relay = relay,
+                Err(message) => self.error(r.span(), "engine.relay", message),
             }
         }
+        if let Some(size) = self.size(&raw.pipe_size, "engine.pipe_size") {
+            engine.pipe_size = size;
+        }
+        if let Some(size) = self.size(&raw.buffer_size, "engine.buffer_size") {
+            engine.buffer_size = size;
+        }
         engine
+    }
+
+    /// A pipe or buffer size within the accepted range.
+    fn size(&mut self, value: &Option<Spanned<Size>>, key: &str) -> Option<usize> {
+        let value = value.as_ref()?;
+        let parsed = match value.get_ref() {
+            Size::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_string()),
+            Size::Text(t) => parse_size(t),
+        };
+        match parsed {
+            Ok(n) if (MIN_PIPE_SIZE..=MAX_PIPE_SIZE).contains(&n) => Some(n as usize),
+            Ok(_) => {
+                let message = format!("must be between {MIN_PIPE_SIZE} and {MAX_PIPE_SIZE} bytes");
+                self.error(value.span(), key, message);
+                None
+            }
+            Err(message) => {
+                self.error(value.span(), key, message);
+                None
+            }
+        }
     }
 
     fn service(
@@ -703,11 +721,12 @@ fn key_at(text: &str, offset: usize) -> String {
 /// Default values, for `sluice check` and the documentation.
 pub fn defaults_summary() -> String {
     format!(
-        "connect_timeout={:?} idle_timeout={:?} fin_timeout={:?} shutdown_timeout={:?} pipe_size={}",
+        "connect_timeout={:?} idle_timeout={:?} fin_timeout={:?} shutdown_timeout={:?} relay=copy buffer_size={} pipe_size={}",
         tables::DEFAULT_CONNECT_TIMEOUT,
         tables::DEFAULT_IDLE_TIMEOUT,
         tables::DEFAULT_FIN_TIMEOUT,
         DEFAULT_SHUTDOWN_TIMEOUT,
+        sluice_engine::worker::DEFAULT_BUFFER_SIZE,
         sluice_engine::worker::DEFAULT_PIPE_SIZE
     )
 }

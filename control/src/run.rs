@@ -211,7 +211,12 @@ impl Control {
 
 fn engine_settings_differ(a: &Config, b: &Config) -> bool {
     let (a, b) = (&a.engine, &b.engine);
-    a.workers != b.workers || a.pin != b.pin || a.driver != b.driver || a.pipe_size != b.pipe_size
+    a.workers != b.workers
+        || a.pin != b.pin
+        || a.driver != b.driver
+        || a.pipe_size != b.pipe_size
+        || a.buffer_size != b.buffer_size
+        || a.relay != b.relay
 }
 
 fn announce(config: &Config, engine: &Engine) {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use sluice_engine::events::{Record, RecordKind, Verdict};
+use sluice_engine::events::{Batch, Record, RecordKind, Verdict};
 
 use crate::logger::rfc3339;
 use crate::records::{json_line, Template};
@@ -329,17 +329,17 @@ pub enum LogCommand {
 
 /// Runs the log thread until every record sender has gone.
 pub fn run_log_thread(
-    records: Receiver<Record>,
+    records: Receiver<Batch>,
     commands: Receiver<LogCommand>,
     mut sinks: Vec<Sink>,
 ) {
     loop {
         crossbeam_channel::select! {
             recv(records) -> r => match r {
-                Ok(r) => {
-                    dispatch(&mut sinks, &r);
-                    for r in records.try_iter().take(4096) {
-                        dispatch(&mut sinks, &r);
+                Ok(batch) => {
+                    batch.iter().for_each(|r| dispatch(&mut sinks, r));
+                    for batch in records.try_iter().take(64) {
+                        batch.iter().for_each(|r| dispatch(&mut sinks, r));
                     }
                     sinks.iter_mut().for_each(Sink::flush);
                 }

@@ -5,14 +5,14 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::session::CloseReason;
 
-/// Capacity of the record channel from workers to the control thread.
-pub const DEFAULT_EVENT_QUEUE: usize = 65_536;
+/// Capacity of the record channel from workers to the log thread, in batches.
+pub const DEFAULT_EVENT_QUEUE: usize = 4096;
 
 /// Counters of one worker. Monotonic except `active`.
 #[derive(Debug, Default)]
@@ -234,33 +234,91 @@ pub struct RecordPolicy {
     pub interim: Option<Duration>,
 }
 
-/// The sending half held by each worker.
-#[derive(Debug, Clone)]
+/// Records sent at once: a worker collects its records and sends them as one message when
+/// the batch is full or [`FLUSH_INTERVAL`] has passed, so the log thread is woken a few
+/// times a second under load, not once per session.
+pub type Batch = Vec<Record>;
+
+/// Most records a worker holds before sending them.
+pub const MAX_BATCH: usize = 256;
+/// Longest a record waits in a worker before it is sent.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The sending half held by each worker (each clone has its own pending batch).
+#[derive(Debug)]
 pub struct EventSink {
-    tx: Sender<Record>,
+    tx: Sender<Batch>,
     dropped: Arc<AtomicU64>,
+    pending: Batch,
+    /// When the oldest pending record was queued.
+    oldest: Option<Instant>,
+}
+
+impl Clone for EventSink {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            dropped: self.dropped.clone(),
+            pending: Vec::new(),
+            oldest: None,
+        }
+    }
 }
 
 impl EventSink {
-    /// A bounded channel of `capacity` events; the receiver goes to the control thread.
-    pub fn bounded(capacity: usize) -> (EventSink, Receiver<Record>) {
+    /// A bounded channel of `capacity` batches; the receiver goes to the control thread.
+    pub fn bounded(capacity: usize) -> (EventSink, Receiver<Batch>) {
         let (tx, rx) = crossbeam_channel::bounded(capacity);
-        (EventSink { tx, dropped: Arc::default() }, rx)
+        (EventSink { tx, dropped: Arc::default(), pending: Vec::new(), oldest: None }, rx)
     }
 
-    /// Sends without blocking; a full or closed channel drops the event and counts it.
-    pub fn send(&self, event: Record) {
-        match self.tx.try_send(event) {
+    /// Queues a record; it leaves with the next [`flush`](Self::flush).
+    pub fn send(&mut self, record: Record) {
+        self.pending.push(record);
+        self.oldest.get_or_insert_with(Instant::now);
+        if self.pending.len() >= MAX_BATCH {
+            self.flush();
+        }
+    }
+
+    /// When the pending records must leave, if there are any.
+    pub fn flush_deadline(&self) -> Option<Instant> {
+        self.oldest.map(|t| t + FLUSH_INTERVAL)
+    }
+
+    /// Flushes if the oldest pending record has waited [`FLUSH_INTERVAL`].
+    pub fn flush_if_due(&mut self, now: Instant) {
+        if self.flush_deadline().is_some_and(|d| now >= d) {
+            self.flush();
+        }
+    }
+
+    /// Sends the pending records without blocking; a full or closed channel drops them and
+    /// counts them.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        self.oldest = None;
+        let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(16));
+        let n = batch.len() as u64;
+        match self.tx.try_send(batch) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped.fetch_add(n, Ordering::Relaxed);
             }
         }
     }
 
-    /// Events dropped because the channel was full.
+    /// Records dropped because the channel was full.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for EventSink {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -316,11 +374,27 @@ mod tests {
 
     #[test]
     fn a_full_channel_drops_and_counts_instead_of_blocking() {
-        let (sink, rx) = EventSink::bounded(2);
+        let (mut sink, rx) = EventSink::bounded(2);
         for _ in 0..5 {
             sink.send(record());
+            sink.flush();
         }
         assert_eq!(rx.len(), 2);
         assert_eq!(sink.dropped(), 3);
+    }
+
+    #[test]
+    fn records_travel_in_batches() {
+        let (mut sink, rx) = EventSink::bounded(8);
+        for _ in 0..3 {
+            sink.send(record());
+        }
+        assert!(rx.is_empty(), "nothing leaves before a flush");
+        sink.flush();
+        assert_eq!(rx.try_recv().unwrap().len(), 3);
+        for _ in 0..MAX_BATCH {
+            sink.send(record());
+        }
+        assert_eq!(rx.try_recv().unwrap().len(), MAX_BATCH, "a full batch leaves at once");
     }
 }

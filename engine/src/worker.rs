@@ -23,9 +23,11 @@ use crate::tables::{Service, Tables};
 use crate::EngineError;
 use std::sync::atomic::Ordering;
 
-/// Default capacity of each relay pipe (uring driver) and bound of each relay buffer
-/// (epoll driver), per direction.
-pub const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
+/// Default capacity of each relay pipe (splice relay), per direction.
+pub const DEFAULT_PIPE_SIZE: usize = 256 * 1024;
+/// Default size of the large relay buffers (copy relay), per direction. Directions start
+/// with 64 KiB and move to this size once a read fills their buffer (bulk streams).
+pub const DEFAULT_BUFFER_SIZE: usize = 1024 * 1024;
 
 /// How the engine runs, fixed for the life of the process.
 #[derive(Debug, Clone)]
@@ -35,8 +37,39 @@ pub struct EngineConfig {
     /// Pin worker `i` to the i-th allowed CPU.
     pub pin: bool,
     pub driver: DriverChoice,
-    /// Relay pipe capacity / buffer bound per direction, in bytes.
+    /// Relay pipe capacity per direction (splice relay), in bytes.
     pub pipe_size: usize,
+    /// Largest relay buffer per direction (copy relay), in bytes.
+    pub buffer_size: usize,
+    /// How the io_uring driver moves bytes (the epoll driver always copies).
+    pub relay: Relay,
+}
+
+/// How a driver moves payload from one socket to the other.
+///
+/// The default is measured, not assumed: on loopback on this project's reference machine
+/// (2 cores), copying through adaptive buffers moved one bulk stream about 30% faster than
+/// splice through pipes of any size, and request/response traffic no slower (see
+/// bench/results). splice(2) keeps payload out of user space and remains available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Relay {
+    /// splice(2) through a pipe: payload never enters user space.
+    Splice,
+    /// read(2)/send(2) through a bounded user-space buffer.
+    #[default]
+    Copy,
+}
+
+impl std::str::FromStr for Relay {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "splice" => Ok(Relay::Splice),
+            "copy" => Ok(Relay::Copy),
+            other => Err(format!("unknown relay {other:?}; expected \"splice\" or \"copy\"")),
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -46,6 +79,8 @@ impl Default for EngineConfig {
             pin: true,
             driver: DriverChoice::Auto,
             pipe_size: DEFAULT_PIPE_SIZE,
+            buffer_size: DEFAULT_BUFFER_SIZE,
+            relay: Relay::default(),
         }
     }
 }
@@ -108,6 +143,8 @@ pub struct WorkerContext {
     pub stats: Arc<WorkerStats>,
     pub events: EventSink,
     pub pipe_size: usize,
+    pub buffer_size: usize,
+    pub relay: Relay,
 }
 
 /// What a session learned when it was accepted: the tables that decide it for its whole
@@ -294,6 +331,8 @@ impl Engine {
                 stats: Arc::default(),
                 events: events.clone(),
                 pipe_size: config.pipe_size,
+                buffer_size: config.buffer_size,
+                relay: config.relay,
             };
             contexts.push((ctx, tx, wake));
         }

@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use sluice_engine::balance::{Backend, Pool};
 use sluice_engine::events::{EventSink, WorkerStats};
 use sluice_engine::tables::{Service, Tables, Timeouts};
+use sluice_engine::worker::Relay;
 use sluice_engine::{DriverChoice, Engine, EngineConfig, EngineError};
 use socket2::{Domain, Socket, Type};
 
@@ -95,7 +96,7 @@ fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
-fn cancel_race(driver: DriverChoice) {
+fn cancel_race(driver: DriverChoice, relay: Relay) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let stream_backend = streamer();
     let (hole, _fillers, _hole_socket) = blackhole();
@@ -107,7 +108,7 @@ fn cancel_race(driver: DriverChoice) {
         vec![service("stream", stream_at, stream_backend), service("hole", hole_at, hole)],
     );
     let (sink, _records) = EventSink::bounded(1 << 16);
-    let config = EngineConfig { workers: 2, pin: false, driver, ..EngineConfig::default() };
+    let config = EngineConfig { workers: 2, pin: false, driver, relay, ..EngineConfig::default() };
     let engine = match Engine::start(&config, Arc::new(ArcSwap::from_pointee(tables)), sink) {
         Ok(e) => e,
         Err(EngineError::DriverUnavailable { reason, .. }) => {
@@ -173,10 +174,15 @@ fn cancel_race(driver: DriverChoice) {
 
 #[test]
 fn cancel_race_epoll() {
-    cancel_race(DriverChoice::Epoll);
+    cancel_race(DriverChoice::Epoll, Relay::Copy);
 }
 
 #[test]
 fn cancel_race_uring() {
-    cancel_race(DriverChoice::Uring);
+    cancel_race(DriverChoice::Uring, Relay::Copy);
+}
+
+#[test]
+fn cancel_race_uring_splice() {
+    cancel_race(DriverChoice::Uring, Relay::Splice);
 }

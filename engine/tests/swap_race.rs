@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use sluice_engine::balance::{Backend, Pool};
 use sluice_engine::events::EventSink;
 use sluice_engine::tables::{Service, Tables, Timeouts};
+use sluice_engine::worker::Relay;
 use sluice_engine::{DriverChoice, Engine, EngineConfig, EngineError};
 
 const CLIENTS: usize = 4;
@@ -45,14 +46,14 @@ fn tables(version: u64, listen: SocketAddr, backend: SocketAddr) -> Tables {
     Tables::new(version, vec![service])
 }
 
-fn swap_race(driver: DriverChoice) {
+fn swap_race(driver: DriverChoice, relay: Relay) {
     let backends = [tagged_backend(b'A'), tagged_backend(b'B')];
     let listen = free_port();
     // Odd versions route to A, even versions to B.
     let backend_for = move |v: u64| backends[(v % 2 == 0) as usize];
     let published = Arc::new(ArcSwap::from_pointee(tables(1, listen, backend_for(1))));
     let (sink, records) = EventSink::bounded(1 << 20);
-    let config = EngineConfig { workers: 2, pin: false, driver, ..EngineConfig::default() };
+    let config = EngineConfig { workers: 2, pin: false, driver, relay, ..EngineConfig::default() };
     let engine = match Engine::start(&config, published.clone(), sink) {
         Ok(e) => e,
         Err(EngineError::DriverUnavailable { reason, .. }) => {
@@ -112,7 +113,7 @@ fn swap_race(driver: DriverChoice) {
     engine.drain(Duration::from_secs(2));
     engine.join().unwrap();
     let mut checked = 0;
-    for r in records.try_iter() {
+    for r in records.try_iter().flatten() {
         assert_eq!(
             r.backend,
             Some(backend_for(r.tables_version)),
@@ -137,10 +138,15 @@ fn swap_race(driver: DriverChoice) {
 
 #[test]
 fn swap_race_epoll() {
-    swap_race(DriverChoice::Epoll);
+    swap_race(DriverChoice::Epoll, Relay::Copy);
 }
 
 #[test]
 fn swap_race_uring() {
-    swap_race(DriverChoice::Uring);
+    swap_race(DriverChoice::Uring, Relay::Copy);
+}
+
+#[test]
+fn swap_race_uring_splice() {
+    swap_race(DriverChoice::Uring, Relay::Splice);
 }

@@ -35,7 +35,10 @@ pub use sluice::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Driver {
     Epoll,
+    /// io_uring with the copy relay (the default).
     Uring,
+    /// io_uring with the splice relay (payload never enters user space).
+    UringSplice,
 }
 
 impl Driver {
@@ -43,13 +46,22 @@ impl Driver {
     pub fn as_str(self) -> &'static str {
         match self {
             Driver::Epoll => "epoll",
-            Driver::Uring => "uring",
+            Driver::Uring | Driver::UringSplice => "uring",
+        }
+    }
+
+    /// The value of `engine.relay` for this variant, if it sets one.
+    pub fn relay(self) -> Option<&'static str> {
+        match self {
+            Driver::Epoll => None,
+            Driver::Uring => Some("copy"),
+            Driver::UringSplice => Some("splice"),
         }
     }
 }
 
-/// Turns test bodies that take a [`Driver`] into one `#[test]` per driver: `epoll::NAME`
-/// and `uring::NAME`, each calling `NAME(Driver::...)`. Use it once per test file, naming
+/// Turns test bodies that take a [`Driver`] into one `#[test]` per driver: `epoll::NAME`,
+/// `uring::NAME` and `uring_splice::NAME`, each calling `NAME(Driver::...)`. Use it once per test file, naming
 /// every such body (a body left out is dead code, which the lints reject).
 ///
 /// ```text
@@ -78,6 +90,15 @@ macro_rules! for_each_driver {
                 #[test]
                 fn $name() {
                     super::$name($crate::Driver::Uring)
+                }
+            )+
+        }
+
+        mod uring_splice {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::Driver::UringSplice)
                 }
             )+
         }

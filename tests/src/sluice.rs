@@ -157,6 +157,9 @@ impl Config {
             self.pin,
             self.driver.as_str()
         );
+        if let Some(relay) = self.driver.relay() {
+            t += &format!("relay = {relay:?}\n");
+        }
         if let Some(s) = &self.pipe_size {
             t += &format!("pipe_size = {s:?}\n");
         }
@@ -347,7 +350,7 @@ impl Sluice {
         let driver = config.driver;
         match Sluice::try_start(config) {
             Ok(sluice) => Some(sluice),
-            Err(StartError::DriverUnavailable(message)) if driver == Driver::Uring => {
+            Err(StartError::DriverUnavailable(message)) if driver != Driver::Epoll => {
                 println!("skipped: {message}");
                 None
             }

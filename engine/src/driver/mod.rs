@@ -16,6 +16,7 @@ use std::str::FromStr;
 use crate::worker::WorkerContext;
 use crate::EngineError;
 
+mod buffers;
 pub mod epoll;
 mod slots;
 pub mod uring;

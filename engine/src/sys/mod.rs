@@ -63,6 +63,18 @@ impl AsRawFd for EventFd {
     }
 }
 
+/// Reads from a non-blocking fd into `buf`.
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // The caller owns `fd`; `buf` is exclusively borrowed for the call.
+    syscall!(read(fd, buf.as_mut_ptr().cast(), buf.len())).map(|n| n as usize)
+}
+
+/// Sends `buf` on a non-blocking socket without raising SIGPIPE on a reset peer.
+pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // The caller owns `fd`; `buf` is borrowed for the call.
+    syscall!(send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)).map(|n| n as usize)
+}
+
 /// Pins the calling thread to one CPU.
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     // SAFETY: cpu_set_t is a plain bit array; all-zero is a valid empty set.

@@ -13,60 +13,13 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
+use crate::driver::buffers::{Buffer, BufferPool};
 use crate::session::{CloseReason, Direction, Session, Side};
 use crate::sys;
 use crate::worker::Admission;
 
 /// Reads per pump call before yielding to other sessions (bounds one turn's work).
 const PUMP_ROUNDS: usize = 16;
-
-/// Spare relay buffers kept per worker for reuse.
-const SPARE_BUFFERS: usize = 256;
-
-/// A per-worker free list of relay buffers, all `size` bytes.
-#[derive(Debug)]
-pub(super) struct BufferPool {
-    size: usize,
-    spare: Vec<Box<[u8]>>,
-}
-
-impl BufferPool {
-    pub fn new(size: usize) -> Self {
-        Self { size: size.max(4096), spare: Vec::new() }
-    }
-
-    fn take(&mut self) -> Box<[u8]> {
-        self.spare.pop().unwrap_or_else(|| vec![0; self.size].into_boxed_slice())
-    }
-
-    fn give(&mut self, buf: Box<[u8]>) {
-        if self.spare.len() < SPARE_BUFFERS {
-            self.spare.push(buf);
-        }
-    }
-}
-
-/// Bytes read from a source and not yet written to the destination.
-#[derive(Debug, Default)]
-struct Buffer {
-    data: Option<Box<[u8]>>,
-    start: usize,
-    end: usize,
-}
-
-impl Buffer {
-    fn pending(&self) -> &[u8] {
-        self.data.as_deref().map_or(&[], |d| &d[self.start..self.end])
-    }
-
-    fn release(&mut self, pool: &mut BufferPool) {
-        if let Some(data) = self.data.take() {
-            pool.give(data);
-        }
-        self.start = 0;
-        self.end = 0;
-    }
-}
 
 /// Outcome of one pump call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +75,7 @@ impl Conn {
             while !buf.pending().is_empty() {
                 match dst.write(buf.pending()) {
                     Ok(n) if n > 0 => {
-                        buf.start += n;
+                        buf.consume(n);
                         self.session.moved(dir, n, now);
                     }
                     Ok(_) => return Pump::Reset(dst_side),
@@ -142,13 +95,12 @@ impl Conn {
                 }
                 return Pump::Done;
             }
-            let data = buf.data.insert(pool.take());
-            match src.read(data) {
+            match src.read(buf.space(pool)) {
                 Ok(0) => {
                     buf.release(pool);
                     self.session.source_eof(dir, now);
                 }
-                Ok(n) => buf.end = n,
+                Ok(n) => buf.filled(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     buf.release(pool);
                     return Pump::Idle;

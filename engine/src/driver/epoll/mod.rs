@@ -17,7 +17,8 @@ use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use self::conn::{BufferPool, Conn, Pump};
+use self::conn::{Conn, Pump};
+use super::buffers::BufferPool;
 use super::is_connect_failure;
 use super::slots::{SlotId, Slots};
 use crate::events::{RecordKind, WorkerStats};
@@ -91,7 +92,7 @@ impl EpollWorker {
             registry.register(&mut socket, Token(LISTENER_BASE + i), Interest::READABLE)?;
             listeners.push(Some(Listener { socket, addr }));
         }
-        let pool = BufferPool::new(ctx.pipe_size);
+        let pool = BufferPool::new(ctx.buffer_size);
         Ok(Self {
             ctx,
             poll,
@@ -129,6 +130,7 @@ impl EpollWorker {
             self.resume_paused();
             self.expire_timers();
             self.report_interim();
+            self.ctx.events.flush_if_due(self.now);
             if self.drained() {
                 return Ok(());
             }
@@ -144,6 +146,7 @@ impl EpollWorker {
             self.paused.iter().map(|(t, _)| *t).min(),
             self.draining,
             Some(self.next_report_scan),
+            self.ctx.events.flush_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -287,7 +290,6 @@ impl EpollWorker {
 
     fn admit(&mut self, stream: TcpStream, client: SocketAddr, listener: SocketAddr) {
         let Some(admission) = Admission::decide(&self.ctx.tables, listener, client) else { return };
-        let _ = stream.set_nodelay(true);
         WorkerStats::add(&self.ctx.stats.accepted, 1);
         WorkerStats::add(&self.ctx.stats.active, 1);
         let id = self.conns.insert(Conn::new(admission, stream, self.now));

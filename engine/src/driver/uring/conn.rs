@@ -12,27 +12,39 @@ use std::time::Instant;
 
 use super::ops::Inflight;
 use super::pipes::PipePool;
+use crate::driver::buffers::{Buffer, BufferPool};
 use crate::session::{CloseReason, Direction, Session, Side};
 use crate::sys::{self, Pipe};
-use crate::worker::Admission;
+use crate::worker::{Admission, Relay};
 
 /// Splice rounds per pump call before yielding to other sessions.
 const PUMP_ROUNDS: usize = 16;
 
-/// A direction's borrowed pipe and the bytes in it.
+/// A direction's borrowed pipe and the bytes in it (splice relay), or its borrowed
+/// buffer (copy relay).
 #[derive(Debug, Default)]
 pub(super) struct Lane {
     pipe: Option<Pipe>,
     buffered: usize,
+    buffer: Buffer,
 }
 
 impl Lane {
-    fn release(&mut self, pool: &mut PipePool) {
+    fn release(&mut self, relay: &mut RelayPools) {
         if let Some(pipe) = self.pipe.take() {
-            pool.give(pipe, self.buffered);
+            relay.pipes.give(pipe, self.buffered);
         }
         self.buffered = 0;
+        self.buffer.release(&mut relay.buffers);
     }
+}
+
+/// Where lanes borrow from, and which relay this worker uses.
+#[derive(Debug)]
+pub(super) struct RelayPools {
+    pub relay: Relay,
+    pub pipes: PipePool,
+    pub buffers: BufferPool,
 }
 
 /// What a pump call needs next.
@@ -96,14 +108,58 @@ impl Conn {
 
     /// Moves bytes in `dir` until a socket would block, the direction finishes or fails,
     /// or the budget is used.
-    pub fn pump(&mut self, dir: Direction, pool: &mut PipePool, now: Instant) -> Pump {
-        let Some((src, dst)) = self.ends(dir) else { return Pump::WaitIn };
-        let lane = match dir {
+    pub fn pump(&mut self, dir: Direction, pools: &mut RelayPools, now: Instant) -> Pump {
+        let Some(ends) = self.ends(dir) else { return Pump::WaitIn };
+        match pools.relay {
+            Relay::Splice => self.pump_splice(dir, ends, pools, now),
+            Relay::Copy => self.pump_copy(dir, ends, pools, now),
+        }
+    }
+
+    fn lane(&mut self, dir: Direction) -> &mut Lane {
+        match dir {
             Direction::Up => &mut self.up,
             Direction::Down => &mut self.down,
-        };
+        }
+    }
+
+    /// Forwards the end of stream once the lane is empty; `Some` when the direction is done
+    /// (or failed).
+    fn finish_if_eof(
+        &mut self,
+        dir: Direction,
+        dst: RawFd,
+        pools: &mut RelayPools,
+        now: Instant,
+    ) -> Option<Pump> {
+        let flow = *self.session.flow(dir);
+        if !flow.eof {
+            return None;
+        }
+        self.lane(dir).release(pools);
+        if !flow.shut {
+            if sys::shutdown_write(dst).is_err() {
+                return Some(Pump::Reset(dir.source().other()));
+            }
+            self.session.shut(dir, now);
+        }
+        Some(Pump::Done)
+    }
+
+    fn pump_splice(
+        &mut self,
+        dir: Direction,
+        (src, dst): (RawFd, RawFd),
+        pools: &mut RelayPools,
+        now: Instant,
+    ) -> Pump {
         let (src_side, dst_side) = (dir.source(), dir.source().other());
+        let mut drained = false;
         for _ in 0..PUMP_ROUNDS {
+            let lane = match dir {
+                Direction::Up => &mut self.up,
+                Direction::Down => &mut self.down,
+            };
             if let Some(pipe) = &lane.pipe {
                 while lane.buffered > 0 {
                     match sys::splice(pipe.read_fd(), dst, lane.buffered) {
@@ -117,31 +173,116 @@ impl Conn {
                     }
                 }
             }
-            let flow = *self.session.flow(dir);
-            if flow.eof {
-                lane.release(pool);
-                if !flow.shut {
-                    if sys::shutdown_write(dst).is_err() {
-                        return Pump::Reset(dst_side);
-                    }
-                    self.session.shut(dir, now);
-                }
-                return Pump::Done;
+            if let Some(done) = self.finish_if_eof(dir, dst, pools, now) {
+                return done;
+            }
+            let lane = match dir {
+                Direction::Up => &mut self.up,
+                Direction::Down => &mut self.down,
+            };
+            if drained {
+                // The last fill came up short: the source was empty. The poll is level-
+                // triggered, so anything that arrived since completes it at once.
+                lane.release(pools);
+                return Pump::WaitIn;
             }
             let pipe = match lane.pipe.take() {
                 Some(p) => p,
-                None => match pool.take() {
+                None => match pools.pipes.take() {
                     Ok(p) => p,
                     Err(_) => return Pump::NoPipe,
                 },
             };
-            let result = sys::splice(src, pipe.write_fd(), pool_capacity(pool));
+            // Fill the pipe as far as the source allows, so that the send is one large
+            // write rather than several small ones.
+            let capacity = pools.pipes.size();
+            let mut outcome = Ok(());
+            while lane.buffered < capacity {
+                let want = capacity - lane.buffered;
+                match sys::splice(src, pipe.write_fd(), want) {
+                    Ok(0) => {
+                        self.session.source_eof(dir, now);
+                        break;
+                    }
+                    Ok(n) if n < want => {
+                        lane.buffered += n;
+                        drained = true;
+                        break;
+                    }
+                    Ok(n) => lane.buffered += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                }
+            }
             lane.pipe = Some(pipe);
-            match result {
-                Ok(0) => self.session.source_eof(dir, now),
-                Ok(n) => lane.buffered = n,
+            match outcome {
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    lane.release(pool);
+                    if lane.buffered == 0 {
+                        lane.release(pools);
+                        return Pump::WaitIn;
+                    }
+                }
+                Err(_) => return Pump::Reset(src_side),
+            }
+        }
+        Pump::Budget
+    }
+
+    fn pump_copy(
+        &mut self,
+        dir: Direction,
+        (src, dst): (RawFd, RawFd),
+        pools: &mut RelayPools,
+        now: Instant,
+    ) -> Pump {
+        let (src_side, dst_side) = (dir.source(), dir.source().other());
+        let mut drained = false;
+        for _ in 0..PUMP_ROUNDS {
+            let lane = match dir {
+                Direction::Up => &mut self.up,
+                Direction::Down => &mut self.down,
+            };
+            while !lane.buffer.pending().is_empty() {
+                match sys::send(dst, lane.buffer.pending()) {
+                    Ok(n) if n > 0 => {
+                        lane.buffer.consume(n);
+                        self.session.moved(dir, n, now);
+                    }
+                    Ok(_) => return Pump::Reset(dst_side),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Pump::WaitOut,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Pump::Reset(dst_side),
+                }
+            }
+            lane.buffer.release(&mut pools.buffers);
+            if let Some(done) = self.finish_if_eof(dir, dst, pools, now) {
+                return done;
+            }
+            if drained {
+                // A short read: the source was empty (see pump_splice).
+                return Pump::WaitIn;
+            }
+            let lane = match dir {
+                Direction::Up => &mut self.up,
+                Direction::Down => &mut self.down,
+            };
+            let space = lane.buffer.space(&mut pools.buffers);
+            let want = space.len();
+            match sys::read(src, space) {
+                Ok(0) => {
+                    lane.buffer.release(&mut pools.buffers);
+                    self.session.source_eof(dir, now);
+                }
+                Ok(n) => {
+                    drained = n < want;
+                    lane.buffer.filled(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    lane.buffer.release(&mut pools.buffers);
                     return Pump::WaitIn;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -153,9 +294,9 @@ impl Conn {
 
     /// Gives back empty pipes (a pipe with bytes is closed) and arms SO_LINGER 0 when the
     /// close must reach the peers as a reset.
-    pub fn prepare_close(&mut self, reason: CloseReason, pool: &mut PipePool) {
-        self.up.release(pool);
-        self.down.release(pool);
+    pub fn prepare_close(&mut self, reason: CloseReason, pools: &mut RelayPools) {
+        self.up.release(pools);
+        self.down.release(pools);
         if reason.aborts() {
             let _ = sys::set_linger_zero(self.client.as_raw_fd());
             if let Some(b) = &self.backend {
@@ -163,8 +304,4 @@ impl Conn {
             }
         }
     }
-}
-
-fn pool_capacity(pool: &PipePool) -> usize {
-    pool.size()
 }

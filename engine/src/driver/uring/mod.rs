@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
-use self::conn::{Conn, Pump};
+use self::conn::{Conn, Pump, RelayPools};
 use self::ops::{bit, Op, SESSION_OPS};
 use self::pipes::PipePool;
+use super::buffers::BufferPool;
 use super::epoll::is_resource_exhaustion;
 use super::is_connect_failure;
 use super::slots::{SlotId, Slots};
@@ -141,7 +142,7 @@ struct UringWorker {
     timers: BinaryHeap<Reverse<(Instant, SlotId)>>,
     pending: Vec<SlotId>,
     paused: Vec<(Instant, usize)>,
-    pipes: PipePool,
+    pools: RelayPools,
     completions: Vec<(u64, i32, u32)>,
     draining: Option<Instant>,
     /// A reload waiting for this worker to close listeners: who to tell, and how many are left.
@@ -166,7 +167,11 @@ impl UringWorker {
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let pipes = PipePool::new(ctx.pipe_size);
+        let pools = RelayPools {
+            relay: ctx.relay,
+            pipes: PipePool::new(ctx.pipe_size),
+            buffers: BufferPool::new(ctx.buffer_size),
+        };
         let mut worker = Self {
             ctx,
             ring,
@@ -175,7 +180,7 @@ impl UringWorker {
             timers: BinaryHeap::new(),
             pending: Vec::new(),
             paused: Vec::new(),
-            pipes,
+            pools,
             completions: Vec::with_capacity(CQ_ENTRIES as usize),
             draining: None,
             removal: None,
@@ -201,6 +206,7 @@ impl UringWorker {
             self.resume_paused();
             self.expire_timers();
             self.report_interim();
+            self.ctx.events.flush_if_due(self.now);
             if self.drained() {
                 // Dropping the ring first cancels whatever is left on it; only then are the
                 // fds those operations named closed (listeners, sessions).
@@ -243,6 +249,7 @@ impl UringWorker {
             self.paused.iter().map(|(t, _)| *t).min(),
             self.draining,
             Some(self.next_report_scan),
+            self.ctx.events.flush_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -447,7 +454,6 @@ impl UringWorker {
         let peer = sys::peer_addr(fd.as_raw_fd());
         let client = peer.as_ref().map_or_else(|_| unspecified_like(listener), |&a| a);
         let Some(admission) = Admission::decide(&self.ctx.tables, listener, client) else { return };
-        let _ = sys::set_nodelay(fd.as_raw_fd());
         WorkerStats::add(&self.ctx.stats.accepted, 1);
         WorkerStats::add(&self.ctx.stats.active, 1);
         let id = self.conns.insert(Conn::new(admission, fd, self.now));
@@ -521,7 +527,10 @@ impl UringWorker {
                         );
                         self.ctx.events.send(record);
                     }
-                    self.pump(id, [Direction::Up, Direction::Down]);
+                    // The client usually speaks first; the backend's side just waits (the
+                    // poll is level-triggered, so a backend that speaks first completes it).
+                    self.pump(id, [Direction::Up]);
+                    self.wait_readable(id, Direction::Down);
                 } else if !is_connect_failure(-result) {
                     // Accepted, then reset before the completion was handled.
                     self.close(id, CloseReason::BackendRst);
@@ -559,7 +568,7 @@ impl UringWorker {
         let mut again = false;
         for dir in dirs {
             let Some((src, dst)) = conn.ends(dir) else { return };
-            let wait = match conn.pump(dir, &mut self.pipes, now) {
+            let wait = match conn.pump(dir, &mut self.pools, now) {
                 Pump::WaitIn => Some((Op::PollIn, src, libc::POLLIN | libc::POLLRDHUP)),
                 Pump::WaitOut => Some((Op::PollOut, dst, libc::POLLOUT)),
                 Pump::Done => None,
@@ -585,6 +594,19 @@ impl UringWorker {
             self.pending.push(id);
         }
         self.rearm(id);
+    }
+
+    /// Queues a readiness poll on the source of `dir`, unless one is on the ring already.
+    fn wait_readable(&mut self, id: SlotId, dir: Direction) {
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        if conn.closing.is_some() || conn.inflight & bit(Op::PollIn, dir) != 0 {
+            return;
+        }
+        let Some((src, _)) = conn.ends(dir) else { return };
+        conn.inflight |= bit(Op::PollIn, dir);
+        let entry =
+            ops::poll(src, libc::POLLIN | libc::POLLRDHUP, ops::pack(Op::PollIn, id.index, dir));
+        push(&mut self.ring, &entry);
     }
 
     fn rearm(&mut self, id: SlotId) {
@@ -662,7 +684,7 @@ impl UringWorker {
             return;
         }
         conn.closing = Some(reason);
-        conn.prepare_close(reason, &mut self.pipes);
+        conn.prepare_close(reason, &mut self.pools);
         let stats = &self.ctx.stats;
         stats.active.fetch_sub(1, Ordering::Relaxed);
         WorkerStats::add(&stats.closed, 1);
