@@ -48,8 +48,10 @@ const EXTRA_PROGRAM_DIRS: [&str; 3] = ["/usr/sbin", "/usr/local/sbin", "/sbin"];
 pub enum ContenderKind {
     /// No proxy: clients talk to the backend.
     Direct,
-    /// sluice with the io_uring driver.
+    /// sluice with the io_uring driver (copy relay, the default).
     SluiceUring,
+    /// sluice with the io_uring driver and the splice relay.
+    SluiceUringSplice,
     /// sluice with the epoll driver.
     SluiceEpoll,
     /// HAProxy in TCP mode with splice.
@@ -60,9 +62,10 @@ pub enum ContenderKind {
 
 impl ContenderKind {
     /// Every contender, in the order a comparison interleaves them.
-    pub const ALL: [ContenderKind; 5] = [
+    pub const ALL: [ContenderKind; 6] = [
         ContenderKind::Direct,
         ContenderKind::SluiceUring,
+        ContenderKind::SluiceUringSplice,
         ContenderKind::SluiceEpoll,
         ContenderKind::Haproxy,
         ContenderKind::Nginx,
@@ -73,6 +76,7 @@ impl ContenderKind {
         match self {
             ContenderKind::Direct => "direct",
             ContenderKind::SluiceUring => "sluice-uring",
+            ContenderKind::SluiceUringSplice => "sluice-uring-splice",
             ContenderKind::SluiceEpoll => "sluice-epoll",
             ContenderKind::Haproxy => "haproxy",
             ContenderKind::Nginx => "nginx",
@@ -81,7 +85,12 @@ impl ContenderKind {
 
     /// True for the sluice contenders.
     pub fn is_sluice(self) -> bool {
-        matches!(self, ContenderKind::SluiceUring | ContenderKind::SluiceEpoll)
+        matches!(
+            self,
+            ContenderKind::SluiceUring
+                | ContenderKind::SluiceUringSplice
+                | ContenderKind::SluiceEpoll
+        )
     }
 }
 
@@ -140,15 +149,22 @@ pub fn prepare(
     let mut fixed = BTreeMap::new();
     let (program, template) = match kind {
         ContenderKind::Direct => (PathBuf::new(), String::new()),
-        ContenderKind::SluiceUring | ContenderKind::SluiceEpoll => {
+        ContenderKind::SluiceUring
+        | ContenderKind::SluiceUringSplice
+        | ContenderKind::SluiceEpoll => {
             if !programs.sluice.is_file() {
                 return Err(format!(
                     "sluice binary missing at {} (build it with `cargo build --release -p sluice`)",
                     programs.sluice.display()
                 ));
             }
-            let driver = if kind == ContenderKind::SluiceUring { "uring" } else { "epoll" };
+            let (driver, relay) = match kind {
+                ContenderKind::SluiceEpoll => ("epoll", "copy"),
+                ContenderKind::SluiceUringSplice => ("uring", "splice"),
+                _ => ("uring", "copy"),
+            };
             fixed.insert("DRIVER".into(), driver.into());
+            fixed.insert("RELAY".into(), relay.into());
             (programs.sluice.clone(), templates.sluice.clone())
         }
         ContenderKind::Haproxy => {

@@ -115,6 +115,7 @@ mod tests {
             ("WORKER_CONNECTIONS", "15064"),
             ("RUN_DIR", "/tmp/x"),
             ("DRIVER", "epoll"),
+            ("RELAY", "copy"),
             ("NGINX_MODULES", ""),
         ]);
         for scenario in ["THROUGHPUT", "RR", "CONNECT", "IDLE"] {
