@@ -6,22 +6,30 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
+use sluice_engine::acl::{self, Action, ListenerMatch, NamePattern, Rule, RuleSet, TimeWindow};
 use sluice_engine::balance::{Backend, Pool};
 use sluice_engine::events::{BackendState, RecordKind, RecordPolicy, ServiceCounters, Verdict};
 use sluice_engine::session::CloseReason;
-use sluice_engine::tables::{self, Service, Tables, Timeouts};
+use sluice_engine::tables::{self, NamedPool, Rules, Service, Tables, Timeouts};
 use sluice_engine::{DriverChoice, EngineConfig};
 use toml::Spanned;
 
 use crate::admin::{AdminAddr, DEFAULT_ADMIN_LISTEN};
 use crate::records::{Template, DEFAULT_TEMPLATE};
 use crate::sinks::{self, Filter, Format, SinkSpec, SyslogAddr, Target};
+use crate::zones;
+
+/// The counter scope of global firewall rules.
+pub const FIREWALL_SCOPE: &str = "firewall";
+/// The counter name of a service's default action.
+pub const DEFAULT_RULE: &str = "(default)";
 
 /// Where a syslog sink sends without an `address`.
 pub const DEFAULT_SYSLOG_SOCKET: &str = "/dev/log";
@@ -83,8 +91,58 @@ struct FileConfig {
     records: Option<RecordsSection>,
     #[serde(default, rename = "log")]
     logs: Vec<LogSection>,
+    #[serde(default, rename = "firewall")]
+    firewall: Vec<RuleSection>,
+    #[serde(default, rename = "pool")]
+    pools: Vec<PoolSection>,
     #[serde(default, rename = "service")]
     services: Vec<ServiceSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolSection {
+    name: Spanned<String>,
+    backends: Spanned<Vec<Spanned<String>>>,
+}
+
+/// One firewall rule, global (`[[firewall]]`) or a service's (`[[service.rule]]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSection {
+    name: Option<Spanned<String>>,
+    action: Spanned<String>,
+    reset: Option<Spanned<bool>>,
+    pool: Option<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
+    #[serde(default)]
+    from: Vec<Spanned<String>>,
+    #[serde(default)]
+    not_from: Vec<Spanned<String>>,
+    #[serde(default)]
+    from_port: Vec<Spanned<PortRange>>,
+    #[serde(default)]
+    not_from_port: Vec<Spanned<PortRange>>,
+    #[serde(default)]
+    to: Vec<Spanned<String>>,
+    #[serde(default)]
+    not_to: Vec<Spanned<String>>,
+    #[serde(default)]
+    time: Vec<Spanned<String>>,
+    #[serde(default)]
+    not_time: Vec<Spanned<String>>,
+    #[serde(default)]
+    sni: Vec<Spanned<String>>,
+    #[serde(default)]
+    not_sni: Vec<Spanned<String>>,
+}
+
+/// A port range written as a number (`22`) or text (`"1024-65535"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PortRange {
+    Number(i64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,15 +215,30 @@ struct ServiceSection {
     connect_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     fin_timeout: Option<Spanned<String>>,
+    sni_timeout: Option<Spanned<String>>,
+    default: Option<Spanned<String>>,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RuleSection>,
 }
 
 /// A validated service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ServiceSpec {
     pub name: String,
     pub listen: Vec<SocketAddr>,
     pub backends: Vec<SocketAddr>,
     pub timeouts: Timeouts,
+    /// The service's own rules, in order.
+    pub rules: Vec<Rule>,
+    /// The action when no rule matches.
+    pub default: Action,
+}
+
+/// A validated named pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    pub name: String,
+    pub backends: Vec<SocketAddr>,
 }
 
 /// A validated configuration.
@@ -180,6 +253,10 @@ pub struct Config {
     pub records: RecordPolicy,
     /// Connection-log sinks; empty means the process log.
     pub logs: Vec<SinkSpec>,
+    /// Global firewall rules, in order, evaluated before each service's own.
+    pub firewall: Vec<Rule>,
+    /// Named pools that rules can send sessions to.
+    pub pools: Vec<PoolSpec>,
     pub services: Vec<ServiceSpec>,
 }
 
@@ -229,20 +306,36 @@ impl Config {
         let services = self
             .services
             .iter()
-            .map(|s| Service {
-                name: Arc::from(s.name.as_str()),
-                listen: s.listen.clone(),
-                pool: Pool::new(
-                    s.backends
-                        .iter()
-                        .map(|&addr| Backend { addr, state: registry.backend(&s.name, addr) })
-                        .collect(),
-                ),
-                timeouts: s.timeouts,
-                counters: registry.service(&s.name),
+            .map(|s| {
+                let backends = s
+                    .backends
+                    .iter()
+                    .map(|&addr| Backend { addr, state: registry.backend(&s.name, addr) })
+                    .collect();
+                let mut service =
+                    Service::new(&s.name, s.listen.clone(), Pool::new(backends), s.timeouts);
+                service.rules = registry.rules(&s.name, &s.rules);
+                service.default = s.default;
+                service.default_hits = registry.hits(&s.name, DEFAULT_RULE);
+                service.counters = registry.service(&s.name);
+                service
             })
             .collect();
-        Tables::new(version, services).with_records(self.records)
+        let pools = self
+            .pools
+            .iter()
+            .map(|p| {
+                let scope = format!("pool:{}", p.name);
+                let backends = p
+                    .backends
+                    .iter()
+                    .map(|&addr| Backend { addr, state: registry.backend(&scope, addr) })
+                    .collect();
+                NamedPool { name: Arc::from(p.name.as_str()), pool: Pool::new(backends) }
+            })
+            .collect();
+        let firewall = registry.rules(FIREWALL_SCOPE, &self.firewall);
+        Tables::new(version, services).with_records(self.records).with_firewall(firewall, pools)
     }
 }
 
@@ -252,9 +345,21 @@ impl Config {
 pub struct Registry {
     services: HashMap<String, Arc<ServiceCounters>>,
     backends: HashMap<(String, SocketAddr), Arc<BackendState>>,
+    /// Verdicts per (scope, rule name): scope is "firewall" or a service name.
+    hits: HashMap<(String, String), Arc<AtomicU64>>,
 }
 
 impl Registry {
+    fn hits(&mut self, scope: &str, rule: &str) -> Arc<AtomicU64> {
+        self.hits.entry((scope.to_string(), rule.to_string())).or_default().clone()
+    }
+
+    /// Compiles rules, with the counters their names had before.
+    fn rules(&mut self, scope: &str, rules: &[Rule]) -> Rules {
+        let hits = rules.iter().map(|r| self.hits(scope, &r.name)).collect();
+        Rules { set: RuleSet::compile(rules.to_vec()), hits }
+    }
+
     fn service(&mut self, name: &str) -> Arc<ServiceCounters> {
         self.services.entry(name.to_string()).or_default().clone()
     }
@@ -271,6 +376,18 @@ impl Registry {
         self.services.retain(|name, _| names.contains(name.as_str()));
         self.backends.retain(|(name, addr), _| {
             config.services.iter().any(|s| &s.name == name && s.backends.contains(addr))
+                || config
+                    .pools
+                    .iter()
+                    .any(|p| *name == format!("pool:{}", p.name) && p.backends.contains(addr))
+        });
+        self.hits.retain(|(scope, rule), _| {
+            let in_rules = |rules: &[Rule]| rules.iter().any(|r| &*r.name == rule);
+            (scope == FIREWALL_SCOPE && in_rules(&config.firewall))
+                || config
+                    .services
+                    .iter()
+                    .any(|s| &s.name == scope && (rule == DEFAULT_RULE || in_rules(&s.rules)))
         });
     }
 }
@@ -297,6 +414,8 @@ impl Validator<'_> {
         let admin = raw.admin.as_ref().and_then(|a| self.admin(a));
         let records = raw.records.as_ref().map(|r| self.records(r)).unwrap_or_default();
         let logs = raw.logs.iter().enumerate().filter_map(|(i, l)| self.log(i, l)).collect();
+        let pools = self.pools(&raw.pools, admin.as_ref());
+        let firewall = self.rules("firewall", "firewall", &raw.firewall, &pools);
         if raw.services.is_empty() {
             self.error(0..0, "service", "at least one [[service]] is required");
         }
@@ -304,7 +423,7 @@ impl Validator<'_> {
         let mut listens = HashSet::new();
         let mut services = Vec::new();
         for (i, s) in raw.services.iter().enumerate() {
-            let spec = self.service(i, s, admin.as_ref());
+            let spec = self.service(i, s, admin.as_ref(), &pools);
             if !names.insert(spec.name.clone()) {
                 self.error(
                     s.name.span(),
@@ -331,6 +450,8 @@ impl Validator<'_> {
             admin,
             records,
             logs,
+            firewall,
+            pools,
             services,
         }
     }
@@ -538,11 +659,180 @@ impl Validator<'_> {
         }
     }
 
+    fn pools(&mut self, raw: &[PoolSection], admin: Option<&AdminAddr>) -> Vec<PoolSpec> {
+        let mut names = HashSet::new();
+        let mut pools = Vec::new();
+        for (i, p) in raw.iter().enumerate() {
+            let key = format!("pool[{i}]");
+            let name = p.name.get_ref().trim().to_string();
+            if name.is_empty() || !names.insert(name.clone()) {
+                let message = format!("pool names must be unique and not empty ({name:?})");
+                self.error(p.name.span(), &format!("{key}.name"), message);
+            }
+            if p.backends.get_ref().is_empty() {
+                let message = "at least one backend is required";
+                self.error(p.backends.span(), &format!("{key}.backends"), message);
+            }
+            let backends = self.backends(p.backends.get_ref(), &format!("{key}.backends"), admin);
+            pools.push(PoolSpec { name, backends });
+        }
+        pools
+    }
+
+    fn backends(
+        &mut self,
+        raw: &[Spanned<String>],
+        key: &str,
+        admin: Option<&AdminAddr>,
+    ) -> Vec<SocketAddr> {
+        raw.iter()
+            .flat_map(|b| match resolve(b.get_ref(), admin) {
+                Ok(addrs) => addrs,
+                Err(message) => {
+                    self.error(b.span(), key, message);
+                    Vec::new()
+                }
+            })
+            .collect()
+    }
+
+    /// An ordered rule list; `prefix` names keys in errors, `scope` names rules without a
+    /// `name` (`firewall.0`, `web.rule.2`).
+    fn rules(
+        &mut self,
+        prefix: &str,
+        scope: &str,
+        raw: &[RuleSection],
+        pools: &[PoolSpec],
+    ) -> Vec<Rule> {
+        let mut names = HashSet::new();
+        let mut rules = Vec::new();
+        for (i, r) in raw.iter().enumerate() {
+            let key = format!("{prefix}[{i}]");
+            let Some(rule) = self.rule(&key, &format!("{scope}.{i}"), r, pools) else { continue };
+            if !names.insert(rule.name.clone()) {
+                let span = r.name.as_ref().map_or(r.action.span(), |n| n.span());
+                let message = format!("duplicate rule name {:?}", rule.name);
+                self.error(span, &format!("{key}.name"), message);
+            }
+            rules.push(rule);
+        }
+        rules
+    }
+
+    fn rule(
+        &mut self,
+        key: &str,
+        default_name: &str,
+        raw: &RuleSection,
+        pools: &[PoolSpec],
+    ) -> Option<Rule> {
+        let before = self.errors.len();
+        let k = |f: &str| format!("{key}.{f}");
+        let action = self.action(raw, &k, pools);
+        let name = raw.name.as_ref().map_or(default_name, |n| n.get_ref().as_str());
+        let mut rule = Rule::new(name, action);
+        rule.from = self.list(&raw.from, &k("from"), parse_net);
+        rule.not_from = self.list(&raw.not_from, &k("not_from"), parse_net);
+        rule.from_port = self.ports(&raw.from_port, &k("from_port"));
+        rule.not_from_port = self.ports(&raw.not_from_port, &k("not_from_port"));
+        rule.to = self.list(&raw.to, &k("to"), ListenerMatch::parse);
+        rule.not_to = self.list(&raw.not_to, &k("not_to"), ListenerMatch::parse);
+        rule.sni = self.list(&raw.sni, &k("sni"), NamePattern::parse);
+        rule.not_sni = self.list(&raw.not_sni, &k("not_sni"), NamePattern::parse);
+        if !raw.time.is_empty() || !raw.not_time.is_empty() {
+            let zone = match &raw.timezone {
+                Some(z) => {
+                    zones::named(z.get_ref()).map_err(|m| self.error(z.span(), &k("timezone"), m))
+                }
+                None => {
+                    zones::local().map_err(|m| self.error(raw.action.span(), &k("timezone"), m))
+                }
+            };
+            if let Ok(zone) = zone {
+                rule.time = self.list(&raw.time, &k("time"), |t| TimeWindow::parse(t, &zone));
+                rule.not_time =
+                    self.list(&raw.not_time, &k("not_time"), |t| TimeWindow::parse(t, &zone));
+            }
+        }
+        (self.errors.len() == before).then_some(rule)
+    }
+
+    fn action(
+        &mut self,
+        raw: &RuleSection,
+        k: &dyn Fn(&str) -> String,
+        pools: &[PoolSpec],
+    ) -> Action {
+        let reset = raw.reset.as_ref().map(|r| (*r.get_ref(), r.span()));
+        match raw.action.get_ref().as_str() {
+            "allow" => {
+                if let Some((_, span)) = reset {
+                    self.error(span, &k("reset"), "reset applies to deny rules only");
+                }
+                let pool = raw.pool.as_ref().and_then(|p| {
+                    let found = pools.iter().position(|x| &x.name == p.get_ref());
+                    if found.is_none() {
+                        self.error(
+                            p.span(),
+                            &k("pool"),
+                            format!("no [[pool]] named {:?}", p.get_ref()),
+                        );
+                    }
+                    found
+                });
+                Action::Allow { pool }
+            }
+            "deny" => {
+                if let Some(p) = &raw.pool {
+                    self.error(p.span(), &k("pool"), "a deny rule sends nothing to a pool");
+                }
+                Action::Deny { reset: reset.is_some_and(|(r, _)| r) }
+            }
+            other => {
+                let message = format!("unknown action {other:?}; expected \"allow\" or \"deny\"");
+                self.error(raw.action.span(), &k("action"), message);
+                Action::Deny { reset: false }
+            }
+        }
+    }
+
+    /// Parses every entry of a list, reporting each bad one at its own position.
+    fn list<T>(
+        &mut self,
+        items: &[Spanned<String>],
+        key: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Vec<T> {
+        items
+            .iter()
+            .filter_map(|item| {
+                parse(item.get_ref()).map_err(|m| self.error(item.span(), key, m)).ok()
+            })
+            .collect()
+    }
+
+    fn ports(&mut self, items: &[Spanned<PortRange>], key: &str) -> Vec<RangeInclusive<u16>> {
+        items
+            .iter()
+            .filter_map(|item| {
+                let parsed = match item.get_ref() {
+                    PortRange::Number(n) => u16::try_from(*n)
+                        .map(|p| p..=p)
+                        .map_err(|_| format!("{n} is not a port (0-65535)")),
+                    PortRange::Text(t) => acl::parse_port_range(t),
+                };
+                parsed.map_err(|m| self.error(item.span(), key, m)).ok()
+            })
+            .collect()
+    }
+
     fn service(
         &mut self,
         i: usize,
         raw: &ServiceSection,
         admin: Option<&AdminAddr>,
+        pools: &[PoolSpec],
     ) -> ServiceSpec {
         let key = |k: &str| format!("service[{i}].{k}");
         let name = raw.name.get_ref().trim().to_string();
@@ -567,29 +857,30 @@ impl Validator<'_> {
         if raw.backends.get_ref().is_empty() {
             self.error(raw.backends.span(), &key("backends"), "at least one backend is required");
         }
-        let backends = raw
-            .backends
-            .get_ref()
-            .iter()
-            .flat_map(|b| match resolve(b.get_ref(), admin) {
-                Ok(addrs) => addrs,
-                Err(message) => {
-                    self.error(b.span(), &key("backends"), message);
-                    Vec::new()
-                }
-            })
-            .collect();
+        let backends = self.backends(raw.backends.get_ref(), &key("backends"), admin);
         let mut timeouts = Timeouts::default();
         for (field, slot, value) in [
             ("connect_timeout", &mut timeouts.connect, &raw.connect_timeout),
             ("idle_timeout", &mut timeouts.idle, &raw.idle_timeout),
             ("fin_timeout", &mut timeouts.fin, &raw.fin_timeout),
+            ("sni_timeout", &mut timeouts.sni, &raw.sni_timeout),
         ] {
             if let Some(d) = value.as_ref().and_then(|d| self.duration(d, &key(field))) {
                 *slot = d;
             }
         }
-        ServiceSpec { name, listen, backends, timeouts }
+        let rules = self.rules(&key("rule"), &format!("{name}.rule"), &raw.rules, pools);
+        let default = match raw.default.as_ref().map(|d| (d.get_ref().as_str(), d.span())) {
+            None | Some(("allow", _)) => Action::Allow { pool: None },
+            Some(("deny", _)) => Action::Deny { reset: false },
+            Some(("reject", _)) => Action::Deny { reset: true },
+            Some((other, span)) => {
+                let message = format!("unknown default {other:?}; expected \"allow\", \"deny\" (close) or \"reject\" (reset)");
+                self.error(span, &key("default"), message);
+                Action::Allow { pool: None }
+            }
+        };
+        ServiceSpec { name, listen, backends, timeouts, rules, default }
     }
 
     fn duration(&mut self, value: &Spanned<String>, key: &str) -> Option<Duration> {
@@ -637,6 +928,17 @@ fn resolve(text: &str, admin: Option<&AdminAddr>) -> Result<Vec<SocketAddr>, Str
         }
         Err(e) => Err(format!("cannot resolve {text:?}: {e}")),
     }
+}
+
+/// Parses a client network: a CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let t = text.trim();
+    if let Ok(net) = t.parse::<ipnet::IpNet>() {
+        return Ok(net.trunc());
+    }
+    t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from).map_err(|_| {
+        format!("{text:?} is not a network such as \"10.0.0.0/8\", \"2001:db8::/32\" or an address")
+    })
 }
 
 /// Parses a duration such as "500ms", "3s", "1.5s", "10m", "1h" or "2d".

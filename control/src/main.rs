@@ -11,6 +11,7 @@ mod records;
 mod report;
 mod run;
 mod sinks;
+mod zones;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -12,8 +12,9 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use serde_json::{json, Value};
+use sluice_engine::acl::Action;
 use sluice_engine::events::{BackendState, EventSink, ServiceCounters, WorkerStats};
-use sluice_engine::tables::Tables;
+use sluice_engine::tables::{Rules, Tables};
 use sluice_engine::worker::LiveSession;
 
 use crate::sinks::SinkCounters;
@@ -71,6 +72,10 @@ pub fn stats(shared: &Shared) -> Value {
                 "bytes_down": get(&c.bytes_down),
                 "connect_errors": get(&c.connect_errors),
                 "unserved": get(&c.unserved),
+                "denied": get(&c.denied),
+                "rules": rules_json(&s.rules),
+                "default_action": action_name(&s.default),
+                "default_hits": get(&s.default_hits),
                 "backends": backends,
             })
         })
@@ -106,9 +111,37 @@ pub fn stats(shared: &Shared) -> Value {
             "written": get(&s.written),
             "dropped": get(&s.dropped),
         })).collect::<Vec<_>>(),
+        "firewall": rules_json(&tables.firewall),
+        "pools": tables.pools.iter().map(|p| json!({
+            "name": &*p.name,
+            "backends": p.pool.backends().iter().map(|b| json!({
+                "addr": b.addr.to_string(),
+                "state": b.state.admin().as_str(),
+                "sessions": get(&b.state.sessions),
+                "active": get(&b.state.active),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "services": services,
         "workers": workers,
     })
+}
+
+fn action_name(action: &Action) -> &'static str {
+    match action {
+        Action::Allow { .. } => "allow",
+        Action::Deny { reset: false } => "deny",
+        Action::Deny { reset: true } => "reject",
+    }
+}
+
+fn rules_json(rules: &Rules) -> Vec<Value> {
+    rules
+        .set
+        .rules()
+        .iter()
+        .zip(&rules.hits)
+        .map(|(r, hits)| json!({ "name": &*r.name, "action": action_name(&r.action), "hits": get(hits) }))
+        .collect()
 }
 
 /// The `/connections` document.
@@ -187,6 +220,37 @@ pub fn prometheus(shared: &Shared) -> String {
         for s in tables.services() {
             f.sample(name, &[("service", &s.name)], value(&s.counters));
         }
+    }
+    f.header("sluice_denied_sessions_total", "counter", "Sessions the firewall refused.");
+    for s in tables.services() {
+        f.sample("sluice_denied_sessions_total", &[("service", &s.name)], get(&s.counters.denied));
+    }
+    let name = "sluice_rule_verdicts_total";
+    f.header(
+        name,
+        "counter",
+        "Sessions decided by each firewall rule (scope: firewall or the service).",
+    );
+    for (r, hits) in tables.firewall.set.rules().iter().zip(&tables.firewall.hits) {
+        f.sample(
+            name,
+            &[("scope", "firewall"), ("rule", &r.name), ("action", action_name(&r.action))],
+            get(hits),
+        );
+    }
+    for s in tables.services() {
+        for (r, hits) in s.rules.set.rules().iter().zip(&s.rules.hits) {
+            f.sample(
+                name,
+                &[("scope", &s.name), ("rule", &r.name), ("action", action_name(&r.action))],
+                get(hits),
+            );
+        }
+        f.sample(
+            name,
+            &[("scope", &s.name), ("rule", "(default)"), ("action", action_name(&s.default))],
+            get(&s.default_hits),
+        );
     }
     let name = "sluice_session_bytes_total";
     f.header(

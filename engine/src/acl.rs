@@ -28,12 +28,6 @@ use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net};
 
-/// Where [`Zone::named`] looks for TZif files.
-pub const DEFAULT_ZONEINFO_DIR: &str = "/usr/share/zoneinfo";
-
-/// The TZif file of the machine's local zone, read by [`Zone::local`] when `TZ` is unset.
-pub const DEFAULT_LOCALTIME_PATH: &str = "/etc/localtime";
-
 const MINUTES_PER_DAY: u16 = 24 * 60;
 const SECONDS_PER_DAY: i64 = 24 * 60 * 60;
 const DAY_NAMES: [&str; 7] =
@@ -407,62 +401,11 @@ impl Zone {
         Zone(Arc::new(ZoneData { name: "UTC".to_string(), tz: None }))
     }
 
-    /// The process's local zone: `TZ` if set (a zone name or a POSIX TZ string; set but empty is
-    /// UTC), else [`DEFAULT_LOCALTIME_PATH`]; UTC when that file does not exist.
-    pub fn local() -> Result<Zone, String> {
-        match std::env::var("TZ") {
-            Ok(tz) if tz.is_empty() => Ok(Zone::utc()),
-            Ok(tz) => tz::TimeZone::from_posix_tz(&tz)
-                .map(|zone| Zone::from_tz(&tz, zone))
-                .map_err(|e| format!("time zone TZ={tz:?}: {e}")),
-            Err(_) => Zone::from_localtime(),
-        }
-    }
-
-    /// A zone of the tz database by name (`"Europe/Paris"`), read from [`DEFAULT_ZONEINFO_DIR`].
-    /// `"UTC"` and `"Etc/UTC"` need no file.
-    pub fn named(name: &str) -> Result<Zone, String> {
-        if name == "UTC" || name == "Etc/UTC" {
-            return Ok(Zone::utc());
-        }
-        let valid = |b: u8| b.is_ascii_alphanumeric() || b"/_+-".contains(&b);
-        if name.is_empty() || name.starts_with('/') || name.contains("..") {
-            return Err(format!("invalid time zone name {name:?}"));
-        }
-        if !name.bytes().all(valid) {
-            return Err(format!("invalid time zone name {name:?}"));
-        }
-        let path = format!("{DEFAULT_ZONEINFO_DIR}/{name}");
-        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                format!("unknown time zone {name:?}: no file {path} (is tzdata installed?)")
-            }
-            _ => format!("time zone {name:?}: cannot read {path}: {e}"),
-        })?;
-        Zone::from_tzif(name, &bytes)
-    }
-
     /// A zone from the bytes of a TZif file.
     pub fn from_tzif(name: &str, bytes: &[u8]) -> Result<Zone, String> {
         tz::TimeZone::from_tz_data(bytes)
             .map(|zone| Zone::from_tz(name, zone))
             .map_err(|e| format!("time zone {name:?}: invalid TZif data: {e}"))
-    }
-
-    fn from_localtime() -> Result<Zone, String> {
-        let path = DEFAULT_LOCALTIME_PATH;
-        let bytes = match std::fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Zone::utc()),
-            Err(e) => return Err(format!("local time zone: cannot read {path}: {e}")),
-        };
-        let target = std::fs::read_link(path).ok();
-        let name = target
-            .as_ref()
-            .and_then(|t| t.to_str())
-            .and_then(|t| t.split_once("zoneinfo/").map(|(_, name)| name))
-            .unwrap_or("localtime");
-        Zone::from_tzif(name, &bytes)
     }
 
     fn from_tz(name: &str, tz: tz::TimeZone) -> Zone {
@@ -788,6 +731,13 @@ mod tests {
 
     use super::*;
 
+    /// A zone of the machine's tz database (the control crate reads it for real configs).
+    fn named_zone(name: &str) -> Result<Zone, String> {
+        let bytes = std::fs::read(format!("/usr/share/zoneinfo/{name}"))
+            .map_err(|e| format!("time zone {name:?} not installed: {e}"))?;
+        Zone::from_tzif(name, &bytes)
+    }
+
     /// 2024-01-01 00:00:00 UTC, a Monday.
     const MONDAY: i64 = 1_704_067_200;
 
@@ -1012,17 +962,12 @@ mod tests {
         assert_eq!(Zone::utc().local_time(at(6, 23, 59)), (6, 23 * 60 + 59));
         assert_eq!(Zone::utc().local_time(0), (3, 0), "1970-01-01 was a Thursday");
         assert_eq!(Zone::utc().local_time(-60), (2, 1439));
-        assert_eq!(Zone::named("UTC").unwrap().name(), "UTC");
-        let err = Zone::named("Nowhere/Atlantis").unwrap_err();
-        assert!(err.contains("unknown time zone"), "{err}");
-        assert!(Zone::named("../etc/passwd").is_err());
-        assert!(Zone::named("/etc/localtime").is_err());
         assert!(Zone::from_tzif("junk", b"not a tzif file").is_err());
     }
 
     /// Europe/Paris from tzdata, or `None` (with a note) where it is not installed.
     fn paris() -> Option<Zone> {
-        match Zone::named("Europe/Paris") {
+        match named_zone("Europe/Paris") {
             Ok(zone) => Some(zone),
             Err(e) => {
                 eprintln!("skipped: {e}");
@@ -1268,7 +1213,7 @@ mod tests {
     fn zones() -> Vec<Zone> {
         // Two distinct UTC zones exercise the per-query zone cache.
         let mut zones = vec![Zone::utc(), Zone::utc()];
-        zones.extend(Zone::named("Europe/Paris").ok());
+        zones.extend(named_zone("Europe/Paris").ok());
         zones
     }
 

@@ -87,6 +87,8 @@ pub struct ServiceCounters {
     pub connect_errors: AtomicU64,
     /// Sessions closed because no backend could be reached.
     pub unserved: AtomicU64,
+    /// Sessions the firewall refused.
+    pub denied: AtomicU64,
     pub connect_latency: LatencyHistogram,
 }
 

@@ -71,6 +71,8 @@ pub enum CloseReason {
     ConnectTimeout,
     ConnectRefused,
     NoBackend,
+    /// The firewall refused the connection.
+    Denied,
     Shutdown,
     /// A local resource ran out (fds, memory) while setting the session up.
     LocalError,
@@ -78,7 +80,7 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason, for validating filters.
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::ClientFin,
         CloseReason::BackendFin,
         CloseReason::ClientRst,
@@ -88,6 +90,7 @@ impl CloseReason {
         CloseReason::ConnectTimeout,
         CloseReason::ConnectRefused,
         CloseReason::NoBackend,
+        CloseReason::Denied,
         CloseReason::Shutdown,
         CloseReason::LocalError,
     ];
@@ -103,6 +106,7 @@ impl CloseReason {
             CloseReason::ConnectTimeout => "connect_timeout",
             CloseReason::ConnectRefused => "connect_refused",
             CloseReason::NoBackend => "no_backend",
+            CloseReason::Denied => "denied",
             CloseReason::Shutdown => "shutdown",
             CloseReason::LocalError => "local_error",
         }
@@ -152,12 +156,28 @@ pub struct Flow {
 /// What the session is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// Waiting, since `since`, for the client's TLS ClientHello (the firewall matches on
+    /// SNI); decided without it at the SNI timeout.
+    Peeking {
+        since: Instant,
+    },
     /// Waiting for the `attempt`-th backend connect, begun at `since`.
     Connecting {
         attempt: usize,
         since: Instant,
     },
     Relaying,
+}
+
+/// What a session's deadline calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// No ClientHello in time: decide the session without SNI.
+    DecideWithoutSni,
+    /// The connect attempt timed out: try the next backend.
+    NextBackend,
+    /// Cut the session.
+    Close(CloseReason),
 }
 
 /// The state of one session, independent of the driver.
@@ -211,6 +231,16 @@ impl Session {
         }
     }
 
+    /// The session waits for the client's ClientHello before it is decided.
+    pub fn peek(&mut self, now: Instant) {
+        self.phase = Phase::Peeking { since: now };
+    }
+
+    /// The session was decided (allowed): its first connect attempt starts now.
+    pub fn decided(&mut self, now: Instant) {
+        self.phase = Phase::Connecting { attempt: 0, since: now };
+    }
+
     /// The next connect attempt starts now.
     pub fn retry_connect(&mut self, now: Instant) {
         if let Phase::Connecting { attempt, .. } = self.phase {
@@ -260,16 +290,17 @@ impl Session {
         }
     }
 
-    /// When the session must be cut if nothing happens before, and why.
-    pub fn deadline(&self, timeouts: &Timeouts) -> (Instant, CloseReason) {
+    /// When something must happen if nothing else does first, and what.
+    pub fn deadline(&self, timeouts: &Timeouts) -> (Instant, Due) {
         match self.phase {
-            Phase::Connecting { since, .. } => {
-                (since + timeouts.connect, CloseReason::ConnectTimeout)
-            }
+            Phase::Peeking { since } => (since + timeouts.sni, Due::DecideWithoutSni),
+            Phase::Connecting { since, .. } => (since + timeouts.connect, Due::NextBackend),
             Phase::Relaying if self.up.eof || self.down.eof => {
-                (self.last_activity + timeouts.fin, CloseReason::FinTimeout)
+                (self.last_activity + timeouts.fin, Due::Close(CloseReason::FinTimeout))
             }
-            Phase::Relaying => (self.last_activity + timeouts.idle, CloseReason::IdleTimeout),
+            Phase::Relaying => {
+                (self.last_activity + timeouts.idle, Due::Close(CloseReason::IdleTimeout))
+            }
         }
     }
 
@@ -288,6 +319,7 @@ mod tests {
             connect: Duration::from_secs(3),
             idle: Duration::from_secs(60),
             fin: Duration::from_secs(10),
+            sni: Duration::from_secs(2),
         }
     }
 
@@ -295,14 +327,22 @@ mod tests {
     fn connecting_session_is_cut_at_the_connect_timeout_of_its_current_attempt() {
         let t0 = Instant::now();
         let mut s = Session::new(t0);
-        assert_eq!(
-            s.deadline(&timeouts()),
-            (t0 + Duration::from_secs(3), CloseReason::ConnectTimeout)
-        );
+        assert_eq!(s.deadline(&timeouts()), (t0 + Duration::from_secs(3), Due::NextBackend));
         let t1 = t0 + Duration::from_secs(3);
         s.retry_connect(t1);
         assert_eq!(s.phase, Phase::Connecting { attempt: 1, since: t1 });
         assert_eq!(s.deadline(&timeouts()).0, t1 + Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_peeking_session_is_decided_at_the_sni_timeout_then_connects() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0);
+        s.peek(t0);
+        assert_eq!(s.deadline(&timeouts()), (t0 + Duration::from_secs(2), Due::DecideWithoutSni));
+        let t1 = t0 + Duration::from_secs(1);
+        s.decided(t1);
+        assert_eq!(s.deadline(&timeouts()), (t1 + Duration::from_secs(3), Due::NextBackend));
     }
 
     #[test]
@@ -314,7 +354,7 @@ mod tests {
         s.moved(Direction::Up, 10, t1);
         assert_eq!(
             s.deadline(&timeouts()),
-            (t1 + Duration::from_secs(60), CloseReason::IdleTimeout)
+            (t1 + Duration::from_secs(60), Due::Close(CloseReason::IdleTimeout))
         );
         assert_eq!(s.up.bytes, 10);
     }
@@ -328,7 +368,7 @@ mod tests {
         s.shut(Direction::Up, t0);
         assert_eq!(
             s.deadline(&timeouts()),
-            (t0 + Duration::from_secs(10), CloseReason::FinTimeout)
+            (t0 + Duration::from_secs(10), Due::Close(CloseReason::FinTimeout))
         );
         assert!(!s.is_finished());
     }

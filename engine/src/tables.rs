@@ -8,6 +8,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::acl::{Action, Query, RuleSet};
 use crate::balance::Pool;
 use crate::events::{RecordPolicy, ServiceCounters};
 
@@ -18,6 +21,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// After one direction has closed (half-close), the session is closed after this long
 /// without traffic.
 pub const DEFAULT_FIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a session waits for the client's TLS ClientHello when the firewall matches on
+/// SNI; after that it is decided as having none.
+pub const DEFAULT_SNI_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The timeouts of one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +31,7 @@ pub struct Timeouts {
     pub connect: Duration,
     pub idle: Duration,
     pub fin: Duration,
+    pub sni: Duration,
 }
 
 impl Default for Timeouts {
@@ -33,19 +40,90 @@ impl Default for Timeouts {
             connect: DEFAULT_CONNECT_TIMEOUT,
             idle: DEFAULT_IDLE_TIMEOUT,
             fin: DEFAULT_FIN_TIMEOUT,
+            sni: DEFAULT_SNI_TIMEOUT,
         }
     }
 }
 
-/// One forwarding service: where it listens and where it sends connections.
+/// An ordered, compiled rule list with a verdict counter per rule.
+#[derive(Debug)]
+pub struct Rules {
+    pub set: RuleSet,
+    /// Verdicts per rule, by rule index; shared with the admin API and kept across reloads.
+    pub hits: Vec<Arc<AtomicU64>>,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self { set: RuleSet::compile(Vec::new()), hits: Vec::new() }
+    }
+}
+
+impl Rules {
+    /// Rules with fresh counters.
+    pub fn new(set: RuleSet) -> Self {
+        let hits = (0..set.len()).map(|_| Arc::default()).collect();
+        Self { set, hits }
+    }
+
+    /// The first matching rule, counted.
+    fn decide(&self, q: &Query<'_>) -> Option<usize> {
+        let i = self.set.decide(q)?;
+        if let Some(h) = self.hits.get(i) {
+            h.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(i)
+    }
+}
+
+/// What the firewall decided for one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// The rule that decided; `None` for the service's default action.
+    pub rule: Option<Arc<str>>,
+}
+
+/// A named pool of backends that firewall rules can send sessions to.
+#[derive(Debug)]
+pub struct NamedPool {
+    pub name: Arc<str>,
+    pub pool: Pool,
+}
+
+/// One forwarding service: where it listens, who may reach it, and where it sends
+/// connections.
 #[derive(Debug)]
 pub struct Service {
     pub name: Arc<str>,
     pub listen: Vec<SocketAddr>,
+    /// The backends of sessions that no rule sends elsewhere.
     pub pool: Pool,
     pub timeouts: Timeouts,
+    /// The service's own rules, after the global firewall.
+    pub rules: Rules,
+    /// The action when no rule matches.
+    pub default: Action,
+    /// Sessions decided by the default action.
+    pub default_hits: Arc<AtomicU64>,
     /// Shared with the admin API; carried over by name when tables are rebuilt.
     pub counters: Arc<ServiceCounters>,
+}
+
+impl Service {
+    /// A service that allows every client to its pool.
+    pub fn new(name: &str, listen: Vec<SocketAddr>, pool: Pool, timeouts: Timeouts) -> Self {
+        Self {
+            name: name.into(),
+            listen,
+            pool,
+            timeouts,
+            rules: Rules::default(),
+            default: Action::Allow { pool: None },
+            default_hits: Arc::default(),
+            counters: Arc::default(),
+        }
+    }
 }
 
 /// Everything a worker needs to decide a new connection, in one immutable value.
@@ -57,6 +135,10 @@ pub struct Tables {
     by_listener: HashMap<SocketAddr, usize>,
     /// Which records workers produce besides close records.
     pub records: RecordPolicy,
+    /// Global rules, evaluated before each service's own.
+    pub firewall: Rules,
+    /// Named pools, by index (as [`Action::Allow`] names them).
+    pub pools: Vec<NamedPool>,
 }
 
 impl Tables {
@@ -68,7 +150,41 @@ impl Tables {
             .enumerate()
             .flat_map(|(i, s)| s.listen.iter().map(move |&a| (a, i)))
             .collect();
-        Self { version, services, by_listener, records: RecordPolicy::default() }
+        Self {
+            version,
+            services,
+            by_listener,
+            records: RecordPolicy::default(),
+            firewall: Rules::default(),
+            pools: Vec::new(),
+        }
+    }
+
+    /// The same tables with a global firewall and named pools.
+    pub fn with_firewall(mut self, firewall: Rules, pools: Vec<NamedPool>) -> Self {
+        self.firewall = firewall;
+        self.pools = pools;
+        self
+    }
+
+    /// Whether deciding a session of `service` needs the client's TLS server name.
+    pub fn needs_sni(&self, service: usize) -> bool {
+        self.firewall.set.needs_sni() || self.services[service].rules.set.needs_sni()
+    }
+
+    /// The firewall's decision: the global rules, then the service's, then its default.
+    pub fn judge(&self, service: usize, q: &Query<'_>) -> Decision {
+        if let Some(i) = self.firewall.decide(q) {
+            let rule = self.firewall.set.rule(i);
+            return Decision { action: rule.action, rule: Some(rule.name.clone()) };
+        }
+        let s = &self.services[service];
+        if let Some(i) = s.rules.decide(q) {
+            let rule = s.rules.set.rule(i);
+            return Decision { action: rule.action, rule: Some(rule.name.clone()) };
+        }
+        s.default_hits.fetch_add(1, Ordering::Relaxed);
+        Decision { action: s.default, rule: None }
     }
 
     /// The same tables with a record policy.
@@ -94,5 +210,50 @@ impl Tables {
     /// Every listen address, in service order.
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
         self.services.iter().flat_map(|s| s.listen.iter().copied()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::Rule;
+    use crate::balance::Backend;
+
+    fn query(client: &str) -> Query<'static> {
+        Query {
+            client: client.parse().unwrap(),
+            listener: "127.0.0.1:80".parse().unwrap(),
+            now: 0,
+            sni: None,
+        }
+    }
+
+    #[test]
+    fn global_rules_come_first_then_the_service_then_its_default() {
+        let pool = || Pool::new(vec![Backend::new("127.0.0.1:1".parse().unwrap())]);
+        let mut web =
+            Service::new("web", vec!["127.0.0.1:80".parse().unwrap()], pool(), Timeouts::default());
+        let mut office = Rule::new("office", Action::Allow { pool: Some(0) });
+        office.from = vec!["127.0.0.2/32".parse().unwrap()];
+        web.rules = Rules::new(RuleSet::compile(vec![office]));
+        web.default = Action::Deny { reset: false };
+        let mut block = Rule::new("block", Action::Deny { reset: true });
+        block.from = vec!["127.0.0.3/32".parse().unwrap()];
+        let named = vec![NamedPool { name: "office".into(), pool: pool() }];
+        let t = Tables::new(1, vec![web])
+            .with_firewall(Rules::new(RuleSet::compile(vec![block])), named);
+        let d = t.judge(0, &query("127.0.0.3:5"));
+        assert_eq!((d.action, d.rule.as_deref()), (Action::Deny { reset: true }, Some("block")));
+        let d = t.judge(0, &query("127.0.0.2:5"));
+        assert_eq!(
+            (d.action, d.rule.as_deref()),
+            (Action::Allow { pool: Some(0) }, Some("office"))
+        );
+        let d = t.judge(0, &query("127.0.0.9:5"));
+        assert_eq!((d.action, d.rule), (Action::Deny { reset: false }, None));
+        assert_eq!(t.firewall.hits[0].load(Ordering::Relaxed), 1);
+        assert_eq!(t.services()[0].rules.hits[0].load(Ordering::Relaxed), 1);
+        assert_eq!(t.services()[0].default_hits.load(Ordering::Relaxed), 1);
+        assert!(!t.needs_sni(0));
     }
 }

@@ -9,17 +9,19 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::acl::{Action, Query};
 use crate::balance::Backend;
+use crate::balance::Pool;
 use crate::driver::{self, DriverChoice, Selection};
 use crate::events::{EventSink, Record, RecordKind, Verdict, WorkerStats};
 use crate::session::{CloseReason, Phase, Session};
 use crate::sys::{self, EventFd};
-use crate::tables::{Service, Tables};
+use crate::tables::{Decision, Service, Tables};
 use crate::EngineError;
 use std::sync::atomic::Ordering;
 
@@ -160,11 +162,14 @@ pub struct Admission {
     pub start_wall: SystemTime,
     /// The backend of the current connect attempt, then of the relay.
     pub backend: Option<Backend>,
+    /// The firewall's decision, once made.
+    pub decision: Option<Decision>,
 }
 
 impl Admission {
-    /// Decides a freshly accepted connection with the current tables; `None` when no
-    /// service owns the listener any more (removed by a reload).
+    /// Admits a freshly accepted connection under the current tables; `None` when no
+    /// service owns the listener any more (removed by a reload). The firewall's decision
+    /// follows with [`judge`](Self::judge).
     pub fn decide(
         tables: &ArcSwap<Tables>,
         listener: SocketAddr,
@@ -173,11 +178,56 @@ impl Admission {
         let tables = tables.load_full();
         let service = tables.service_for(listener)?;
         let s = &tables.services()[service];
-        let pool_start = s.pool.start();
         WorkerStats::add(&s.counters.sessions, 1);
         WorkerStats::add(&s.counters.active, 1);
         let start_wall = SystemTime::now();
-        Some(Self { tables, service, listener, client, pool_start, start_wall, backend: None })
+        let (backend, decision) = (None, None);
+        Some(Self {
+            tables,
+            service,
+            listener,
+            client,
+            pool_start: 0,
+            start_wall,
+            backend,
+            decision,
+        })
+    }
+
+    /// Whether the firewall needs the client's TLS server name to decide this session.
+    pub fn needs_sni(&self) -> bool {
+        self.tables.needs_sni(self.service)
+    }
+
+    /// Decides the session with the firewall (given the client's TLS server name, if any)
+    /// and returns whether it is allowed.
+    pub fn judge(&mut self, sni: Option<&str>) -> bool {
+        let now = self.start_wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let q = Query { client: self.client, listener: self.listener, now, sni };
+        let decision = self.tables.judge(self.service, &q);
+        let allowed = matches!(decision.action, Action::Allow { .. });
+        if allowed {
+            self.pool_start = self.pool().start();
+        } else {
+            WorkerStats::add(&self.service().counters.denied, 1);
+        }
+        self.decision = Some(decision);
+        allowed
+    }
+
+    /// Whether a denied session's client must see a reset rather than a clean close.
+    pub fn deny_resets(&self) -> bool {
+        matches!(self.decision, Some(Decision { action: Action::Deny { reset: true }, .. }))
+    }
+
+    /// The pool this session's rule sends it to, or the service's own.
+    fn pool(&self) -> &Pool {
+        match self.decision {
+            Some(Decision { action: Action::Allow { pool: Some(i) }, .. }) => {
+                self.tables.pools.get(i).map_or(&self.service().pool, |p| &p.pool)
+            }
+            _ => &self.service().pool,
+        }
     }
 
     pub fn service(&self) -> &Service {
@@ -186,9 +236,10 @@ impl Admission {
 
     /// Chooses the backend for connect attempt `attempt`; `None` when none is left.
     pub fn begin_attempt(&mut self, attempt: usize) -> Option<SocketAddr> {
-        let backend = self.tables.services()[self.service].pool.pick(self.pool_start, attempt)?;
-        self.backend = Some(backend.clone());
-        Some(backend.addr)
+        let backend = self.pool().pick(self.pool_start, attempt)?.clone();
+        let addr = backend.addr;
+        self.backend = Some(backend);
+        Some(addr)
     }
 
     /// The current connect attempt failed.
@@ -216,7 +267,11 @@ impl Admission {
             client: self.client,
             listener: self.listener,
             backend: self.backend.as_ref().map(|b| b.addr),
-            state: if session.phase == Phase::Relaying { "relaying" } else { "connecting" },
+            state: match session.phase {
+                Phase::Peeking { .. } => "peeking",
+                Phase::Connecting { .. } => "connecting",
+                Phase::Relaying => "relaying",
+            },
             age: session.age(now),
             bytes_up: session.up.bytes,
             bytes_down: session.down.bytes,
@@ -244,8 +299,11 @@ impl Admission {
             duration,
             bytes_up: session.up.bytes,
             bytes_down: session.down.bytes,
-            verdict: Verdict::Allow,
-            rule: None,
+            verdict: match self.decision {
+                Some(Decision { action: Action::Deny { .. }, .. }) => Verdict::Deny,
+                _ => Verdict::Allow,
+            },
+            rule: self.decision.as_ref().and_then(|d| d.rule.clone()),
             reason: None,
             tables_version: self.tables.version,
         }
@@ -264,7 +322,7 @@ impl Admission {
         WorkerStats::add(&counters.bytes_up, session.up.bytes);
         WorkerStats::add(&counters.bytes_down, session.down.bytes);
         let relayed = session.phase == Phase::Relaying;
-        if !relayed {
+        if !relayed && reason != CloseReason::Denied {
             WorkerStats::add(&counters.unserved, 1);
         }
         if let (true, Some(b)) = (relayed, &self.backend) {
@@ -272,7 +330,8 @@ impl Admission {
             WorkerStats::add(&b.state.bytes_up, session.up.bytes);
             WorkerStats::add(&b.state.bytes_down, session.down.bytes);
         }
-        Record { reason: Some(reason), ..self.record(RecordKind::Close, worker, session, now) }
+        let kind = if reason == CloseReason::Denied { RecordKind::Deny } else { RecordKind::Close };
+        Record { reason: Some(reason), ..self.record(kind, worker, session, now) }
     }
 }
 

@@ -64,13 +64,8 @@ fn blackhole() -> (SocketAddr, Vec<TcpStream>, Socket) {
 }
 
 fn service(name: &str, listen: SocketAddr, backend: SocketAddr) -> Service {
-    Service {
-        name: name.into(),
-        listen: vec![listen],
-        pool: Pool::new(vec![Backend::new(backend)]),
-        timeouts: Timeouts { connect: Duration::from_millis(300), ..Timeouts::default() },
-        counters: Default::default(),
-    }
+    let timeouts = Timeouts { connect: Duration::from_millis(300), ..Timeouts::default() };
+    Service::new(name, vec![listen], Pool::new(vec![Backend::new(backend)]), timeouts)
 }
 
 fn free_port() -> SocketAddr {

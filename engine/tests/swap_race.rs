@@ -36,13 +36,12 @@ fn free_port() -> SocketAddr {
 }
 
 fn tables(version: u64, listen: SocketAddr, backend: SocketAddr) -> Tables {
-    let service = Service {
-        name: "race".into(),
-        listen: vec![listen],
-        pool: Pool::new(vec![Backend::new(backend)]),
-        timeouts: Timeouts::default(),
-        counters: Default::default(),
-    };
+    let service = Service::new(
+        "race",
+        vec![listen],
+        Pool::new(vec![Backend::new(backend)]),
+        Timeouts::default(),
+    );
     Tables::new(version, vec![service])
 }
 

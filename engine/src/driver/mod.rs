@@ -18,6 +18,7 @@ use crate::EngineError;
 
 mod buffers;
 pub mod epoll;
+mod peek;
 mod slots;
 pub mod uring;
 

@@ -75,6 +75,29 @@ pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     syscall!(send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)).map(|n| n as usize)
 }
 
+/// Copies up to `buf.len()` bytes of what a socket has received, without consuming them.
+pub fn recv_peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+    // The caller owns `fd`; `buf` is exclusively borrowed for the call.
+    syscall!(recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags)).map(|n| n as usize)
+}
+
+/// Sets SO_RCVLOWAT: readiness (poll, epoll) is reported only once `bytes` are queued, or at
+/// end of stream or error.
+pub fn set_rcvlowat(fd: RawFd, bytes: usize) -> io::Result<()> {
+    let value = bytes.min(i32::MAX as usize) as libc::c_int;
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // `value` lives on the stack for the duration of the call; the caller owns `fd`.
+    syscall!(setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVLOWAT,
+        (&value as *const libc::c_int).cast(),
+        len
+    ))
+    .map(drop)
+}
+
 /// Pins the calling thread to one CPU.
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     // SAFETY: cpu_set_t is a plain bit array; all-zero is a valid empty set.

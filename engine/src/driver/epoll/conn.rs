@@ -117,7 +117,7 @@ impl Conn {
     pub fn prepare_close(&mut self, reason: CloseReason, pool: &mut BufferPool) {
         self.up.release(pool);
         self.down.release(pool);
-        if reason.aborts() {
+        if reason.aborts() || self.admission.deny_resets() {
             let _ = sys::set_linger_zero(self.client.as_raw_fd());
             if let Some(b) = &self.backend {
                 let _ = sys::set_linger_zero(b.as_raw_fd());

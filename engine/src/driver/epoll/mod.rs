@@ -11,6 +11,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
@@ -20,9 +21,10 @@ use mio::{Events, Interest, Poll, Token};
 use self::conn::{Conn, Pump};
 use super::buffers::BufferPool;
 use super::is_connect_failure;
+use super::peek::{self, Peeked};
 use super::slots::{SlotId, Slots};
 use crate::events::{RecordKind, WorkerStats};
-use crate::session::{CloseReason, Direction, Phase, Side};
+use crate::session::{CloseReason, Direction, Due, Phase, Side};
 use crate::sys;
 use crate::worker::{Admission, Command, LiveSession, WorkerContext};
 
@@ -69,6 +71,8 @@ struct EpollWorker {
     pending: Vec<Ready>,
     paused: Vec<(Instant, usize)>,
     pool: BufferPool,
+    /// Where ClientHellos are peeked at.
+    scratch: Box<[u8]>,
     draining: Option<Instant>,
     last_warn: Option<Instant>,
     /// When sessions are next scanned for due interim records.
@@ -102,6 +106,7 @@ impl EpollWorker {
             pending: Vec::new(),
             paused: Vec::new(),
             pool,
+            scratch: peek::scratch(),
             draining: None,
             last_warn: None,
             next_report_scan: Instant::now() + REPORT_SCAN,
@@ -304,6 +309,36 @@ impl EpollWorker {
             self.close(id, CloseReason::LocalError);
             return;
         }
+        if conn.admission.needs_sni() {
+            // The client's readiness event (edge-triggered) will bring its first bytes.
+            conn.session.peek(self.now);
+            self.rearm(id);
+            return;
+        }
+        self.decide(id, None);
+    }
+
+    /// Peeks at the client's ClientHello; decides once the server name is known.
+    fn peek(&mut self, id: SlotId) {
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        match peek::peek_sni(conn.client.as_raw_fd(), &mut self.scratch) {
+            Peeked::Decide(sni) => self.decide(id, sni.as_deref()),
+            Peeked::Wait | Peeked::NotReady => {}
+            Peeked::Reset => self.close(id, CloseReason::ClientRst),
+        }
+    }
+
+    /// Asks the firewall; an allowed session starts connecting, a denied one is closed.
+    fn decide(&mut self, id: SlotId, sni: Option<&str>) {
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        if let Phase::Peeking { .. } = conn.session.phase {
+            peek::done_peeking(conn.client.as_raw_fd());
+        }
+        if !conn.admission.judge(sni) {
+            return self.close(id, CloseReason::Denied);
+        }
+        conn.session.decided(now);
         self.connect(id);
     }
 
@@ -361,11 +396,14 @@ impl EpollWorker {
     fn on_session(&mut self, token: usize, ready: Ready) {
         let side = if token & 1 == 1 { Side::Backend } else { Side::Client };
         let Some((id, conn)) = self.conns.at_mut((token >> 1) as u32) else { return };
-        if let Phase::Connecting { .. } = conn.session.phase {
-            if side == Side::Backend {
-                self.check_connect(id);
+        match conn.session.phase {
+            Phase::Peeking { .. } if side == Side::Client && ready.readable => {
+                return self.peek(id)
             }
-            return;
+            Phase::Peeking { .. } => return,
+            Phase::Connecting { .. } if side == Side::Backend => return self.check_connect(id),
+            Phase::Connecting { .. } => return,
+            Phase::Relaying => {}
         }
         let mut dirs = [None, None];
         if ready.readable {
@@ -455,15 +493,17 @@ impl EpollWorker {
                 continue;
             }
             let timeouts = conn.admission.service().timeouts;
-            let (deadline, reason) = conn.session.deadline(&timeouts);
+            let (deadline, due) = conn.session.deadline(&timeouts);
             if deadline > self.now {
                 conn.armed = Some(deadline);
                 self.timers.push(Reverse((deadline, id)));
-            } else if reason == CloseReason::ConnectTimeout {
-                conn.armed = None;
-                self.connect_failed(id, reason);
-            } else {
-                self.close(id, reason);
+                continue;
+            }
+            conn.armed = None;
+            match due {
+                Due::DecideWithoutSni => self.decide(id, None),
+                Due::NextBackend => self.connect_failed(id, CloseReason::ConnectTimeout),
+                Due::Close(reason) => self.close(id, reason),
             }
         }
     }

@@ -27,9 +27,10 @@ use self::pipes::PipePool;
 use super::buffers::BufferPool;
 use super::epoll::is_resource_exhaustion;
 use super::is_connect_failure;
+use super::peek::{self, Peeked};
 use super::slots::{SlotId, Slots};
 use crate::events::{RecordKind, WorkerStats};
-use crate::session::{CloseReason, Direction, Phase};
+use crate::session::{CloseReason, Direction, Due, Phase};
 use crate::sys;
 use crate::worker::{Admission, Command, LiveSession, WorkerContext};
 
@@ -143,6 +144,8 @@ struct UringWorker {
     pending: Vec<SlotId>,
     paused: Vec<(Instant, usize)>,
     pools: RelayPools,
+    /// Where ClientHellos are peeked at.
+    scratch: Box<[u8]>,
     completions: Vec<(u64, i32, u32)>,
     draining: Option<Instant>,
     /// A reload waiting for this worker to close listeners: who to tell, and how many are left.
@@ -181,6 +184,7 @@ impl UringWorker {
             pending: Vec::new(),
             paused: Vec::new(),
             pools,
+            scratch: peek::scratch(),
             completions: Vec::with_capacity(CQ_ENTRIES as usize),
             draining: None,
             removal: None,
@@ -460,6 +464,50 @@ impl UringWorker {
         if peer.is_err() {
             return self.close(id, CloseReason::ClientRst);
         }
+        let conn = self.conns.get_mut(id).expect("just inserted");
+        if conn.admission.needs_sni() {
+            conn.session.peek(self.now);
+            self.poll_client(id);
+            return self.rearm(id);
+        }
+        self.decide(id, None);
+    }
+
+    /// Queues a readiness poll on the client while its ClientHello is awaited.
+    fn poll_client(&mut self, id: SlotId) {
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        if conn.inflight & bit(Op::PollIn, Direction::Up) != 0 {
+            return;
+        }
+        conn.inflight |= bit(Op::PollIn, Direction::Up);
+        let user_data = ops::pack(Op::PollIn, id.index, Direction::Up);
+        let entry = ops::poll(conn.client.as_raw_fd(), libc::POLLIN | libc::POLLRDHUP, user_data);
+        push(&mut self.ring, &entry);
+    }
+
+    /// Peeks at the client's ClientHello; decides once the server name is known. The poll
+    /// is level-triggered: an incomplete hello raises SO_RCVLOWAT first, so the next
+    /// completion comes only when the rest has arrived.
+    fn peek(&mut self, id: SlotId) {
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        match peek::peek_sni(conn.client.as_raw_fd(), &mut self.scratch) {
+            Peeked::Decide(sni) => self.decide(id, sni.as_deref()),
+            Peeked::Wait | Peeked::NotReady => self.poll_client(id),
+            Peeked::Reset => self.close(id, CloseReason::ClientRst),
+        }
+    }
+
+    /// Asks the firewall; an allowed session starts connecting, a denied one is closed.
+    fn decide(&mut self, id: SlotId, sni: Option<&str>) {
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(id) else { return };
+        if let Phase::Peeking { .. } = conn.session.phase {
+            peek::done_peeking(conn.client.as_raw_fd());
+        }
+        if !conn.admission.judge(sni) {
+            return self.close(id, CloseReason::Denied);
+        }
+        conn.session.decided(now);
         self.connect(id);
     }
 
@@ -542,6 +590,7 @@ impl UringWorker {
                     self.connect_failed(id, reason);
                 }
             }
+            Op::PollIn if matches!(conn.session.phase, Phase::Peeking { .. }) => self.peek(id),
             _ => self.pump(id, [dir]),
         }
     }
@@ -630,17 +679,22 @@ impl UringWorker {
                 continue;
             }
             let timeouts = conn.admission.service().timeouts;
-            let (deadline, reason) = conn.session.deadline(&timeouts);
+            let (deadline, due) = conn.session.deadline(&timeouts);
             if deadline > self.now {
                 conn.armed = Some(deadline);
                 self.timers.push(Reverse((deadline, id)));
-            } else if reason == CloseReason::ConnectTimeout {
-                // The connect completion (-ECANCELED) moves on to the next backend.
-                conn.armed = None;
-                let target = ops::pack(Op::Connect, id.index, Direction::Up);
-                push(&mut self.ring, &ops::cancel(target));
-            } else {
-                self.close(id, reason);
+                continue;
+            }
+            conn.armed = None;
+            match due {
+                // The client poll stays on the ring; its completion finds the session decided.
+                Due::DecideWithoutSni => self.decide(id, None),
+                Due::NextBackend => {
+                    // The connect completion (-ECANCELED) moves on to the next backend.
+                    let target = ops::pack(Op::Connect, id.index, Direction::Up);
+                    push(&mut self.ring, &ops::cancel(target));
+                }
+                Due::Close(reason) => self.close(id, reason),
             }
         }
     }
