@@ -1141,6 +1141,50 @@ mod tests {
     }
 
     #[test]
+    fn firewall_rules_compile_with_pools_and_defaults() {
+        let text = format!(
+            "[[firewall]]\nname = \"block\"\naction = \"deny\"\nreset = true\nfrom = [\"10.0.0.0/8\", \"192.0.2.1\"]\n\n[[pool]]\nname = \"office\"\nbackends = [\"127.0.0.1:9001\"]\n\n{MINIMAL}default = \"reject\"\n\n[[service.rule]]\naction = \"allow\"\npool = \"office\"\nfrom_port = [22, \"1024-2048\"]\nto = [\":8080\"]\nsni = [\"*.example.com\"]\ntime = [\"Mon-Fri 08:00-18:00\"]\ntimezone = \"UTC\"\n"
+        );
+        let c = Config::parse("t", &text).unwrap();
+        assert_eq!(c.firewall.len(), 1);
+        assert_eq!(&*c.firewall[0].name, "block");
+        assert_eq!(c.firewall[0].action, Action::Deny { reset: true });
+        assert_eq!(c.firewall[0].from.len(), 2);
+        let s = &c.services[0];
+        assert_eq!(s.default, Action::Deny { reset: true });
+        assert_eq!(s.rules[0].action, Action::Allow { pool: Some(0) });
+        assert_eq!(&*s.rules[0].name, "web.rule.0");
+        assert_eq!(s.rules[0].from_port, vec![22..=22, 1024..=2048]);
+        let mut registry = Registry::default();
+        let t = c.tables(1, &mut registry);
+        assert!(t.needs_sni(0));
+        assert_eq!(&*t.pools[0].name, "office");
+    }
+
+    #[test]
+    fn every_bad_firewall_value_is_reported_with_line_and_key() {
+        let text = format!(
+            "[[firewall]]\naction = \"allow\"\nreset = true\nfrom = [\"10.0.0.0/33\"]\n\n{MINIMAL}default = \"maybe\"\n\n[[service.rule]]\naction = \"allow\"\npool = \"nowhere\"\nfrom_port = [\"9-2\"]\nsni = [\"bad name!\"]\ntime = [\"Someday 10:00-11:00\"]\ntimezone = \"UTC\"\n"
+        );
+        let e = errors(&text);
+        let found: Vec<(usize, &str)> = e.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            found,
+            vec![
+                (3, "firewall[0].reset"),
+                (4, "firewall[0].from"),
+                (14, "service[0].rule[0].pool"),
+                (15, "service[0].rule[0].from_port"),
+                (16, "service[0].rule[0].sni"),
+                (17, "service[0].rule[0].time"),
+                (10, "service[0].default"),
+            ]
+        );
+        let e = errors(&format!("{MINIMAL}\n[[service.rule]]\naction = \"deny\"\ntime = [\"10:00-11:00\"]\ntimezone = \"Nowhere/Atlantis\"\n"));
+        assert_eq!((e[0].line, e[0].key.as_str()), (9, "service[0].rule[0].timezone"));
+    }
+
+    #[test]
     fn a_config_without_services_is_rejected() {
         assert!(errors("[engine]\nworkers = 1\n")[0].message.contains("[[service]]"));
     }
