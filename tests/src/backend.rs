@@ -1,6 +1,6 @@
 //! The servers behind sluice, all on loopback: a generic [`Backend`] that runs a handler per
-//! connection, the common handlers (echo, sink, server-speaks-first, reset mid-stream,
-//! streamer), and a [`Blackhole`] that never answers a SYN.
+//! connection, the common handlers (echo, tagged echo, sink, server-speaks-first, reset
+//! mid-stream, streamer), and a [`Blackhole`] that never answers a SYN.
 //!
 //! Invariants: every accepted socket has [`IO_TIMEOUT`] set, so a handler thread ends by
 //! itself; dropping a `Backend` stops its accept thread; handlers report through
@@ -117,6 +117,23 @@ impl Backend {
                 Ok(r) => r,
                 Err(_) => return,
             };
+            if io::copy(&mut reader, &mut stream).is_ok() {
+                let _ = stream.shutdown(Shutdown::Write);
+            }
+        })
+    }
+
+    /// Writes `tag` as soon as it accepts, then echoes like [`Backend::echo`]: the first byte
+    /// a client reads says which backend served it.
+    pub fn tagged_echo(tag: u8) -> Backend {
+        Backend::spawn(move |mut stream| {
+            let mut reader = match stream.try_clone() {
+                Ok(r) => r,
+                Err(_) => return,
+            };
+            if stream.write_all(&[tag]).is_err() {
+                return;
+            }
             if io::copy(&mut reader, &mut stream).is_ok() {
                 let _ = stream.shutdown(Shutdown::Write);
             }

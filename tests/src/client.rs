@@ -1,7 +1,8 @@
 //! The client side of a test: connecting with bounded timeouts, reading a stream to its end
-//! and saying how it ended (clean EOF or reset), and closing abortively.
+//! and saying how it ended (clean EOF or reset), closing abortively, and echo exchanges
+//! (plain, or tagged by the backend that served them).
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -150,4 +151,33 @@ pub fn echo_round_trip(addr: SocketAddr, seed: u64, len: u64) -> SessionKey {
         panic!("echo round trip of {len} bytes through {addr}: {e}");
     }
     client
+}
+
+/// Sends `payload` (small: it is written whole before anything is read) on a stream to a
+/// [`crate::Backend::tagged_echo`] service, then SHUT_WR, and reads to EOF; the tag of the
+/// backend that answered if exactly the tag and the payload came back.
+pub fn tagged_exchange(mut stream: TcpStream, payload: &[u8]) -> Result<u8, String> {
+    stream.write_all(payload).map_err(|e| format!("write: {e}"))?;
+    stream.shutdown(std::net::Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+    let mut back = Vec::with_capacity(payload.len() + 1);
+    stream.read_to_end(&mut back).map_err(|e| format!("read after {} bytes: {e}", back.len()))?;
+    match back.split_first() {
+        Some((&tag, echoed)) if echoed == payload => Ok(tag),
+        Some((&tag, echoed)) => Err(format!(
+            "backend {tag:?} echoed {} bytes that differ from the {} sent",
+            echoed.len(),
+            payload.len()
+        )),
+        None => Err("the stream ended with no byte".into()),
+    }
+}
+
+/// Connects to a tagged echo service at `addr` and exchanges `payload`; panics on any
+/// failure. Returns the tag of the backend that served it and the session key.
+pub fn tagged_round_trip(addr: SocketAddr, payload: &[u8]) -> (u8, SessionKey) {
+    let stream = connect(addr);
+    let key = SessionKey::of(&stream);
+    let tag = tagged_exchange(stream, payload)
+        .unwrap_or_else(|e| panic!("tagged echo through {addr}: {e}"));
+    (tag, key)
 }

@@ -4,6 +4,8 @@
 //! - [`Sluice`]: one running process: its config file, its log, its fd count and RSS.
 //! - [`Backend`], [`Blackhole`], [`refused_addr`]: the servers behind it.
 //! - [`Payload`], [`drain`]: deterministic data and byte-exact checks on the client side.
+//! - [`Admin`], [`Metrics`]: the admin API over a small HTTP/1.1 client, `/metrics` parsed.
+//! - [`read_json_lines`] and friends: connection-log records read back from JSON-lines files.
 //! - [`for_each_driver!`]: runs a relay test once per driver; a driver that sluice cannot
 //!   run on this machine is skipped with a printed reason, never failed.
 //!
@@ -11,24 +13,32 @@
 //! process and thread started here stops by itself or when its handle is dropped.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod backend;
 mod client;
 mod payload;
 mod ports;
 mod process;
+mod records;
 mod sluice;
+
+pub use admin::{Admin, AdminAddr, HttpResponse, Metrics};
 
 pub use backend::{Backend, Blackhole, Reports};
 pub use client::{
-    abort, connect, drain, echo_exchange, echo_round_trip, read_exactly, set_timeouts, try_connect,
-    Drained, End, IO_TIMEOUT,
+    abort, connect, drain, echo_exchange, echo_round_trip, read_exactly, set_timeouts,
+    tagged_exchange, tagged_round_trip, try_connect, Drained, End, IO_TIMEOUT,
 };
 pub use nix::sys::signal::Signal;
 pub use payload::{hex, Digest, Payload, Verifier};
 pub use ports::{free_addr, free_port, refused_addr};
 pub use process::raise_fd_limit;
+pub use records::{
+    is_record_of, read_json_lines, records_of, wait_for_close_record, wait_for_json_lines,
+};
 pub use sluice::{
-    binary, scratch_dir, Config, Service, SessionKey, SessionRecord, Sluice, StartError,
+    binary, scratch_dir, Config, Reload, ScratchDir, Service, SessionKey, SessionRecord, Sluice,
+    StartError,
 };
 
 /// The relay drivers sluice offers; every relay test runs on each.

@@ -4,6 +4,9 @@
 //! listeners are bound). Dropping a [`Sluice`] kills the process and removes its dir.
 //!
 //! Session lines are parsed into [`SessionRecord`]s; /proc gives its fd count and RSS.
+//! [`Sluice::write_config`] and [`Sluice::reload`] change the file and reload it; a config
+//! with an `[admin]` section is ready once the admin API is up, and [`Sluice::admin`] talks
+//! to it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::admin::{Admin, AdminAddr};
 use crate::client::echo_round_trip;
 use crate::ports::free_addr;
 use crate::process::{fd_count, rss_kib};
@@ -28,10 +32,20 @@ use crate::Driver;
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Starts retried with fresh ports when sluice loses a port race.
 const BIND_ATTEMPTS: usize = 5;
+/// The config file's name in the process's temp dir.
+const CONFIG_FILE: &str = "sluice.toml";
 /// What sluice says when the configured driver cannot run on this machine.
 const UNAVAILABLE: &str = "driver uring unavailable";
 /// Log lines printed when a test panics while sluice runs.
 const LOG_TAIL: usize = 60;
+/// What sluice logs once its admin API listens.
+const ADMIN_READY: &str = "admin API on ";
+/// What sluice logs when a reload is applied, before the version number.
+const RELOAD_APPLIED: &str = "reload: tables version ";
+/// What sluice logs before each error of a rejected reload.
+const RELOAD_REJECTED: &str = "reload rejected: ";
+/// The last line of a rejected reload.
+const RELOAD_KEPT: &str = "reload rejected: the running configuration stays in force";
 
 /// The `sluice` binary: `$SLUICE_BIN`, else `target/<profile>/sluice` next to the test's
 /// own `target/<profile>/deps/` directory.
@@ -118,6 +132,11 @@ pub struct Config {
     pub pipe_size: Option<String>,
     pub shutdown_timeout: Option<String>,
     pub services: Vec<Service>,
+    /// The `[admin]` section's `listen`, if the config has one.
+    pub admin: Option<AdminAddr>,
+    /// Raw TOML appended after the services, each beginning with a table header
+    /// (`[records]`, `[[log]]`, ...).
+    pub sections: Vec<String>,
 }
 
 impl Config {
@@ -130,6 +149,8 @@ impl Config {
             pipe_size: None,
             shutdown_timeout: None,
             services: Vec::new(),
+            admin: None,
+            sections: Vec::new(),
         }
     }
 
@@ -146,6 +167,32 @@ impl Config {
     pub fn shutdown_timeout(mut self, d: &str) -> Self {
         self.shutdown_timeout = Some(d.to_string());
         self
+    }
+
+    /// An `[admin]` section listening on a free 127.0.0.1 port.
+    pub fn admin_tcp(mut self) -> Self {
+        self.admin = Some(AdminAddr::Tcp(free_addr(IpAddr::V4(Ipv4Addr::LOCALHOST))));
+        self
+    }
+
+    /// An `[admin]` section listening on the unix socket `path`.
+    pub fn admin_unix(mut self, path: &Path) -> Self {
+        self.admin = Some(AdminAddr::Unix(path.to_path_buf()));
+        self
+    }
+
+    /// Appends raw TOML; it must begin with a table header such as `[records]` or
+    /// `[[log]]`, so that it cannot land inside the last `[[service]]`.
+    pub fn section(mut self, toml: &str) -> Self {
+        assert!(toml.trim_start().starts_with('['), "a section begins with a header: {toml:?}");
+        self.sections.push(toml.to_string());
+        self
+    }
+
+    /// The service called `name`, to change it before a reload.
+    pub fn service_mut(&mut self, name: &str) -> &mut Service {
+        let found = self.services.iter_mut().find(|s| s.name == name);
+        found.unwrap_or_else(|| panic!("no service {name:?}"))
     }
 
     /// The TOML text of this configuration.
@@ -180,13 +227,39 @@ impl Config {
                 }
             }
         }
+        if let Some(admin) = &self.admin {
+            t += &format!("\n[admin]\nlisten = \"{admin}\"\n");
+        }
+        for section in &self.sections {
+            t += "\n";
+            t += section;
+            if !section.ends_with('\n') {
+                t += "\n";
+            }
+        }
         t
+    }
+
+    fn repick_ports(&mut self) {
+        self.services.iter_mut().for_each(Service::repick_listen);
+        if let Some(AdminAddr::Tcp(addr)) = &mut self.admin {
+            *addr = free_addr(addr.ip());
+        }
     }
 }
 
 fn toml_list(addrs: &[SocketAddr]) -> String {
     let items: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
     format!("[{}]", items.join(", "))
+}
+
+/// What became of a reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// The file was valid: these tables are in force.
+    Applied(u64),
+    /// The file was rejected: one `FILE:LINE:COL: key: message` line per error.
+    Rejected(Vec<String>),
 }
 
 /// Why sluice did not come up.
@@ -365,7 +438,7 @@ impl Sluice {
                 Err(StartError::Exited { logs, .. })
                     if logs.iter().any(|l| l.contains("cannot listen on")) =>
                 {
-                    config.services.iter_mut().for_each(Service::repick_listen);
+                    config.repick_ports();
                 }
                 other => return other,
             }
@@ -375,16 +448,18 @@ impl Sluice {
 
     fn launch(config: &Config) -> Result<Sluice, StartError> {
         let dir = scratch_dir();
-        let path = dir.join("sluice.toml");
+        let path = dir.join(CONFIG_FILE);
         std::fs::write(&path, config.to_toml()).expect("write config");
         let args =
             ["run", "--config", path.to_str().expect("utf-8 temp path"), "--log-level", "info"];
         let mut sluice = Sluice::spawn_in(dir, &args);
         sluice.config = Some(config.clone());
         let services = config.services.len();
+        let admin = config.admin.is_some();
         let ready = sluice.log.wait_until(READY_TIMEOUT, |lines| {
             let n = lines.iter().filter(|l| l.contains(" backends=")).count();
-            (n >= services).then_some(())
+            let admin_up = !admin || lines.iter().any(|l| l.contains(ADMIN_READY));
+            (n >= services && admin_up).then_some(())
         });
         if ready.is_some() {
             return Ok(sluice);
@@ -461,6 +536,81 @@ impl Sluice {
     /// Every stderr line so far.
     pub fn logs(&self) -> Vec<String> {
         self.log.lines()
+    }
+
+    /// The number of stderr lines so far: a mark for [`Sluice::wait_for_log_after`].
+    pub fn log_mark(&self) -> usize {
+        self.log.state.lock().expect("log lock").lines.len()
+    }
+
+    /// The first line after line `mark` containing `needle`, waiting up to `timeout`.
+    pub fn wait_for_log_after(
+        &self,
+        mark: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> Option<String> {
+        self.log.wait_until(timeout, |lines| {
+            lines.get(mark..)?.iter().find(|l| l.contains(needle)).cloned()
+        })
+    }
+
+    /// The file sluice was started with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join(CONFIG_FILE)
+    }
+
+    /// Replaces the config file with `config` (sluice reads it at the next reload). The
+    /// addresses [`Sluice::addr`] reports stay those of the config sluice started with.
+    pub fn write_config(&self, config: &Config) {
+        self.write_config_text(&config.to_toml());
+    }
+
+    /// Replaces the config file with `text`, valid or not.
+    pub fn write_config_text(&self, text: &str) {
+        let path = self.config_path();
+        let next = self.dir.join("sluice.toml.next");
+        std::fs::write(&next, text).expect("write config");
+        // A rename, so that a reload never reads a half-written file.
+        std::fs::rename(&next, &path).expect("replace config");
+    }
+
+    /// Sends SIGHUP and waits up to `timeout` for sluice to apply or reject the file.
+    pub fn reload(&self, timeout: Duration) -> Reload {
+        let mark = self.log_mark();
+        self.signal(Signal::SIGHUP);
+        self.wait_for_reload(mark, timeout)
+    }
+
+    /// Waits up to `timeout` for the outcome of a reload begun after log line `mark`;
+    /// panics if none comes.
+    pub fn wait_for_reload(&self, mark: usize, timeout: Duration) -> Reload {
+        let outcome = self.log.wait_until(timeout, |lines| {
+            let new = lines.get(mark..)?;
+            for (i, line) in new.iter().enumerate() {
+                if let Some(at) = line.find(RELOAD_APPLIED) {
+                    let rest = &line[at + RELOAD_APPLIED.len()..];
+                    let version = rest.split_whitespace().next()?.parse().ok()?;
+                    return Some(Reload::Applied(version));
+                }
+                if line.contains(RELOAD_KEPT) {
+                    let errors = new[..i]
+                        .iter()
+                        .filter_map(|l| l.find(RELOAD_REJECTED).map(|at| &l[at..]))
+                        .map(|l| l[RELOAD_REJECTED.len()..].to_string())
+                        .collect();
+                    return Some(Reload::Rejected(errors));
+                }
+            }
+            None
+        });
+        outcome.unwrap_or_else(|| panic!("no reload outcome logged within {timeout:?}"))
+    }
+
+    /// A client of the admin API; panics if the config has no `[admin]` section.
+    pub fn admin(&self) -> Admin {
+        let config = self.config.as_ref().expect("started with a config");
+        Admin::new(config.admin.clone().expect("the config has an [admin] section"))
     }
 
     /// The first line containing `needle`, waiting up to `timeout` for it.
@@ -601,6 +751,39 @@ impl Drop for Sluice {
             );
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A [`scratch_dir`] removed with everything in it when dropped.
+#[derive(Debug)]
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    pub fn new() -> Self {
+        Self { path: scratch_dir() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A path inside the dir.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Default for ScratchDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
