@@ -92,6 +92,10 @@ pub fn default_workers() -> usize {
     sys::allowed_cpus().len().max(1)
 }
 
+/// Signals handled by the control thread, blocked in every worker.
+pub const CONTROL_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGHUP, libc::SIGTERM, libc::SIGINT, libc::SIGUSR1];
+
 /// How long a reload waits for every worker to close its removed listeners.
 pub const LISTENER_REMOVAL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -404,6 +408,11 @@ impl Engine {
             let thread = std::thread::Builder::new()
                 .name(format!("sluice-w{id}"))
                 .spawn(move || {
+                    // Signals belong to the control thread; a worker never runs a handler
+                    // (nor sees EINTR on its ring wait for one).
+                    if let Err(e) = sys::block_signals(&CONTROL_SIGNALS) {
+                        log::warn!("worker {id}: cannot block signals: {e}");
+                    }
                     if let Some(cpu) = cpu {
                         if let Err(e) = sys::pin_to_cpu(cpu) {
                             log::warn!("worker {id}: cannot pin to cpu {cpu}: {e}");
