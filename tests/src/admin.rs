@@ -137,8 +137,13 @@ fn exchange<S: Read + Write>(
     body: &[u8],
 ) -> io::Result<HttpResponse> {
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
+        concat!(
+            "{method} {path} HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n",
+            "Content-Length: {len}\r\n\r\n"
+        ),
+        method = method,
+        path = path,
+        len = body.len()
     );
     stream.write_all(head.as_bytes())?;
     let _ = stream.write_all(body);

@@ -3,11 +3,11 @@
 //! (plain, or tagged by the backend that served them).
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
-use socket2::SockRef;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::payload::{Digest, Payload, Verifier};
 use crate::sluice::SessionKey;
@@ -26,6 +26,20 @@ pub fn try_connect(addr: SocketAddr) -> io::Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     set_timeouts(&stream, IO_TIMEOUT);
     Ok(stream)
+}
+
+/// Connects to `addr` from a local address on `ip` (a kernel-chosen port), with timeouts
+/// set; for a client address a test can tell apart, such as 127.0.0.2.
+pub fn connect_from(ip: IpAddr, addr: SocketAddr) -> TcpStream {
+    let connected = (|| -> io::Result<TcpStream> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+        socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        Ok(socket.into())
+    })();
+    let stream = connected.unwrap_or_else(|e| panic!("cannot connect from {ip} to {addr}: {e}"));
+    set_timeouts(&stream, IO_TIMEOUT);
+    stream
 }
 
 /// Sets both socket timeouts.

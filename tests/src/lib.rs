@@ -6,6 +6,7 @@
 //! - [`Payload`], [`drain`]: deterministic data and byte-exact checks on the client side.
 //! - [`Admin`], [`Metrics`]: the admin API over a small HTTP/1.1 client, `/metrics` parsed.
 //! - [`read_json_lines`] and friends: connection-log records read back from JSON-lines files.
+//! - [`Stop`]: a time-bounded stop flag for helper threads, set on drop of its guard.
 //! - [`for_each_driver!`]: runs a relay test once per driver; a driver that sluice cannot
 //!   run on this machine is skipped with a printed reason, never failed.
 //!
@@ -21,25 +22,28 @@ mod ports;
 mod process;
 mod records;
 mod sluice;
+mod stop;
 
 pub use admin::{Admin, AdminAddr, HttpResponse, Metrics};
 
 pub use backend::{Backend, Blackhole, Reports};
 pub use client::{
-    abort, connect, drain, echo_exchange, echo_round_trip, read_exactly, set_timeouts,
-    tagged_exchange, tagged_round_trip, try_connect, Drained, End, IO_TIMEOUT,
+    abort, connect, connect_from, drain, echo_exchange, echo_round_trip, read_exactly,
+    set_timeouts, tagged_exchange, tagged_round_trip, try_connect, Drained, End, IO_TIMEOUT,
 };
 pub use nix::sys::signal::Signal;
 pub use payload::{hex, Digest, Payload, Verifier};
 pub use ports::{free_addr, free_port, refused_addr};
 pub use process::raise_fd_limit;
 pub use records::{
-    is_record_of, read_json_lines, records_of, wait_for_close_record, wait_for_json_lines,
+    is_record_of, read_json_lines, records_of, rfc3339_ms, wait_for_close_record,
+    wait_for_json_lines,
 };
 pub use sluice::{
     binary, scratch_dir, Config, Reload, ScratchDir, Service, SessionKey, SessionRecord, Sluice,
     StartError,
 };
+pub use stop::{Stop, StopGuard};
 
 /// The relay drivers sluice offers; every relay test runs on each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

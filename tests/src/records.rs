@@ -1,7 +1,8 @@
 //! Connection-log records as a JSON sink writes them: one object per line, read back from
 //! files (several, after a rename) and matched to the sessions a test made.
 //!
-//! Only complete lines count: a sink may have flushed part of its last line.
+//! Only complete lines count: a sink may have flushed part of its last line. Timestamps are
+//! RFC 3339 UTC with milliseconds, as sluice writes them.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -73,4 +74,55 @@ pub fn wait_for_close_record(path: &Path, key: SessionKey, timeout: Duration) ->
     found.unwrap_or_else(|| {
         panic!("no close record of {key:?} in {} after {timeout:?}: {lines:#?}", path.display())
     })
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 UTC timestamp with milliseconds, such as
+/// `2026-11-22T00:20:01.532Z`; `None` for any other shape.
+pub fn rfc3339_ms(text: &str) -> Option<u64> {
+    let b = text.as_bytes();
+    let shape_ok = b.len() == 24
+        && [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (23, b'Z')]
+            .iter()
+            .all(|&(i, c)| b[i] == c);
+    if !shape_ok {
+        return None;
+    }
+    let num = |from: usize, to: usize| text.get(from..to)?.parse::<u64>().ok();
+    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hour, minute, second, ms) = (num(11, 13)?, num(14, 16)?, num(17, 19)?, num(20, 23)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let days = days_from_civil(year as i64, month as i64, day as i64);
+    let seconds = u64::try_from(days).ok()? * 86_400 + hour * 3600 + minute * 60 + second;
+    Some(seconds * 1000 + ms)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_timestamps_convert_to_epoch_milliseconds() {
+        assert_eq!(rfc3339_ms("1970-01-01T00:00:00.000Z"), Some(0));
+        assert_eq!(rfc3339_ms("2026-11-22T00:00:00.123Z"), Some(1_795_305_600_123));
+        assert_eq!(rfc3339_ms("2000-02-29T00:00:00.000Z"), Some(951_782_400_000));
+        assert_eq!(rfc3339_ms("2026-11-22 00:00:00.123Z"), None);
+        assert_eq!(rfc3339_ms("2026-11-22T00:00:00Z"), None);
+    }
 }

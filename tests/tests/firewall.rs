@@ -10,15 +10,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use socket2::{Domain, Socket, Type};
 use sluice_tests::{drain, free_addr, free_port, tagged_exchange, Backend, Driver, End, Sluice};
+use socket2::{Domain, Socket, Type};
 
 const READY: Duration = Duration::from_secs(10);
 
 /// Starts sluice on `body` (services, rules, pools) under `driver`; `None` when the driver
 /// cannot run here.
 fn start(driver: Driver, body: &str, services: usize) -> Option<(Sluice, PathBuf)> {
-    let dir = std::env::temp_dir().join(format!("sluice-fw-{}-{}", std::process::id(), free_port(loopback())));
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-fw-{}-{}",
+        std::process::id(),
+        free_port(loopback())
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let mut text = format!("[engine]\nworkers = 2\ndriver = {:?}\n", driver.as_str());
     if let Some(relay) = driver.relay() {
@@ -112,7 +116,10 @@ fn source_networks_allow_deny_and_route_to_pools(driver: Driver) {
     let default = sluice.wait_for_log("client=127.0.0.4:", READY).expect("no record of 127.0.0.4");
     assert!(default.contains("rule=-") && default.contains("kind=deny"), "{default}");
     let routed = sluice.wait_for_log("client=127.0.0.2:", READY).expect("no record of 127.0.0.2");
-    assert!(routed.contains("rule=office-net") && routed.contains(&format!("backend={}", b.addr())), "{routed}");
+    assert!(
+        routed.contains("rule=office-net") && routed.contains(&format!("backend={}", b.addr())),
+        "{routed}"
+    );
 }
 
 /// Source ports and listeners: a rule on the client's port and a rule on the listener the
@@ -149,7 +156,11 @@ fn time_windows_decide_by_the_clock(driver: Driver) {
         a = a.addr()
     );
     let Some((sluice, _dir)) = start(driver, &body, 2) else { return };
-    assert_eq!(exchange(connect_from(from([127, 0, 0, 1]), open)), Ok(b'A'), "window {later} matched now");
+    assert_eq!(
+        exchange(connect_from(from([127, 0, 0, 1]), open)),
+        Ok(b'A'),
+        "window {later} matched now"
+    );
     assert_denied(connect_from(from([127, 0, 0, 1]), closed), End::Eof);
     assert!(sluice.wait_for_log("rule=all-week", READY).is_some());
 }
@@ -174,8 +185,25 @@ fn openssl() -> Option<PathBuf> {
 fn tls_server(openssl: &Path, dir: &Path, name: &str) -> TlsServer {
     let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
     let made = Command::new(openssl)
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-        .args(["-subj", &format!("/CN={name}"), "-keyout", key.to_str().unwrap(), "-out", cert.to_str().unwrap()])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -183,16 +211,26 @@ fn tls_server(openssl: &Path, dir: &Path, name: &str) -> TlsServer {
     assert!(made.success(), "openssl could not make a certificate");
     let addr = free_addr(loopback());
     let child = Command::new(openssl)
-        .args(["s_server", "-accept", &addr.to_string(), "-cert", cert.to_str().unwrap(), "-key", key.to_str().unwrap()])
+        .args([
+            "s_server",
+            "-accept",
+            &addr.to_string(),
+            "-cert",
+            cert.to_str().unwrap(),
+            "-key",
+            key.to_str().unwrap(),
+        ])
         .args(["-www", "-quiet"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Owned at once, so the process is reaped however this function ends.
+    let server = TlsServer { child, addr };
     for _ in 0..200 {
         if TcpStream::connect(addr).is_ok() {
-            return TlsServer { child, addr };
+            return server;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -208,7 +246,8 @@ fn tls_request(openssl: &Path, to: SocketAddr, name: Option<&str>) -> (Option<St
         Some(n) => command.args(["-servername", n]),
         None => command.arg("-noservername"),
     };
-    let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child =
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     child.stdin.take().unwrap().write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     let mut out = String::new();
     child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
@@ -225,7 +264,11 @@ fn sni_routes_tls_by_name_untouched(driver: Driver) {
         println!("skipped: openssl is not installed");
         return;
     };
-    let dir = std::env::temp_dir().join(format!("sluice-sni-{}-{}", std::process::id(), free_port(loopback())));
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-sni-{}-{}",
+        std::process::id(),
+        free_port(loopback())
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let (alpha, beta) = (tls_server(&openssl, &dir, "alpha"), tls_server(&openssl, &dir, "beta"));
     let listen = free_addr(loopback());
@@ -239,9 +282,15 @@ fn sni_routes_tls_by_name_untouched(driver: Driver) {
     );
     let Some((sluice, _dir)) = start(driver, &body, 1) else { return };
     let (subject, answered) = tls_request(&openssl, listen, Some("a.example.com"));
-    assert!(subject.as_deref().is_some_and(|s| s.contains("alpha")) && answered, "a.example.com: {subject:?} {answered}");
+    assert!(
+        subject.as_deref().is_some_and(|s| s.contains("alpha")) && answered,
+        "a.example.com: {subject:?} {answered}"
+    );
     let (subject, answered) = tls_request(&openssl, listen, Some("www.b.example.com"));
-    assert!(subject.as_deref().is_some_and(|s| s.contains("beta")) && answered, "www.b.example.com: {subject:?} {answered}");
+    assert!(
+        subject.as_deref().is_some_and(|s| s.contains("beta")) && answered,
+        "www.b.example.com: {subject:?} {answered}"
+    );
     assert_eq!(tls_request(&openssl, listen, Some("c.example.com")), (None, false));
     assert_eq!(tls_request(&openssl, listen, None), (None, false));
     let denied = |s: &Sluice| s.logs().iter().filter(|l| l.contains("kind=deny")).count();

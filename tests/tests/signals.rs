@@ -30,9 +30,18 @@ fn workers_block_the_control_signals(driver: Driver) {
     let echo = Backend::echo();
     let config = Config::new(driver).service(Service::new("sig", &[echo.addr()]));
     let Some(mut sluice) = Sluice::start(config) else { return };
-    let masks = blocked_masks(sluice.pid(), "sluice-w");
-    assert_eq!(masks.len(), 2, "expected two worker threads");
     let wanted = bit(1) | bit(2) | bit(10) | bit(15);
+    // A worker names itself, then blocks the signals, as it starts: that may follow the
+    // readiness line, so look for a bounded while.
+    let mut masks = Vec::new();
+    for _ in 0..100 {
+        masks = blocked_masks(sluice.pid(), "sluice-w");
+        if masks.len() == 2 && masks.iter().all(|m| m & wanted == wanted) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(masks.len(), 2, "expected two worker threads");
     for mask in masks {
         assert_eq!(
             mask & wanted,
