@@ -19,6 +19,7 @@ use crate::EngineError;
 mod buffers;
 pub mod epoll;
 mod peek;
+mod schedule;
 mod slots;
 pub mod uring;
 

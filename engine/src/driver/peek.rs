@@ -7,8 +7,12 @@
 use std::io;
 use std::os::fd::RawFd;
 
+use std::time::Instant;
+
+use crate::session::{Phase, Session};
 use crate::sni::{read_sni, Sni, MAX_CLIENT_HELLO};
 use crate::sys;
+use crate::worker::Admission;
 
 /// Length of a TLS record header.
 const RECORD_HEADER: usize = 5;
@@ -64,9 +68,24 @@ fn wanted(seen: &[u8]) -> usize {
     wanted.min(MAX_CLIENT_HELLO)
 }
 
-/// Restores normal readiness reporting after a peek raised SO_RCVLOWAT.
-pub(crate) fn done_peeking(fd: RawFd) {
-    let _ = sys::set_rcvlowat(fd, 1);
+/// Decides a session with the firewall, given the client's server name if one was peeked:
+/// restores normal readiness reporting on the client after a peek, and starts an allowed
+/// session's first connect attempt. Returns whether the session is allowed.
+pub(crate) fn decide(
+    admission: &mut Admission,
+    session: &mut Session,
+    client: RawFd,
+    sni: Option<&str>,
+    now: Instant,
+) -> bool {
+    if let Phase::Peeking { .. } = session.phase {
+        let _ = sys::set_rcvlowat(client, 1);
+    }
+    if !admission.judge(sni) {
+        return false;
+    }
+    session.decided(now);
+    true
 }
 
 #[cfg(test)]

@@ -7,8 +7,6 @@
 
 mod conn;
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -22,20 +20,16 @@ use self::conn::{Conn, Pump};
 use super::buffers::BufferPool;
 use super::is_connect_failure;
 use super::peek::{self, Peeked};
+use super::schedule::{AcceptBackoff, Deadlines};
 use super::slots::{SlotId, Slots};
 use crate::events::{RecordKind, WorkerStats};
 use crate::session::{CloseReason, Direction, Due, Phase, Side};
-use crate::sys;
 use crate::worker::{Admission, Command, LiveSession, WorkerContext};
 
 /// Connections accepted per listener per turn before other work gets its turn.
 const ACCEPT_BUDGET: usize = 64;
-/// How long a listener pauses after the process ran out of fds or memory.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 /// How often sessions are scanned for due interim records.
 const REPORT_SCAN: Duration = Duration::from_secs(1);
-/// At most one "accept paused" warning per worker per this interval.
-const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 const WAKE: Token = Token(usize::MAX);
 const LISTENER_BASE: usize = 1 << 40;
@@ -67,14 +61,13 @@ struct EpollWorker {
     /// Indexed by token; a removed listener leaves `None` so indices stay stable.
     listeners: Vec<Option<Listener>>,
     conns: Slots<Conn>,
-    timers: BinaryHeap<Reverse<(Instant, SlotId)>>,
+    deadlines: Deadlines,
     pending: Vec<Ready>,
-    paused: Vec<(Instant, usize)>,
+    backoff: AcceptBackoff,
     pool: BufferPool,
     /// Where ClientHellos are peeked at.
     scratch: Box<[u8]>,
     draining: Option<Instant>,
-    last_warn: Option<Instant>,
     /// When sessions are next scanned for due interim records.
     next_report_scan: Instant,
     now: Instant,
@@ -102,13 +95,12 @@ impl EpollWorker {
             poll,
             listeners,
             conns: Slots::default(),
-            timers: BinaryHeap::new(),
+            deadlines: Deadlines::default(),
             pending: Vec::new(),
-            paused: Vec::new(),
+            backoff: AcceptBackoff::default(),
             pool,
             scratch: peek::scratch(),
             draining: None,
-            last_warn: None,
             next_report_scan: Instant::now() + REPORT_SCAN,
             now: Instant::now(),
         })
@@ -147,8 +139,8 @@ impl EpollWorker {
             return Some(Duration::ZERO);
         }
         let next = [
-            self.timers.peek().map(|Reverse((t, _))| *t),
-            self.paused.iter().map(|(t, _)| *t).min(),
+            self.deadlines.next(),
+            self.backoff.next(),
             self.draining,
             Some(self.next_report_scan),
             self.ctx.events.flush_deadline(),
@@ -222,14 +214,14 @@ impl EpollWorker {
         if let Some(mut l) = self.listeners[index].take() {
             let _ = self.poll.registry().deregister(&mut l.socket);
         }
-        self.paused.retain(|&(_, i)| i != index);
+        self.backoff.forget(index);
     }
 
     fn start_drain(&mut self, deadline: Instant) {
         for mut l in self.listeners.drain(..).flatten() {
             let _ = self.poll.registry().deregister(&mut l.socket);
         }
-        self.paused.clear();
+        self.backoff.clear();
         self.draining = Some(deadline);
     }
 
@@ -269,26 +261,12 @@ impl EpollWorker {
     }
 
     fn pause_accept(&mut self, index: usize, error: &io::Error) {
-        self.paused.push((self.now + ACCEPT_BACKOFF, index));
         let Some(Some(listener)) = self.listeners.get(index) else { return };
-        if self.last_warn.is_none_or(|t| self.now >= t + WARN_INTERVAL) {
-            self.last_warn = Some(self.now);
-            log::warn!(
-                "worker {}: accept paused for {:?} on {}: {error} (open fds: {})",
-                self.ctx.id,
-                ACCEPT_BACKOFF,
-                listener.addr,
-                sys::open_fds()
-            );
-        }
+        self.backoff.pause(self.ctx.id, index, listener.addr, error, self.now);
     }
 
     fn resume_paused(&mut self) {
-        let now = self.now;
-        let due: Vec<usize> =
-            self.paused.iter().filter(|(t, _)| *t <= now).map(|&(_, i)| i).collect();
-        self.paused.retain(|(t, _)| *t > now);
-        for index in due {
+        for index in self.backoff.due(self.now) {
             self.accept(index);
         }
     }
@@ -330,15 +308,11 @@ impl EpollWorker {
 
     /// Asks the firewall; an allowed session starts connecting, a denied one is closed.
     fn decide(&mut self, id: SlotId, sni: Option<&str>) {
-        let now = self.now;
         let Some(conn) = self.conns.get_mut(id) else { return };
-        if let Phase::Peeking { .. } = conn.session.phase {
-            peek::done_peeking(conn.client.as_raw_fd());
-        }
-        if !conn.admission.judge(sni) {
+        let client = conn.client.as_raw_fd();
+        if !peek::decide(&mut conn.admission, &mut conn.session, client, sni, self.now) {
             return self.close(id, CloseReason::Denied);
         }
-        conn.session.decided(now);
         self.connect(id);
     }
 
@@ -476,18 +450,11 @@ impl EpollWorker {
         let Some(conn) = self.conns.get_mut(id) else { return };
         let timeouts = conn.admission.service().timeouts;
         let (deadline, _) = conn.session.deadline(&timeouts);
-        if conn.armed.is_none_or(|armed| deadline < armed) {
-            conn.armed = Some(deadline);
-            self.timers.push(Reverse((deadline, id)));
-        }
+        self.deadlines.arm(id, &mut conn.armed, deadline);
     }
 
     fn expire_timers(&mut self) {
-        while let Some(&Reverse((at, id))) = self.timers.peek() {
-            if at > self.now {
-                return;
-            }
-            self.timers.pop();
+        while let Some((at, id)) = self.deadlines.pop_due(self.now) {
             let Some(conn) = self.conns.get_mut(id) else { continue };
             if conn.armed != Some(at) {
                 continue;
@@ -495,8 +462,7 @@ impl EpollWorker {
             let timeouts = conn.admission.service().timeouts;
             let (deadline, due) = conn.session.deadline(&timeouts);
             if deadline > self.now {
-                conn.armed = Some(deadline);
-                self.timers.push(Reverse((deadline, id)));
+                self.deadlines.set(id, &mut conn.armed, deadline);
                 continue;
             }
             conn.armed = None;

@@ -11,8 +11,6 @@ mod conn;
 mod ops;
 mod pipes;
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -28,6 +26,7 @@ use super::buffers::BufferPool;
 use super::epoll::is_resource_exhaustion;
 use super::is_connect_failure;
 use super::peek::{self, Peeked};
+use super::schedule::{AcceptBackoff, Deadlines};
 use super::slots::{SlotId, Slots};
 use crate::events::{RecordKind, WorkerStats};
 use crate::session::{CloseReason, Direction, Due, Phase};
@@ -38,12 +37,8 @@ use crate::worker::{Admission, Command, LiveSession, WorkerContext};
 const RING_ENTRIES: u32 = 1024;
 /// Completion queue entries per ring (the kernel keeps overflow, FEAT_NODROP, beyond this).
 const CQ_ENTRIES: u32 = 8192;
-/// How long a listener pauses after the process ran out of fds or memory.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 /// How often sessions are scanned for due interim records.
 const REPORT_SCAN: Duration = Duration::from_secs(1);
-/// At most one "accept paused" warning per worker per this interval.
-const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How the ring runs completion work, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,9 +135,9 @@ struct UringWorker {
     ring: IoUring,
     listeners: Vec<Listener>,
     conns: Slots<Conn>,
-    timers: BinaryHeap<Reverse<(Instant, SlotId)>>,
+    deadlines: Deadlines,
     pending: Vec<SlotId>,
-    paused: Vec<(Instant, usize)>,
+    backoff: AcceptBackoff,
     pools: RelayPools,
     /// Where ClientHellos are peeked at.
     scratch: Box<[u8]>,
@@ -150,7 +145,6 @@ struct UringWorker {
     draining: Option<Instant>,
     /// A reload waiting for this worker to close listeners: who to tell, and how many are left.
     removal: Option<(crossbeam_channel::Sender<usize>, usize)>,
-    last_warn: Option<Instant>,
     /// When sessions are next scanned for due interim records.
     next_report_scan: Instant,
     now: Instant,
@@ -180,15 +174,14 @@ impl UringWorker {
             ring,
             listeners,
             conns: Slots::default(),
-            timers: BinaryHeap::new(),
+            deadlines: Deadlines::default(),
             pending: Vec::new(),
-            paused: Vec::new(),
+            backoff: AcceptBackoff::default(),
             pools,
             scratch: peek::scratch(),
             completions: Vec::with_capacity(CQ_ENTRIES as usize),
             draining: None,
             removal: None,
-            last_warn: None,
             next_report_scan: Instant::now() + REPORT_SCAN,
             now: Instant::now(),
         };
@@ -249,8 +242,8 @@ impl UringWorker {
 
     fn next_wakeup(&self) -> Option<Duration> {
         let next = [
-            self.timers.peek().map(|Reverse((t, _))| *t),
-            self.paused.iter().map(|(t, _)| *t).min(),
+            self.deadlines.next(),
+            self.backoff.next(),
             self.draining,
             Some(self.next_report_scan),
             self.ctx.events.flush_deadline(),
@@ -338,7 +331,7 @@ impl UringWorker {
 
     /// Admits the connections already queued on a retiring listener, then closes it.
     fn retire_listener(&mut self, index: usize) {
-        self.paused.retain(|&(_, i)| i != index);
+        self.backoff.forget(index);
         while let Some(socket) = &self.listeners[index].socket {
             match socket.accept() {
                 Ok((stream, _)) => {
@@ -355,7 +348,7 @@ impl UringWorker {
 
     fn start_drain(&mut self, deadline: Instant) {
         self.draining = Some(deadline);
-        self.paused.clear();
+        self.backoff.clear();
         for index in 0..self.listeners.len() {
             if self.listeners[index].armed {
                 let entry = ops::cancel(ops::pack(Op::Accept, index as u32, Direction::Up));
@@ -425,25 +418,12 @@ impl UringWorker {
     }
 
     fn pause_accept(&mut self, index: usize, error: &io::Error) {
-        self.paused.push((self.now + ACCEPT_BACKOFF, index));
-        if self.last_warn.is_none_or(|t| self.now >= t + WARN_INTERVAL) {
-            self.last_warn = Some(self.now);
-            log::warn!(
-                "worker {}: accept paused for {:?} on {}: {error} (open fds: {})",
-                self.ctx.id,
-                ACCEPT_BACKOFF,
-                self.listeners[index].addr,
-                sys::open_fds()
-            );
-        }
+        let addr = self.listeners[index].addr;
+        self.backoff.pause(self.ctx.id, index, addr, error, self.now);
     }
 
     fn resume_paused(&mut self) {
-        let now = self.now;
-        let due: Vec<usize> =
-            self.paused.iter().filter(|(t, _)| *t <= now).map(|&(_, i)| i).collect();
-        self.paused.retain(|(t, _)| *t > now);
-        for index in due {
+        for index in self.backoff.due(self.now) {
             let listener = &self.listeners[index];
             if self.draining.is_none() && !listener.armed && !listener.retiring {
                 self.arm_accept(index);
@@ -499,15 +479,11 @@ impl UringWorker {
 
     /// Asks the firewall; an allowed session starts connecting, a denied one is closed.
     fn decide(&mut self, id: SlotId, sni: Option<&str>) {
-        let now = self.now;
         let Some(conn) = self.conns.get_mut(id) else { return };
-        if let Phase::Peeking { .. } = conn.session.phase {
-            peek::done_peeking(conn.client.as_raw_fd());
-        }
-        if !conn.admission.judge(sni) {
+        let client = conn.client.as_raw_fd();
+        if !peek::decide(&mut conn.admission, &mut conn.session, client, sni, self.now) {
             return self.close(id, CloseReason::Denied);
         }
-        conn.session.decided(now);
         self.connect(id);
     }
 
@@ -662,18 +638,11 @@ impl UringWorker {
         let Some(conn) = self.conns.get_mut(id) else { return };
         let timeouts = conn.admission.service().timeouts;
         let (deadline, _) = conn.session.deadline(&timeouts);
-        if conn.armed.is_none_or(|armed| deadline < armed) {
-            conn.armed = Some(deadline);
-            self.timers.push(Reverse((deadline, id)));
-        }
+        self.deadlines.arm(id, &mut conn.armed, deadline);
     }
 
     fn expire_timers(&mut self) {
-        while let Some(&Reverse((at, id))) = self.timers.peek() {
-            if at > self.now {
-                return;
-            }
-            self.timers.pop();
+        while let Some((at, id)) = self.deadlines.pop_due(self.now) {
             let Some(conn) = self.conns.get_mut(id) else { continue };
             if conn.armed != Some(at) || conn.closing.is_some() {
                 continue;
@@ -681,8 +650,7 @@ impl UringWorker {
             let timeouts = conn.admission.service().timeouts;
             let (deadline, due) = conn.session.deadline(&timeouts);
             if deadline > self.now {
-                conn.armed = Some(deadline);
-                self.timers.push(Reverse((deadline, id)));
+                self.deadlines.set(id, &mut conn.armed, deadline);
                 continue;
             }
             conn.armed = None;
