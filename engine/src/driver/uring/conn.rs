@@ -117,10 +117,7 @@ impl Conn {
     }
 
     fn lane(&mut self, dir: Direction) -> &mut Lane {
-        match dir {
-            Direction::Up => &mut self.up,
-            Direction::Down => &mut self.down,
-        }
+        lane_of(&mut self.up, &mut self.down, dir)
     }
 
     /// Forwards the end of stream once the lane is empty; `Some` when the direction is done
@@ -156,10 +153,7 @@ impl Conn {
         let (src_side, dst_side) = (dir.source(), dir.source().other());
         let mut drained = false;
         for _ in 0..PUMP_ROUNDS {
-            let lane = match dir {
-                Direction::Up => &mut self.up,
-                Direction::Down => &mut self.down,
-            };
+            let lane = lane_of(&mut self.up, &mut self.down, dir);
             if let Some(pipe) = &lane.pipe {
                 while lane.buffered > 0 {
                     match sys::splice(pipe.read_fd(), dst, lane.buffered) {
@@ -176,10 +170,7 @@ impl Conn {
             if let Some(done) = self.finish_if_eof(dir, dst, pools, now) {
                 return done;
             }
-            let lane = match dir {
-                Direction::Up => &mut self.up,
-                Direction::Down => &mut self.down,
-            };
+            let lane = lane_of(&mut self.up, &mut self.down, dir);
             if drained {
                 // The last fill came up short: the source was empty. The poll is level-
                 // triggered, so anything that arrived since completes it at once.
@@ -242,10 +233,7 @@ impl Conn {
         let (src_side, dst_side) = (dir.source(), dir.source().other());
         let mut drained = false;
         for _ in 0..PUMP_ROUNDS {
-            let lane = match dir {
-                Direction::Up => &mut self.up,
-                Direction::Down => &mut self.down,
-            };
+            let lane = lane_of(&mut self.up, &mut self.down, dir);
             while !lane.buffer.pending().is_empty() {
                 match sys::send(dst, lane.buffer.pending()) {
                     Ok(n) if n > 0 => {
@@ -266,10 +254,7 @@ impl Conn {
                 // A short read: the source was empty (see pump_splice).
                 return Pump::WaitIn;
             }
-            let lane = match dir {
-                Direction::Up => &mut self.up,
-                Direction::Down => &mut self.down,
-            };
+            let lane = lane_of(&mut self.up, &mut self.down, dir);
             let space = lane.buffer.space(&mut pools.buffers);
             let want = space.len();
             match sys::read(src, space) {
@@ -303,5 +288,14 @@ impl Conn {
                 let _ = sys::set_linger_zero(b.as_raw_fd());
             }
         }
+    }
+}
+
+/// The lane of `dir`, borrowed from the two lane fields alone (so that the session can be
+/// updated while it is held).
+fn lane_of<'a>(up: &'a mut Lane, down: &'a mut Lane, dir: Direction) -> &'a mut Lane {
+    match dir {
+        Direction::Up => up,
+        Direction::Down => down,
     }
 }

@@ -667,8 +667,6 @@ impl UringWorker {
         }
     }
 
-    /// Decides the session closed: records it, cancels what it has on the ring, and frees it
-    /// once nothing of it is in flight.
     /// Sends an interim record for every long-lived session whose interval has passed.
     fn report_interim(&mut self) {
         if self.now < self.next_report_scan {
@@ -700,6 +698,8 @@ impl UringWorker {
         out
     }
 
+    /// Decides the session closed: records it, cancels what it has on the ring, and frees it
+    /// once nothing of it is in flight.
     fn close(&mut self, id: SlotId, reason: CloseReason) {
         let Some(conn) = self.conns.get_mut(id) else { return };
         if conn.closing.is_some() {
