@@ -89,6 +89,10 @@ pub struct ServiceCounters {
     pub unserved: AtomicU64,
     /// Sessions the firewall refused.
     pub denied: AtomicU64,
+    /// Sessions refused by a session limit (per client, per network, new-session rate).
+    pub limited: AtomicU64,
+    /// Sessions cut at their byte cap or maximum duration.
+    pub cut: AtomicU64,
     pub connect_latency: LatencyHistogram,
 }
 

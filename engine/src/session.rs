@@ -76,11 +76,17 @@ pub enum CloseReason {
     Shutdown,
     /// A local resource ran out (fds, memory) while setting the session up.
     LocalError,
+    /// A session limit (per client, per network, new-session rate) refused the session.
+    Limit,
+    /// The session moved as many bytes as its service allows and was cut.
+    ByteCap,
+    /// The session lasted as long as its service allows and was cut.
+    MaxDuration,
 }
 
 impl CloseReason {
     /// Every reason, for validating filters.
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 15] = [
         CloseReason::ClientFin,
         CloseReason::BackendFin,
         CloseReason::ClientRst,
@@ -93,6 +99,9 @@ impl CloseReason {
         CloseReason::Denied,
         CloseReason::Shutdown,
         CloseReason::LocalError,
+        CloseReason::Limit,
+        CloseReason::ByteCap,
+        CloseReason::MaxDuration,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +118,9 @@ impl CloseReason {
             CloseReason::Denied => "denied",
             CloseReason::Shutdown => "shutdown",
             CloseReason::LocalError => "local_error",
+            CloseReason::Limit => "limit",
+            CloseReason::ByteCap => "byte_cap",
+            CloseReason::MaxDuration => "max_duration",
         }
     }
 
@@ -132,6 +144,8 @@ impl CloseReason {
                 | CloseReason::FinTimeout
                 | CloseReason::Shutdown
                 | CloseReason::LocalError
+                | CloseReason::ByteCap
+                | CloseReason::MaxDuration
         )
     }
 }
@@ -151,6 +165,8 @@ pub struct Flow {
     pub eof: bool,
     /// The destination was shut down for writing (the end of stream was forwarded).
     pub shut: bool,
+    /// The direction's shaper lets it read again at this time (it reads nothing until).
+    pub throttled: Option<Instant>,
 }
 
 /// What the session is doing.
@@ -178,6 +194,8 @@ pub enum Due {
     NextBackend,
     /// Cut the session.
     Close(CloseReason),
+    /// A throttled direction may read again.
+    Resume,
 }
 
 /// The state of one session, independent of the driver.
@@ -277,6 +295,20 @@ impl Session {
         self.last_activity = now;
     }
 
+    /// `dir` may read nothing until `until` (its shaper's buckets are empty).
+    pub fn throttle(&mut self, dir: Direction, until: Instant) {
+        self.flow_mut(dir).throttled = Some(until);
+    }
+
+    /// Lifts the throttles that end at or before `now`.
+    pub fn resume(&mut self, now: Instant) {
+        for flow in [&mut self.up, &mut self.down] {
+            if flow.throttled.is_some_and(|t| t <= now) {
+                flow.throttled = None;
+            }
+        }
+    }
+
     /// Both directions have forwarded their end of stream.
     pub fn is_finished(&self) -> bool {
         self.up.shut && self.down.shut
@@ -292,6 +324,19 @@ impl Session {
 
     /// When something must happen if nothing else does first, and what.
     pub fn deadline(&self, timeouts: &Timeouts) -> (Instant, Due) {
+        let mut next = self.phase_deadline(timeouts);
+        if let Some(max) = timeouts.max_duration {
+            let cut = (self.started + max, Due::Close(CloseReason::MaxDuration));
+            next = earlier(next, cut);
+        }
+        let throttles = [self.up.throttled, self.down.throttled];
+        if let Some(t) = throttles.into_iter().flatten().min() {
+            next = earlier(next, (t, Due::Resume));
+        }
+        next
+    }
+
+    fn phase_deadline(&self, timeouts: &Timeouts) -> (Instant, Due) {
         match self.phase {
             Phase::Peeking { since } => (since + timeouts.sni, Due::DecideWithoutSni),
             Phase::Connecting { since, .. } => (since + timeouts.connect, Due::NextBackend),
@@ -310,6 +355,15 @@ impl Session {
     }
 }
 
+/// The earlier of two deadlines (the first on a tie).
+fn earlier(a: (Instant, Due), b: (Instant, Due)) -> (Instant, Due) {
+    if b.0 < a.0 {
+        b
+    } else {
+        a
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,7 +374,37 @@ mod tests {
             idle: Duration::from_secs(60),
             fin: Duration::from_secs(10),
             sni: Duration::from_secs(2),
+            max_duration: None,
         }
+    }
+
+    #[test]
+    fn a_throttled_direction_wakes_the_session_before_its_idle_deadline() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0);
+        s.connected(t0);
+        let later = t0 + Duration::from_millis(20);
+        s.throttle(Direction::Down, later);
+        assert_eq!(s.deadline(&timeouts()), (later, Due::Resume));
+        s.resume(t0 + Duration::from_millis(10));
+        assert_eq!(s.deadline(&timeouts()), (later, Due::Resume));
+        s.resume(later);
+        assert_eq!(s.deadline(&timeouts()).1, Due::Close(CloseReason::IdleTimeout));
+    }
+
+    #[test]
+    fn a_session_is_cut_at_its_maximum_duration_whatever_its_traffic() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0);
+        s.connected(t0);
+        let limits = Timeouts { max_duration: Some(Duration::from_secs(5)), ..timeouts() };
+        s.moved(Direction::Up, 10, t0 + Duration::from_secs(4));
+        let cut = (t0 + Duration::from_secs(5), Due::Close(CloseReason::MaxDuration));
+        assert_eq!(s.deadline(&limits), cut);
+        // A connect that outlasts the maximum duration is cut too.
+        let s = Session::new(t0);
+        let limits = Timeouts { max_duration: Some(Duration::from_secs(1)), ..timeouts() };
+        assert_eq!(s.deadline(&limits), (t0 + Duration::from_secs(1), cut.1));
     }
 
     #[test]

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::acl::{Action, Query, RuleSet};
 use crate::balance::Pool;
 use crate::events::{RecordPolicy, ServiceCounters};
+use crate::limits::{LimitSpec, LimitState};
+use crate::shape::Bandwidth;
 
 /// Time allowed for a backend connect before the next backend is tried.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,6 +34,8 @@ pub struct Timeouts {
     pub idle: Duration,
     pub fin: Duration,
     pub sni: Duration,
+    /// How long a session may last at most (a session limit); then it is cut.
+    pub max_duration: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -41,6 +45,7 @@ impl Default for Timeouts {
             idle: DEFAULT_IDLE_TIMEOUT,
             fin: DEFAULT_FIN_TIMEOUT,
             sni: DEFAULT_SNI_TIMEOUT,
+            max_duration: None,
         }
     }
 }
@@ -51,11 +56,14 @@ pub struct Rules {
     pub set: RuleSet,
     /// Verdicts per rule, by rule index; shared with the admin API and kept across reloads.
     pub hits: Vec<Arc<AtomicU64>>,
+    /// The bandwidth block of each rule that has one, by rule index (a missing entry is
+    /// none).
+    pub bandwidth: Vec<Option<Arc<Bandwidth>>>,
 }
 
 impl Default for Rules {
     fn default() -> Self {
-        Self { set: RuleSet::compile(Vec::new()), hits: Vec::new() }
+        Self { set: RuleSet::compile(Vec::new()), hits: Vec::new(), bandwidth: Vec::new() }
     }
 }
 
@@ -63,7 +71,17 @@ impl Rules {
     /// Rules with fresh counters.
     pub fn new(set: RuleSet) -> Self {
         let hits = (0..set.len()).map(|_| Arc::default()).collect();
-        Self { set, hits }
+        Self { set, hits, bandwidth: Vec::new() }
+    }
+
+    /// The decision of rule `i`.
+    fn decision(&self, i: usize) -> Decision {
+        let rule = self.set.rule(i);
+        Decision {
+            action: rule.action,
+            rule: Some(rule.name.clone()),
+            bandwidth: self.bandwidth.get(i).cloned().flatten(),
+        }
     }
 
     /// The first matching rule, counted.
@@ -77,11 +95,13 @@ impl Rules {
 }
 
 /// What the firewall decided for one session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Decision {
     pub action: Action,
     /// The rule that decided; `None` for the service's default action.
     pub rule: Option<Arc<str>>,
+    /// The deciding rule's bandwidth block, if it has one.
+    pub bandwidth: Option<Arc<Bandwidth>>,
 }
 
 /// A named pool of backends that firewall rules can send sessions to.
@@ -108,6 +128,12 @@ pub struct Service {
     pub default_hits: Arc<AtomicU64>,
     /// Shared with the admin API; carried over by name when tables are rebuilt.
     pub counters: Arc<ServiceCounters>,
+    /// Session limits per client, per network, per time.
+    pub limits: LimitSpec,
+    /// Their shared counters; carried over by name like `counters`.
+    pub limit_state: Arc<LimitState>,
+    /// The service's bandwidth block, if it has one.
+    pub bandwidth: Option<Arc<Bandwidth>>,
 }
 
 impl Service {
@@ -122,6 +148,9 @@ impl Service {
             default: Action::Allow { pool: None },
             default_hits: Arc::default(),
             counters: Arc::default(),
+            limits: LimitSpec::default(),
+            limit_state: Arc::default(),
+            bandwidth: None,
         }
     }
 }
@@ -175,16 +204,14 @@ impl Tables {
     /// The firewall's decision: the global rules, then the service's, then its default.
     pub fn judge(&self, service: usize, q: &Query<'_>) -> Decision {
         if let Some(i) = self.firewall.decide(q) {
-            let rule = self.firewall.set.rule(i);
-            return Decision { action: rule.action, rule: Some(rule.name.clone()) };
+            return self.firewall.decision(i);
         }
         let s = &self.services[service];
         if let Some(i) = s.rules.decide(q) {
-            let rule = s.rules.set.rule(i);
-            return Decision { action: rule.action, rule: Some(rule.name.clone()) };
+            return s.rules.decision(i);
         }
         s.default_hits.fetch_add(1, Ordering::Relaxed);
-        Decision { action: s.default, rule: None }
+        Decision { action: s.default, rule: None, bandwidth: None }
     }
 
     /// The same tables with a record policy.
@@ -251,6 +278,7 @@ mod tests {
         );
         let d = t.judge(0, &query("127.0.0.9:5"));
         assert_eq!((d.action, d.rule), (Action::Deny { reset: false }, None));
+        assert!(d.bandwidth.is_none());
         assert_eq!(t.firewall.hits[0].load(Ordering::Relaxed), 1);
         assert_eq!(t.services()[0].rules.hits[0].load(Ordering::Relaxed), 1);
         assert_eq!(t.services()[0].default_hits.load(Ordering::Relaxed), 1);

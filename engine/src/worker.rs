@@ -19,7 +19,9 @@ use crate::balance::Backend;
 use crate::balance::Pool;
 use crate::driver::{self, DriverChoice, Selection};
 use crate::events::{EventSink, Record, RecordKind, Verdict, WorkerStats};
-use crate::session::{CloseReason, Phase, Session};
+use crate::limits::Ticket;
+use crate::session::{CloseReason, Direction, Phase, Session};
+use crate::shape::{self, Allowance, Shaper};
 use crate::sys::{self, EventFd};
 use crate::tables::{Decision, Service, Tables};
 use crate::EngineError;
@@ -168,6 +170,21 @@ pub struct Admission {
     pub backend: Option<Backend>,
     /// The firewall's decision, once made.
     pub decision: Option<Decision>,
+    /// Why the session was refused (denied by the firewall, or over a limit).
+    pub refusal: Option<CloseReason>,
+    /// The places the session holds under its service's limits, given back on drop.
+    pub ticket: Option<Ticket>,
+    /// Bandwidth and byte cap; `None` when neither applies (the common case: one branch).
+    pub shaper: Option<Box<Shaper>>,
+}
+
+/// Why a direction may not read now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// Its buckets are empty; the session's deadline wakes it.
+    Throttled,
+    /// The session's byte cap is reached: cut it with [`CloseReason::ByteCap`].
+    Capped,
 }
 
 impl Admission {
@@ -195,6 +212,9 @@ impl Admission {
             start_wall,
             backend,
             decision,
+            refusal: None,
+            ticket: None,
+            shaper: None,
         })
     }
 
@@ -203,25 +223,93 @@ impl Admission {
         self.tables.needs_sni(self.service)
     }
 
-    /// Decides the session with the firewall (given the client's TLS server name, if any)
-    /// and returns whether it is allowed.
-    pub fn judge(&mut self, sni: Option<&str>) -> bool {
-        let now = self.start_wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-        let q = Query { client: self.client, listener: self.listener, now, sni };
+    /// Decides the session with the firewall (given the client's TLS server name, if any),
+    /// then with the service's session limits; an allowed session gets its shaper. `Err`
+    /// names why the session is refused ([`CloseReason::Denied`] or [`CloseReason::Limit`]).
+    pub fn judge(&mut self, sni: Option<&str>, now: Instant) -> Result<(), CloseReason> {
+        let wall = self.start_wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let q = Query { client: self.client, listener: self.listener, now: wall, sni };
         let decision = self.tables.judge(self.service, &q);
         let allowed = matches!(decision.action, Action::Allow { .. });
-        if allowed {
-            self.pool_start = self.pool().start();
-        } else {
-            WorkerStats::add(&self.service().counters.denied, 1);
-        }
         self.decision = Some(decision);
-        allowed
+        if !allowed {
+            WorkerStats::add(&self.service().counters.denied, 1);
+            return Err(self.refuse(CloseReason::Denied));
+        }
+        let s = self.service();
+        let at = shape::nanos(now);
+        match s.limit_state.admit(&s.limits, self.client.ip(), at) {
+            Ok(ticket) => self.ticket = Some(ticket),
+            Err(_) => {
+                WorkerStats::add(&s.counters.limited, 1);
+                return Err(self.refuse(CloseReason::Limit));
+            }
+        }
+        self.shaper = self.shaper_at(at);
+        self.pool_start = self.pool().start();
+        Ok(())
     }
 
-    /// Whether a denied session's client must see a reset rather than a clean close.
+    fn refuse(&mut self, reason: CloseReason) -> CloseReason {
+        self.refusal = Some(reason);
+        reason
+    }
+
+    /// The shaper of an allowed session: the service's and the rule's bandwidth blocks and
+    /// the byte cap, or `None` when none applies.
+    fn shaper_at(&self, now: u64) -> Option<Box<Shaper>> {
+        let s = self.service();
+        let rule = self.decision.as_ref().and_then(|d| d.bandwidth.as_ref());
+        let blocks = [s.bandwidth.as_ref(), rule];
+        if s.limits.max_bytes.is_none() && blocks.iter().all(Option::is_none) {
+            return None;
+        }
+        let mut shaper = Shaper::with_byte_cap(s.limits.max_bytes);
+        for bw in blocks.into_iter().flatten() {
+            bw.attach(&mut shaper, self.client.ip(), now);
+        }
+        Some(Box::new(shaper))
+    }
+
+    /// How many bytes `dir` may read now, for a read of up to `want`. A throttled direction
+    /// is marked on `session`, whose deadline then wakes it.
+    #[inline]
+    pub fn allowance(
+        &mut self,
+        session: &mut Session,
+        dir: Direction,
+        now: Instant,
+        want: usize,
+    ) -> Result<usize, Stall> {
+        let Some(shaper) = self.shaper.as_mut() else { return Ok(want) };
+        match shaper.allowance(dir, shape::nanos(now), want) {
+            Allowance::Bytes(n) => Ok(n),
+            Allowance::Wait(at) => {
+                session.throttle(dir, shape::instant(at));
+                Err(Stall::Throttled)
+            }
+            Allowance::Capped => Err(Stall::Capped),
+        }
+    }
+
+    /// `dir` read `got` bytes (0 for nothing, an error or the end of stream) under its last
+    /// allowance.
+    #[inline]
+    pub fn used(&mut self, dir: Direction, got: usize) {
+        if let Some(shaper) = self.shaper.as_mut() {
+            shaper.used(dir, got);
+        }
+    }
+
+    /// Whether a refused session's client must see a reset rather than a clean close.
     pub fn deny_resets(&self) -> bool {
-        matches!(self.decision, Some(Decision { action: Action::Deny { reset: true }, .. }))
+        match self.refusal {
+            Some(CloseReason::Limit) => self.service().limits.reset,
+            _ => matches!(
+                self.decision,
+                Some(Decision { action: Action::Deny { reset: true }, .. })
+            ),
+        }
     }
 
     /// The pool this session's rule sends it to, or the service's own.
@@ -326,7 +414,10 @@ impl Admission {
         WorkerStats::add(&counters.bytes_up, session.up.bytes);
         WorkerStats::add(&counters.bytes_down, session.down.bytes);
         let relayed = session.phase == Phase::Relaying;
-        if !relayed && reason != CloseReason::Denied {
+        if matches!(reason, CloseReason::ByteCap | CloseReason::MaxDuration) {
+            WorkerStats::add(&counters.cut, 1);
+        }
+        if !relayed && !matches!(reason, CloseReason::Denied | CloseReason::Limit) {
             WorkerStats::add(&counters.unserved, 1);
         }
         if let (true, Some(b)) = (relayed, &self.backend) {

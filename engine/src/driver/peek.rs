@@ -9,7 +9,7 @@ use std::os::fd::RawFd;
 
 use std::time::Instant;
 
-use crate::session::{Phase, Session};
+use crate::session::{CloseReason, Phase, Session};
 use crate::sni::{read_sni, Sni, MAX_CLIENT_HELLO};
 use crate::sys;
 use crate::worker::Admission;
@@ -70,22 +70,20 @@ fn wanted(seen: &[u8]) -> usize {
 
 /// Decides a session with the firewall, given the client's server name if one was peeked:
 /// restores normal readiness reporting on the client after a peek, and starts an allowed
-/// session's first connect attempt. Returns whether the session is allowed.
+/// session's first connect attempt. `Err` names why the session is refused.
 pub(crate) fn decide(
     admission: &mut Admission,
     session: &mut Session,
     client: RawFd,
     sni: Option<&str>,
     now: Instant,
-) -> bool {
+) -> Result<(), CloseReason> {
     if let Phase::Peeking { .. } = session.phase {
         let _ = sys::set_rcvlowat(client, 1);
     }
-    if !admission.judge(sni) {
-        return false;
-    }
+    admission.judge(sni, now)?;
     session.decided(now);
-    true
+    Ok(())
 }
 
 #[cfg(test)]

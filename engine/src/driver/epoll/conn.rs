@@ -16,7 +16,7 @@ use mio::net::TcpStream;
 use crate::driver::buffers::{Buffer, BufferPool};
 use crate::session::{CloseReason, Direction, Session, Side};
 use crate::sys;
-use crate::worker::Admission;
+use crate::worker::{Admission, Stall};
 
 /// Reads per pump call before yielding to other sessions (bounds one turn's work).
 const PUMP_ROUNDS: usize = 16;
@@ -32,6 +32,10 @@ pub(super) enum Pump {
     Budget,
     /// A peer reset the connection (or the socket failed).
     Reset(Side),
+    /// The shaper holds the direction back until the session's deadline.
+    Throttled,
+    /// The session's byte cap is reached.
+    Capped,
 }
 
 /// One session on the epoll driver.
@@ -95,7 +99,17 @@ impl Conn {
                 }
                 return Pump::Done;
             }
-            match src.read(buf.space(pool)) {
+            let space = buf.space(pool);
+            let allowed = match self.admission.allowance(&mut self.session, dir, now, space.len()) {
+                Ok(n) => n,
+                Err(stall) => {
+                    buf.release(pool);
+                    return stalled(stall);
+                }
+            };
+            let read = src.read(&mut space[..allowed]);
+            self.admission.used(dir, *read.as_ref().unwrap_or(&0));
+            match read {
                 Ok(0) => {
                     buf.release(pool);
                     self.session.source_eof(dir, now);
@@ -123,5 +137,12 @@ impl Conn {
                 let _ = sys::set_linger_zero(b.as_raw_fd());
             }
         }
+    }
+}
+
+fn stalled(stall: Stall) -> Pump {
+    match stall {
+        Stall::Throttled => Pump::Throttled,
+        Stall::Capped => Pump::Capped,
     }
 }

@@ -310,8 +310,8 @@ impl EpollWorker {
     fn decide(&mut self, id: SlotId, sni: Option<&str>) {
         let Some(conn) = self.conns.get_mut(id) else { return };
         let client = conn.client.as_raw_fd();
-        if !peek::decide(&mut conn.admission, &mut conn.session, client, sni, self.now) {
-            return self.close(id, CloseReason::Denied);
+        if let Err(reason) = peek::decide(&mut conn.admission, &mut conn.session, client, sni, self.now) {
+            return self.close(id, reason);
         }
         self.connect(id);
     }
@@ -427,7 +427,8 @@ impl EpollWorker {
         let mut again = false;
         for dir in dirs {
             match conn.pump(dir, &mut self.pool, now) {
-                Pump::Idle | Pump::Done => {}
+                Pump::Idle | Pump::Done | Pump::Throttled => {}
+                Pump::Capped => return self.close(id, CloseReason::ByteCap),
                 Pump::Budget => again = true,
                 Pump::Reset(side) => return self.close(id, CloseReason::reset_by(side)),
             }
@@ -470,6 +471,10 @@ impl EpollWorker {
                 Due::DecideWithoutSni => self.decide(id, None),
                 Due::NextBackend => self.connect_failed(id, CloseReason::ConnectTimeout),
                 Due::Close(reason) => self.close(id, reason),
+                Due::Resume => {
+                    conn.session.resume(self.now);
+                    self.pump(id, [Direction::Up, Direction::Down].into_iter());
+                }
             }
         }
     }

@@ -15,7 +15,7 @@ use super::pipes::PipePool;
 use crate::driver::buffers::{Buffer, BufferPool};
 use crate::session::{CloseReason, Direction, Session, Side};
 use crate::sys::{self, Pipe};
-use crate::worker::{Admission, Relay};
+use crate::worker::{Admission, Relay, Stall};
 
 /// Splice rounds per pump call before yielding to other sessions.
 const PUMP_ROUNDS: usize = 16;
@@ -59,6 +59,10 @@ pub(super) enum Pump {
     Reset(Side),
     /// The worker could not get a pipe (out of fds).
     NoPipe,
+    /// The shaper holds the direction back until the session's deadline (no poll armed).
+    Throttled,
+    /// The session's byte cap is reached.
+    Capped,
 }
 
 /// One session on the uring driver.
@@ -177,19 +181,29 @@ impl Conn {
                 lane.release(pools);
                 return Pump::WaitIn;
             }
+            // The pipe is empty here: fill it as far as the source and the shaper allow, so
+            // that the send is one large write rather than several small ones.
+            let allowed =
+                match self.admission.allowance(&mut self.session, dir, now, pools.pipes.size()) {
+                    Ok(n) => n,
+                    Err(stall) => {
+                        lane.release(pools);
+                        return stalled(stall);
+                    }
+                };
             let pipe = match lane.pipe.take() {
                 Some(p) => p,
                 None => match pools.pipes.take() {
                     Ok(p) => p,
-                    Err(_) => return Pump::NoPipe,
+                    Err(_) => {
+                        self.admission.used(dir, 0);
+                        return Pump::NoPipe;
+                    }
                 },
             };
-            // Fill the pipe as far as the source allows, so that the send is one large
-            // write rather than several small ones.
-            let capacity = pools.pipes.size();
             let mut outcome = Ok(());
-            while lane.buffered < capacity {
-                let want = capacity - lane.buffered;
+            while lane.buffered < allowed {
+                let want = allowed - lane.buffered;
                 match sys::splice(src, pipe.write_fd(), want) {
                     Ok(0) => {
                         self.session.source_eof(dir, now);
@@ -208,6 +222,7 @@ impl Conn {
                     }
                 }
             }
+            self.admission.used(dir, lane.buffered);
             lane.pipe = Some(pipe);
             match outcome {
                 Ok(()) => {}
@@ -256,8 +271,16 @@ impl Conn {
             }
             let lane = lane_of(&mut self.up, &mut self.down, dir);
             let space = lane.buffer.space(&mut pools.buffers);
-            let want = space.len();
-            match sys::read(src, space) {
+            let want = match self.admission.allowance(&mut self.session, dir, now, space.len()) {
+                Ok(n) => n,
+                Err(stall) => {
+                    lane.buffer.release(&mut pools.buffers);
+                    return stalled(stall);
+                }
+            };
+            let read = sys::read(src, &mut space[..want]);
+            self.admission.used(dir, *read.as_ref().unwrap_or(&0));
+            match read {
                 Ok(0) => {
                     lane.buffer.release(&mut pools.buffers);
                     self.session.source_eof(dir, now);
@@ -288,6 +311,13 @@ impl Conn {
                 let _ = sys::set_linger_zero(b.as_raw_fd());
             }
         }
+    }
+}
+
+fn stalled(stall: Stall) -> Pump {
+    match stall {
+        Stall::Throttled => Pump::Throttled,
+        Stall::Capped => Pump::Capped,
     }
 }
 

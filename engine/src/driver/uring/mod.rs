@@ -481,8 +481,8 @@ impl UringWorker {
     fn decide(&mut self, id: SlotId, sni: Option<&str>) {
         let Some(conn) = self.conns.get_mut(id) else { return };
         let client = conn.client.as_raw_fd();
-        if !peek::decide(&mut conn.admission, &mut conn.session, client, sni, self.now) {
-            return self.close(id, CloseReason::Denied);
+        if let Err(reason) = peek::decide(&mut conn.admission, &mut conn.session, client, sni, self.now) {
+            return self.close(id, reason);
         }
         self.connect(id);
     }
@@ -596,7 +596,9 @@ impl UringWorker {
             let wait = match conn.pump(dir, &mut self.pools, now) {
                 Pump::WaitIn => Some((Op::PollIn, src, libc::POLLIN | libc::POLLRDHUP)),
                 Pump::WaitOut => Some((Op::PollOut, dst, libc::POLLOUT)),
-                Pump::Done => None,
+                // A throttled direction waits for its deadline, not for readiness.
+                Pump::Done | Pump::Throttled => None,
+                Pump::Capped => return self.close(id, CloseReason::ByteCap),
                 Pump::Budget => {
                     again = true;
                     None
@@ -663,6 +665,10 @@ impl UringWorker {
                     push(&mut self.ring, &ops::cancel(target));
                 }
                 Due::Close(reason) => self.close(id, reason),
+                Due::Resume => {
+                    conn.session.resume(self.now);
+                    self.pump(id, [Direction::Up, Direction::Down]);
+                }
             }
         }
     }
