@@ -26,6 +26,11 @@ use crate::records::{Template, DEFAULT_TEMPLATE};
 use crate::sinks::{self, Filter, Format, SinkSpec, SyslogAddr, Target};
 use crate::zones;
 
+mod shaping;
+use shaping::{BandwidthKeys, BandwidthSection, LimitsSection};
+use sluice_engine::limits::{LimitSpec, LimitState};
+use sluice_engine::shape::{Bandwidth, BandwidthSpec};
+
 /// The counter scope of global firewall rules.
 pub const FIREWALL_SCOPE: &str = "firewall";
 /// The counter name of a service's default action.
@@ -135,6 +140,9 @@ struct RuleSection {
     sni: Vec<Spanned<String>>,
     #[serde(default)]
     not_sni: Vec<Spanned<String>>,
+    bandwidth: Option<BandwidthSection>,
+    bandwidth_up: Option<BandwidthSection>,
+    bandwidth_down: Option<BandwidthSection>,
 }
 
 /// A port range written as a number (`22`) or text (`"1024-65535"`).
@@ -217,6 +225,10 @@ struct ServiceSection {
     fin_timeout: Option<Spanned<String>>,
     sni_timeout: Option<Spanned<String>>,
     default: Option<Spanned<String>>,
+    bandwidth: Option<BandwidthSection>,
+    bandwidth_up: Option<BandwidthSection>,
+    bandwidth_down: Option<BandwidthSection>,
+    limits: Option<LimitsSection>,
     #[serde(default, rename = "rule")]
     rules: Vec<RuleSection>,
 }
@@ -232,6 +244,11 @@ pub struct ServiceSpec {
     pub rules: Vec<Rule>,
     /// The action when no rule matches.
     pub default: Action,
+    /// The bandwidth block of each rule, by rule index (empty: none).
+    pub rule_bandwidth: Vec<BandwidthSpec>,
+    /// The service's own bandwidth block (empty: none).
+    pub bandwidth: BandwidthSpec,
+    pub limits: LimitSpec,
 }
 
 /// A validated named pool.
@@ -255,6 +272,8 @@ pub struct Config {
     pub logs: Vec<SinkSpec>,
     /// Global firewall rules, in order, evaluated before each service's own.
     pub firewall: Vec<Rule>,
+    /// The bandwidth block of each global rule, by rule index (empty: none).
+    pub firewall_bandwidth: Vec<BandwidthSpec>,
     /// Named pools that rules can send sessions to.
     pub pools: Vec<PoolSpec>,
     pub services: Vec<ServiceSpec>,
@@ -314,10 +333,13 @@ impl Config {
                     .collect();
                 let mut service =
                     Service::new(&s.name, s.listen.clone(), Pool::new(backends), s.timeouts);
-                service.rules = registry.rules(&s.name, &s.rules);
+                service.rules = registry.rules(&s.name, &s.rules, &s.rule_bandwidth);
                 service.default = s.default;
                 service.default_hits = registry.hits(&s.name, DEFAULT_RULE);
                 service.counters = registry.service(&s.name);
+                service.limits = s.limits;
+                service.limit_state = registry.limit_state(&s.name);
+                service.bandwidth = registry.bandwidth(&s.name, "", s.bandwidth);
                 service
             })
             .collect();
@@ -334,7 +356,7 @@ impl Config {
                 NamedPool { name: Arc::from(p.name.as_str()), pool: Pool::new(backends) }
             })
             .collect();
-        let firewall = registry.rules(FIREWALL_SCOPE, &self.firewall);
+        let firewall = registry.rules(FIREWALL_SCOPE, &self.firewall, &self.firewall_bandwidth);
         Tables::new(version, services).with_records(self.records).with_firewall(firewall, pools)
     }
 }
@@ -347,6 +369,11 @@ pub struct Registry {
     backends: HashMap<(String, SocketAddr), Arc<BackendState>>,
     /// Verdicts per (scope, rule name): scope is "firewall" or a service name.
     hits: HashMap<(String, String), Arc<AtomicU64>>,
+    /// Session-limit counters by service name.
+    limits: HashMap<String, Arc<LimitState>>,
+    /// Bandwidth blocks (their shared buckets) per (scope, rule name; "" for the service's
+    /// own), kept while their rates stay the same.
+    bandwidth: HashMap<(String, String), Arc<Bandwidth>>,
 }
 
 impl Registry {
@@ -354,10 +381,35 @@ impl Registry {
         self.hits.entry((scope.to_string(), rule.to_string())).or_default().clone()
     }
 
-    /// Compiles rules, with the counters their names had before.
-    fn rules(&mut self, scope: &str, rules: &[Rule]) -> Rules {
+    /// Compiles rules, with the counters and bandwidth state their names had before.
+    fn rules(&mut self, scope: &str, rules: &[Rule], bandwidth: &[BandwidthSpec]) -> Rules {
         let hits = rules.iter().map(|r| self.hits(scope, &r.name)).collect();
-        Rules { set: RuleSet::compile(rules.to_vec()), hits }
+        let bandwidth = rules
+            .iter()
+            .zip(bandwidth)
+            .map(|(r, &spec)| self.bandwidth(scope, &r.name, spec))
+            .collect();
+        Rules { set: RuleSet::compile(rules.to_vec()), hits, bandwidth }
+    }
+
+    fn limit_state(&mut self, service: &str) -> Arc<LimitState> {
+        self.limits.entry(service.to_string()).or_default().clone()
+    }
+
+    /// The bandwidth block of `scope`'s rule `rule`, or `None` for an empty one. A block
+    /// whose rates did not change keeps its buckets, so a reload neither refills nor
+    /// doubles a shared budget.
+    fn bandwidth(&mut self, scope: &str, rule: &str, spec: BandwidthSpec) -> Option<Arc<Bandwidth>> {
+        let key = (scope.to_string(), rule.to_string());
+        if spec.is_empty() {
+            self.bandwidth.remove(&key);
+            return None;
+        }
+        let entry = self.bandwidth.entry(key).or_insert_with(|| Arc::new(Bandwidth::new(spec)));
+        if entry.spec != spec {
+            *entry = Arc::new(Bandwidth::new(spec));
+        }
+        Some(entry.clone())
     }
 
     fn service(&mut self, name: &str) -> Arc<ServiceCounters> {
@@ -374,6 +426,8 @@ impl Registry {
     pub fn retain(&mut self, config: &Config) {
         let names: HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
         self.services.retain(|name, _| names.contains(name.as_str()));
+        self.limits.retain(|name, _| names.contains(name.as_str()));
+        self.bandwidth.retain(|(scope, _), _| scope == FIREWALL_SCOPE || names.contains(scope.as_str()));
         self.backends.retain(|(name, addr), _| {
             config.services.iter().any(|s| &s.name == name && s.backends.contains(addr))
                 || config
@@ -415,7 +469,8 @@ impl Validator<'_> {
         let records = raw.records.as_ref().map(|r| self.records(r)).unwrap_or_default();
         let logs = raw.logs.iter().enumerate().filter_map(|(i, l)| self.log(i, l)).collect();
         let pools = self.pools(&raw.pools, admin.as_ref());
-        let firewall = self.rules("firewall", "firewall", &raw.firewall, &pools);
+        let (firewall, firewall_bandwidth) =
+            self.rules("firewall", "firewall", &raw.firewall, &pools);
         if raw.services.is_empty() {
             self.error(0..0, "service", "at least one [[service]] is required");
         }
@@ -451,6 +506,7 @@ impl Validator<'_> {
             records,
             logs,
             firewall,
+            firewall_bandwidth,
             pools,
             services,
         }
@@ -704,12 +760,23 @@ impl Validator<'_> {
         scope: &str,
         raw: &[RuleSection],
         pools: &[PoolSpec],
-    ) -> Vec<Rule> {
+    ) -> (Vec<Rule>, Vec<BandwidthSpec>) {
         let mut names = HashSet::new();
         let mut rules = Vec::new();
+        let mut bandwidth = Vec::new();
         for (i, r) in raw.iter().enumerate() {
             let key = format!("{prefix}[{i}]");
+            let keys = BandwidthKeys {
+                both: r.bandwidth.as_ref(),
+                up: r.bandwidth_up.as_ref(),
+                down: r.bandwidth_down.as_ref(),
+            };
+            let spec = self.bandwidth(keys, &key);
             let Some(rule) = self.rule(&key, &format!("{scope}.{i}"), r, pools) else { continue };
+            if !spec.is_empty() && !matches!(rule.action, Action::Allow { .. }) {
+                self.error(r.action.span(), &format!("{key}.bandwidth"), "bandwidth applies to allow rules only");
+            }
+            bandwidth.push(spec);
             if !names.insert(rule.name.clone()) {
                 let span = r.name.as_ref().map_or(r.action.span(), |n| n.span());
                 let message = format!("duplicate rule name {:?}", rule.name);
@@ -717,7 +784,7 @@ impl Validator<'_> {
             }
             rules.push(rule);
         }
-        rules
+        (rules, bandwidth)
     }
 
     fn rule(
@@ -869,7 +936,16 @@ impl Validator<'_> {
                 *slot = d;
             }
         }
-        let rules = self.rules(&key("rule"), &format!("{name}.rule"), &raw.rules, pools);
+        let (rules, rule_bandwidth) =
+            self.rules(&key("rule"), &format!("{name}.rule"), &raw.rules, pools);
+        let keys = BandwidthKeys {
+            both: raw.bandwidth.as_ref(),
+            up: raw.bandwidth_up.as_ref(),
+            down: raw.bandwidth_down.as_ref(),
+        };
+        let bandwidth = self.bandwidth(keys, &format!("service[{i}]"));
+        let limits = self.limits(raw.limits.as_ref(), &format!("service[{i}]"));
+        timeouts.max_duration = limits.max_duration;
         let default = match raw.default.as_ref().map(|d| (d.get_ref().as_str(), d.span())) {
             None | Some(("allow", _)) => Action::Allow { pool: None },
             Some(("deny", _)) => Action::Deny { reset: false },
@@ -880,7 +956,17 @@ impl Validator<'_> {
                 Action::Allow { pool: None }
             }
         };
-        ServiceSpec { name, listen, backends, timeouts, rules, default }
+        ServiceSpec {
+            name,
+            listen,
+            backends,
+            timeouts,
+            rules,
+            default,
+            rule_bandwidth,
+            bandwidth,
+            limits,
+        }
     }
 
     fn duration(&mut self, value: &Spanned<String>, key: &str) -> Option<Duration> {

@@ -73,6 +73,11 @@ pub fn stats(shared: &Shared) -> Value {
                 "connect_errors": get(&c.connect_errors),
                 "unserved": get(&c.unserved),
                 "denied": get(&c.denied),
+                "limited": get(&c.limited),
+                "cut": get(&c.cut),
+                "limit_refusals": s.limit_state.refusals().iter().map(|(e, n)| (e.as_str().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+                "limit_tracked_clients": s.limit_state.tracked().0,
+                "limit_tracked_networks": s.limit_state.tracked().1,
                 "rules": rules_json(&s.rules),
                 "default_action": action_name(&s.default),
                 "default_hits": get(&s.default_hits),
@@ -224,6 +229,18 @@ pub fn prometheus(shared: &Shared) -> String {
     f.header("sluice_denied_sessions_total", "counter", "Sessions the firewall refused.");
     for s in tables.services() {
         f.sample("sluice_denied_sessions_total", &[("service", &s.name)], get(&s.counters.denied));
+    }
+    let name = "sluice_limited_sessions_total";
+    f.header(name, "counter", "Sessions refused by a session limit, by limit.");
+    for s in tables.services() {
+        for (limit, n) in s.limit_state.refusals() {
+            f.sample(name, &[("service", &s.name), ("limit", limit.as_str())], n);
+        }
+    }
+    let name = "sluice_cut_sessions_total";
+    f.header(name, "counter", "Sessions cut at their byte cap or maximum duration.");
+    for s in tables.services() {
+        f.sample(name, &[("service", &s.name)], get(&s.counters.cut));
     }
     let name = "sluice_rule_verdicts_total";
     f.header(

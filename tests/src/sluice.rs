@@ -80,6 +80,8 @@ pub struct Service {
     pub connect_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub fin_timeout: Option<String>,
+    /// Raw `key = value` lines added to the service's table (`bandwidth = {...}`).
+    pub keys: Vec<String>,
 }
 
 impl Service {
@@ -92,7 +94,14 @@ impl Service {
             connect_timeout: None,
             idle_timeout: None,
             fin_timeout: None,
+            keys: Vec::new(),
         }
+    }
+
+    /// Adds a raw `key = value` line to the service's table.
+    pub fn key(mut self, line: &str) -> Self {
+        self.keys.push(line.to_string());
+        self
     }
 
     /// Also listens on a free port of `ip`.
@@ -225,6 +234,10 @@ impl Config {
                 if let Some(v) = value {
                     t += &format!("{key} = {v:?}\n");
                 }
+            }
+            for line in &s.keys {
+                t += line;
+                t += "\n";
             }
         }
         if let Some(admin) = &self.admin {
