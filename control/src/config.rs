@@ -140,9 +140,9 @@ struct RuleSection {
     sni: Vec<Spanned<String>>,
     #[serde(default)]
     not_sni: Vec<Spanned<String>>,
-    bandwidth: Option<BandwidthSection>,
-    bandwidth_up: Option<BandwidthSection>,
-    bandwidth_down: Option<BandwidthSection>,
+    bandwidth: Option<Spanned<BandwidthSection>>,
+    bandwidth_up: Option<Spanned<BandwidthSection>>,
+    bandwidth_down: Option<Spanned<BandwidthSection>>,
 }
 
 /// A port range written as a number (`22`) or text (`"1024-65535"`).
@@ -225,9 +225,9 @@ struct ServiceSection {
     fin_timeout: Option<Spanned<String>>,
     sni_timeout: Option<Spanned<String>>,
     default: Option<Spanned<String>>,
-    bandwidth: Option<BandwidthSection>,
-    bandwidth_up: Option<BandwidthSection>,
-    bandwidth_down: Option<BandwidthSection>,
+    bandwidth: Option<Spanned<BandwidthSection>>,
+    bandwidth_up: Option<Spanned<BandwidthSection>>,
+    bandwidth_down: Option<Spanned<BandwidthSection>>,
     limits: Option<LimitsSection>,
     #[serde(default, rename = "rule")]
     rules: Vec<RuleSection>,
@@ -399,7 +399,12 @@ impl Registry {
     /// The bandwidth block of `scope`'s rule `rule`, or `None` for an empty one. A block
     /// whose rates did not change keeps its buckets, so a reload neither refills nor
     /// doubles a shared budget.
-    fn bandwidth(&mut self, scope: &str, rule: &str, spec: BandwidthSpec) -> Option<Arc<Bandwidth>> {
+    fn bandwidth(
+        &mut self,
+        scope: &str,
+        rule: &str,
+        spec: BandwidthSpec,
+    ) -> Option<Arc<Bandwidth>> {
         let key = (scope.to_string(), rule.to_string());
         if spec.is_empty() {
             self.bandwidth.remove(&key);
@@ -427,7 +432,8 @@ impl Registry {
         let names: HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
         self.services.retain(|name, _| names.contains(name.as_str()));
         self.limits.retain(|name, _| names.contains(name.as_str()));
-        self.bandwidth.retain(|(scope, _), _| scope == FIREWALL_SCOPE || names.contains(scope.as_str()));
+        self.bandwidth
+            .retain(|(scope, _), _| scope == FIREWALL_SCOPE || names.contains(scope.as_str()));
         self.backends.retain(|(name, addr), _| {
             config.services.iter().any(|s| &s.name == name && s.backends.contains(addr))
                 || config
@@ -774,7 +780,11 @@ impl Validator<'_> {
             let spec = self.bandwidth(keys, &key);
             let Some(rule) = self.rule(&key, &format!("{scope}.{i}"), r, pools) else { continue };
             if !spec.is_empty() && !matches!(rule.action, Action::Allow { .. }) {
-                self.error(r.action.span(), &format!("{key}.bandwidth"), "bandwidth applies to allow rules only");
+                self.error(
+                    r.action.span(),
+                    &format!("{key}.bandwidth"),
+                    "bandwidth applies to allow rules only",
+                );
             }
             bandwidth.push(spec);
             if !names.insert(rule.name.clone()) {

@@ -9,7 +9,7 @@
 //! clients (counted as a limit), so a flood of source addresses cannot grow memory unbounded.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -58,9 +58,7 @@ impl<T> ClientMap<T> {
     }
 
     fn shard(&self, key: &IpAddr) -> &Mutex<Shard<T>> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
     }
 
     /// The entry of `key`, made by `make` if absent. Entries that no session holds and that
@@ -134,7 +132,8 @@ struct Place {
 
 impl Place {
     fn is_idle(&self, now: u64) -> bool {
-        self.active.load(Ordering::Relaxed) == 0 && self.rate.as_ref().is_none_or(|b| b.is_idle(now))
+        self.active.load(Ordering::Relaxed) == 0
+            && self.rate.as_ref().is_none_or(|b| b.is_idle(now))
     }
 }
 
@@ -200,7 +199,8 @@ impl LimitState {
             return Ok(ticket);
         }
         if spec.per_client.is_some() || spec.client_rate.is_some() {
-            let make = || Place { active: AtomicU32::new(0), rate: spec.client_rate.map(Bucket::new) };
+            let make =
+                || Place { active: AtomicU32::new(0), rate: spec.client_rate.map(Bucket::new) };
             let place = self
                 .clients
                 .get_or_insert(client, now, make, Place::is_idle)
@@ -330,7 +330,8 @@ mod tests {
         let map: ClientMap<Place> = ClientMap::with_capacity(SHARDS * 4);
         let held: Vec<_> = (0..SHARDS as u32 * 2)
             .filter_map(|i| {
-                let p = map.get_or_insert(IpAddr::V4(i.into()), 0, Place::default, Place::is_idle)?;
+                let p =
+                    map.get_or_insert(IpAddr::V4(i.into()), 0, Place::default, Place::is_idle)?;
                 p.active.fetch_add(1, Ordering::Relaxed);
                 Some(p)
             })
@@ -363,7 +364,9 @@ mod tests {
         }
         assert!(refused > 0 && map.len() <= SHARDS);
         let (known, _) = &held[0];
-        assert!(map.get_or_insert(IpAddr::V4((*known).into()), 0, Place::default, Place::is_idle).is_some());
+        assert!(map
+            .get_or_insert(IpAddr::V4((*known).into()), 0, Place::default, Place::is_idle)
+            .is_some());
     }
 
     #[test]

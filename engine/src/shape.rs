@@ -30,7 +30,7 @@ pub const DEFAULT_MIN_BURST: u64 = 16 * 1024;
 pub const QUANTUM_TIME: Duration = Duration::from_millis(5);
 /// ...bounded by these sizes (and by the smallest burst).
 pub const MIN_QUANTUM: u64 = 4 * 1024;
-pub const MAX_QUANTUM: u64 = 256 * 1024;
+pub const MAX_QUANTUM: u64 = 1024 * 1024;
 
 const NANOS: u128 = 1_000_000_000;
 
@@ -95,8 +95,7 @@ impl Bucket {
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
             let next = tat.max(now).saturating_add(cost);
-            match self.tat.compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
+            match self.tat.compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return next.saturating_sub(self.tolerance),
                 Err(seen) => tat = seen,
             }
@@ -112,8 +111,7 @@ impl Bucket {
             if next.saturating_sub(self.tolerance) > now {
                 return false;
             }
-            match self.tat.compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
+            match self.tat.compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return true,
                 Err(seen) => tat = seen,
             }

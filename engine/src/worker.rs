@@ -305,10 +305,9 @@ impl Admission {
     pub fn deny_resets(&self) -> bool {
         match self.refusal {
             Some(CloseReason::Limit) => self.service().limits.reset,
-            _ => matches!(
-                self.decision,
-                Some(Decision { action: Action::Deny { reset: true }, .. })
-            ),
+            _ => {
+                matches!(self.decision, Some(Decision { action: Action::Deny { reset: true }, .. }))
+            }
         }
     }
 

@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_tests::{
-    connect, drain, set_timeouts, Backend, Config, Driver, End, Reload, Service,
-    SessionKey, Sluice,
+    connect, drain, set_timeouts, Backend, Config, Driver, End, Reload, Service, SessionKey, Sluice,
 };
 use socket2::{Domain, Socket, Type};
 
@@ -159,7 +158,7 @@ fn open_from(ip: [u8; 4], addr: SocketAddr) -> Result<TcpStream, (End, SessionKe
 }
 
 fn refused_with_limit(sluice: &Sluice, outcome: Result<TcpStream, (End, SessionKey)>, end: End) {
-    let (seen, key) = outcome.err().expect("the session should have been refused");
+    let (seen, key) = outcome.expect_err("the session should have been refused");
     assert_eq!(seen, end, "how a refused client sees the close");
     let record = sluice.wait_for_session(key, RECORD).expect("a record of the refusal");
     assert_eq!(record.reason, "limit");
@@ -171,12 +170,10 @@ fn refused_with_limit(sluice: &Sluice, outcome: Result<TcpStream, (End, SessionK
 /// networks are unaffected; a closed session frees its place.
 fn sessions_per_client_and_per_network_are_capped(driver: Driver) {
     let echo = Backend::tagged_echo(1);
-    let config = Config::new(driver)
-        .admin_tcp()
-        .service(
-            Service::new("capped", &[echo.addr()])
-                .key("limits = { per_client = 2, per_network = 3, network = 24 }"),
-        );
+    let config = Config::new(driver).admin_tcp().service(
+        Service::new("capped", &[echo.addr()])
+            .key("limits = { per_client = 2, per_network = 3, network = 24 }"),
+    );
     let Some(sluice) = Sluice::start(config) else { return };
     let addr = sluice.addr("capped");
     let a = open_from([127, 0, 0, 2], addr).expect("first session of 127.0.0.2");
@@ -193,7 +190,8 @@ fn sessions_per_client_and_per_network_are_capped(driver: Driver) {
     assert!(freed, "the closed session left");
     let _d = open_from([127, 0, 0, 2], addr).expect("a closed session frees its place");
     let m = sluice.admin().metrics();
-    let limited = |limit| m.get("sluice_limited_sessions_total", &[("service", "capped"), ("limit", limit)]);
+    let limited =
+        |limit| m.get("sluice_limited_sessions_total", &[("service", "capped"), ("limit", limit)]);
     assert_eq!((limited("per_client"), limited("per_network")), (1.0, 1.0));
 }
 
@@ -237,7 +235,9 @@ fn byte_cap_and_maximum_duration_cut_sessions(driver: Driver) {
     let source = firehose();
     let echo = Backend::echo();
     let config = Config::new(driver)
-        .service(Service::new("capped", &[source.addr()]).key(r#"limits = { max_bytes = "100 KB" }"#))
+        .service(
+            Service::new("capped", &[source.addr()]).key(r#"limits = { max_bytes = "100 KB" }"#),
+        )
         .service(Service::new("brief", &[echo.addr()]).key(r#"limits = { max_duration = "1s" }"#));
     let Some(sluice) = Sluice::start(config) else { return };
     let mut stream = connect(sluice.addr("capped"));

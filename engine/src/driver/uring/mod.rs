@@ -481,7 +481,9 @@ impl UringWorker {
     fn decide(&mut self, id: SlotId, sni: Option<&str>) {
         let Some(conn) = self.conns.get_mut(id) else { return };
         let client = conn.client.as_raw_fd();
-        if let Err(reason) = peek::decide(&mut conn.admission, &mut conn.session, client, sni, self.now) {
+        if let Err(reason) =
+            peek::decide(&mut conn.admission, &mut conn.session, client, sni, self.now)
+        {
             return self.close(id, reason);
         }
         self.connect(id);
