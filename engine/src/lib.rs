@@ -12,6 +12,7 @@ pub mod acl;
 pub mod balance;
 pub mod driver;
 pub mod events;
+pub mod proxy;
 pub mod session;
 pub mod sni;
 pub mod sys;

@@ -76,11 +76,14 @@ pub enum CloseReason {
     Shutdown,
     /// A local resource ran out (fds, memory) while setting the session up.
     LocalError,
+    /// The PROXY protocol header was missing, malformed, late, or sent by an untrusted
+    /// source.
+    ProxyError,
 }
 
 impl CloseReason {
     /// Every reason, for validating filters.
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::ClientFin,
         CloseReason::BackendFin,
         CloseReason::ClientRst,
@@ -93,6 +96,7 @@ impl CloseReason {
         CloseReason::Denied,
         CloseReason::Shutdown,
         CloseReason::LocalError,
+        CloseReason::ProxyError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +113,7 @@ impl CloseReason {
             CloseReason::Denied => "denied",
             CloseReason::Shutdown => "shutdown",
             CloseReason::LocalError => "local_error",
+            CloseReason::ProxyError => "proxy_error",
         }
     }
 
@@ -156,10 +161,12 @@ pub struct Flow {
 /// What the session is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Waiting, since `since`, for the client's TLS ClientHello (the firewall matches on
-    /// SNI); decided without it at the SNI timeout.
+    /// Waiting, since `since`, for the client's PROXY protocol header (`proxy`: closed as
+    /// `proxy_error` at the PROXY timeout) or for its TLS ClientHello (the firewall matches
+    /// on SNI; decided without it at the SNI timeout).
     Peeking {
         since: Instant,
+        proxy: bool,
     },
     /// Waiting for the `attempt`-th backend connect, begun at `since`.
     Connecting {
@@ -233,7 +240,12 @@ impl Session {
 
     /// The session waits for the client's ClientHello before it is decided.
     pub fn peek(&mut self, now: Instant) {
-        self.phase = Phase::Peeking { since: now };
+        self.phase = Phase::Peeking { since: now, proxy: false };
+    }
+
+    /// The session waits for the client's PROXY protocol header before it is decided.
+    pub fn await_proxy(&mut self, now: Instant) {
+        self.phase = Phase::Peeking { since: now, proxy: true };
     }
 
     /// The session was decided (allowed): its first connect attempt starts now.
@@ -293,7 +305,10 @@ impl Session {
     /// When something must happen if nothing else does first, and what.
     pub fn deadline(&self, timeouts: &Timeouts) -> (Instant, Due) {
         match self.phase {
-            Phase::Peeking { since } => (since + timeouts.sni, Due::DecideWithoutSni),
+            Phase::Peeking { since, proxy: true } => {
+                (since + timeouts.proxy, Due::Close(CloseReason::ProxyError))
+            }
+            Phase::Peeking { since, proxy: false } => (since + timeouts.sni, Due::DecideWithoutSni),
             Phase::Connecting { since, .. } => (since + timeouts.connect, Due::NextBackend),
             Phase::Relaying if self.up.eof || self.down.eof => {
                 (self.last_activity + timeouts.fin, Due::Close(CloseReason::FinTimeout))
@@ -314,12 +329,24 @@ impl Session {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_session_awaiting_its_proxy_header_is_closed_at_the_proxy_timeout() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0);
+        s.await_proxy(t0);
+        let t = timeouts();
+        assert_eq!(s.deadline(&t), (t0 + t.proxy, Due::Close(CloseReason::ProxyError)));
+        s.peek(t0 + Duration::from_secs(1));
+        assert_eq!(s.deadline(&t).1, Due::DecideWithoutSni);
+    }
+
     fn timeouts() -> Timeouts {
         Timeouts {
             connect: Duration::from_secs(3),
             idle: Duration::from_secs(60),
             fin: Duration::from_secs(10),
             sni: Duration::from_secs(2),
+            proxy: Duration::from_secs(4),
         }
     }
 

@@ -25,6 +25,10 @@ pub const DEFAULT_FIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// SNI; after that it is decided as having none.
 pub const DEFAULT_SNI_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a session on a listener that accepts PROXY protocol waits for the header;
+/// after that it is closed as `proxy_error`.
+pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The timeouts of one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -32,6 +36,7 @@ pub struct Timeouts {
     pub idle: Duration,
     pub fin: Duration,
     pub sni: Duration,
+    pub proxy: Duration,
 }
 
 impl Default for Timeouts {
@@ -41,6 +46,7 @@ impl Default for Timeouts {
             idle: DEFAULT_IDLE_TIMEOUT,
             fin: DEFAULT_FIN_TIMEOUT,
             sni: DEFAULT_SNI_TIMEOUT,
+            proxy: DEFAULT_PROXY_TIMEOUT,
         }
     }
 }

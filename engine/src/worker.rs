@@ -15,8 +15,7 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::acl::{Action, Query};
-use crate::balance::Backend;
-use crate::balance::Pool;
+use crate::balance::{client_key, Backend, Pick, Pool};
 use crate::driver::{self, DriverChoice, Selection};
 use crate::events::{EventSink, Record, RecordKind, Verdict, WorkerStats};
 use crate::session::{CloseReason, Phase, Session};
@@ -163,6 +162,8 @@ pub struct Admission {
     pub listener: SocketAddr,
     pub client: SocketAddr,
     pub pool_start: usize,
+    /// Backends (pool indices) this session has tried, in order.
+    pub tried: Vec<usize>,
     pub start_wall: SystemTime,
     /// The backend of the current connect attempt, then of the relay.
     pub backend: Option<Backend>,
@@ -192,6 +193,7 @@ impl Admission {
             listener,
             client,
             pool_start: 0,
+            tried: Vec::new(),
             start_wall,
             backend,
             decision,
@@ -238,19 +240,40 @@ impl Admission {
         &self.tables.services()[self.service]
     }
 
-    /// Chooses the backend for connect attempt `attempt`; `None` when none is left.
+    /// Chooses the backend for the next connect attempt (the `attempt`-th) with the pool's
+    /// algorithm among the eligible backends this session has not tried; `None` when none
+    /// is left (the session closes as `no_backend` if no attempt was made).
     pub fn begin_attempt(&mut self, attempt: usize) -> Option<SocketAddr> {
-        let backend = self.pool().pick(self.pool_start, attempt)?.clone();
+        debug_assert_eq!(attempt, self.tried.len());
+        let pick = Pick {
+            start: self.pool_start,
+            key: client_key(self.client),
+            tried: &self.tried,
+            now: Instant::now(),
+        };
+        let i = self.pool().pick(&pick)?;
+        let backend = self.pool().backends()[i].clone();
         let addr = backend.addr;
+        self.tried.push(i);
         self.backend = Some(backend);
         Some(addr)
     }
 
-    /// The current connect attempt failed.
+    /// The current connect attempt failed: counted, and the backend ejected after too many
+    /// consecutive failures (logged once, by the thread that ejected it).
     pub fn attempt_failed(&self) {
         WorkerStats::add(&self.service().counters.connect_errors, 1);
-        if let Some(b) = &self.backend {
-            WorkerStats::add(&b.state.connect_errors, 1);
+        let Some(b) = &self.backend else { return };
+        WorkerStats::add(&b.state.connect_errors, 1);
+        let Some(&i) = self.tried.last() else { return };
+        let pool = self.pool();
+        if pool.connect_failed(i, Instant::now()) {
+            let (after, cooldown) = (pool.ejection.after, pool.ejection.cooldown);
+            log::warn!(
+                "backend {} of {} ejected for {cooldown:?} after {after} consecutive connect failures",
+                b.addr,
+                self.service().name
+            );
         }
     }
 
@@ -258,6 +281,7 @@ impl Admission {
     pub fn connected(&self, latency: Duration) {
         self.service().counters.connect_latency.observe(latency);
         if let Some(b) = &self.backend {
+            b.state.connect_succeeded();
             WorkerStats::add(&b.state.sessions, 1);
             WorkerStats::add(&b.state.active, 1);
         }
@@ -328,6 +352,12 @@ impl Admission {
         let relayed = session.phase == Phase::Relaying;
         if !relayed && reason != CloseReason::Denied {
             WorkerStats::add(&counters.unserved, 1);
+        }
+        if reason == CloseReason::NoBackend {
+            WorkerStats::add(&counters.no_backend, 1);
+        }
+        if reason == CloseReason::ProxyError {
+            WorkerStats::add(&counters.proxy_errors, 1);
         }
         if let (true, Some(b)) = (relayed, &self.backend) {
             b.state.active.fetch_sub(1, Ordering::Relaxed);
