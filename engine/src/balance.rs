@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::events::BackendState;
+use crate::proxy;
 
 /// At most this many backends are tried for one session before the client is closed.
 pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
@@ -95,6 +96,40 @@ impl Default for Ejection {
     }
 }
 
+/// How often a pool's backends are checked.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How long one check may take (connect, send, and reading the expected bytes).
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Consecutive passed checks that bring a down backend up.
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
+/// Consecutive failed checks that take an up backend down.
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
+
+/// Active health checks of a pool (run by the control plane, which sets each backend's
+/// `healthy` flag): a TCP connect, then optionally `send` and reading until `expect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub send: Vec<u8>,
+    pub expect: Vec<u8>,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: DEFAULT_HEALTH_RISE,
+            fall: DEFAULT_HEALTH_FALL,
+            send: Vec::new(),
+            expect: Vec::new(),
+        }
+    }
+}
+
 /// One backend server: its address, its shares and its shared state.
 #[derive(Debug, Clone)]
 pub struct Backend {
@@ -139,6 +174,10 @@ pub struct Pool {
     backends: Vec<Backend>,
     algorithm: Algorithm,
     pub ejection: Ejection,
+    /// The PROXY protocol header sent to backends before any relayed byte, if any.
+    pub send_proxy: Option<proxy::Version>,
+    /// Active checks of the backends, if any (run by the control plane).
+    pub health: Option<HealthCheck>,
     cursor: AtomicUsize,
     attempts: usize,
     /// Smooth weighted round-robin order of the primaries, then of the backups (indices).
@@ -171,7 +210,8 @@ impl Pool {
             (0..backends.len()).filter(|&i| backends[i].backup == backup).collect()
         };
         let (primaries, backups) = (tier(false), tier(true));
-        let schedule = [smooth_schedule(&backends, &primaries), smooth_schedule(&backends, &backups)];
+        let schedule =
+            [smooth_schedule(&backends, &primaries), smooth_schedule(&backends, &backups)];
         let maglev = if algorithm == Algorithm::SourceHash {
             [maglev_table(&backends, &primaries), maglev_table(&backends, &backups)]
         } else {
@@ -181,6 +221,8 @@ impl Pool {
             backends,
             algorithm,
             ejection: Ejection::default(),
+            send_proxy: None,
+            health: None,
             cursor: AtomicUsize::new(0),
             attempts,
             schedule,
@@ -277,7 +319,8 @@ fn walk(order: &[usize], from: usize, open: impl Fn(usize) -> bool) -> Option<us
 /// appears `weight / gcd` times, interleaved as nginx does).
 fn smooth_schedule(backends: &[Backend], members: &[usize]) -> Vec<usize> {
     let g = members.iter().map(|&i| backends[i].weight.max(1)).fold(0, gcd).max(1);
-    let weights: Vec<i64> = members.iter().map(|&i| i64::from(backends[i].weight.max(1) / g)).collect();
+    let weights: Vec<i64> =
+        members.iter().map(|&i| i64::from(backends[i].weight.max(1) / g)).collect();
     let total: i64 = weights.iter().sum();
     let mut current = vec![0i64; members.len()];
     let mut order = Vec::with_capacity(total as usize);
@@ -459,7 +502,8 @@ mod tests {
 
     #[test]
     fn two_choices_spreads_evenly_when_load_is_equal_and_avoids_the_loaded_one() {
-        let p = Pool::with_algorithm((0..4).map(|i| backend(i, 1)).collect(), Algorithm::TwoChoices);
+        let p =
+            Pool::with_algorithm((0..4).map(|i| backend(i, 1)).collect(), Algorithm::TwoChoices);
         assert_shares(&counts(&p, 100_000), &[1, 1, 1, 1], 0.03);
         p.backends()[2].state.active.store(1000, Ordering::Relaxed);
         let c = counts(&p, 10_000);
@@ -474,9 +518,8 @@ mod tests {
         };
         let (four, five, again) = (mk(4), mk(5), mk(4));
         let now = Instant::now();
-        let keys: Vec<u64> = (0..100_000u32)
-            .map(|i| client_key(SocketAddr::from((i.to_be_bytes(), 1))))
-            .collect();
+        let keys: Vec<u64> =
+            (0..100_000u32).map(|i| client_key(SocketAddr::from((i.to_be_bytes(), 1)))).collect();
         let addr = |p: &Pool, k: u64| p.backends()[first(p, k, now).unwrap()].addr;
         let (mut moved, mut elsewhere) = (0, 0);
         let mut c = vec![0; 5];
@@ -495,7 +538,8 @@ mod tests {
         // the old backends too.
         assert!(elsewhere * 50 < keys.len(), "{elsewhere} keys moved between old backends");
         assert_shares(&c, &[1; 5], 0.05);
-        let weighted = Pool::with_algorithm(vec![backend(0, 3), backend(1, 1)], Algorithm::SourceHash);
+        let weighted =
+            Pool::with_algorithm(vec![backend(0, 3), backend(1, 1)], Algorithm::SourceHash);
         let mut c = vec![0; 2];
         for &k in &keys {
             c[first(&weighted, k, now).unwrap()] += 1;
@@ -505,7 +549,8 @@ mod tests {
 
     #[test]
     fn source_hash_moves_only_the_removed_backends_keys() {
-        let all = Pool::with_algorithm((0..5).map(|i| backend(i, 1)).collect(), Algorithm::SourceHash);
+        let all =
+            Pool::with_algorithm((0..5).map(|i| backend(i, 1)).collect(), Algorithm::SourceHash);
         let fewer = Pool::with_algorithm(
             [0, 1, 3, 4].into_iter().map(|i| backend(i, 1)).collect(),
             Algorithm::SourceHash,

@@ -43,7 +43,9 @@ impl std::str::FromStr for Version {
         match s {
             "v1" => Ok(Version::V1),
             "v2" => Ok(Version::V2),
-            other => Err(format!("unknown PROXY protocol version {other:?}; expected \"v1\" or \"v2\"")),
+            other => {
+                Err(format!("unknown PROXY protocol version {other:?}; expected \"v1\" or \"v2\""))
+            }
         }
     }
 }
@@ -64,7 +66,9 @@ pub struct Header {
 pub enum Parsed {
     /// A valid beginning: wait until at least `need` bytes have arrived (never more than
     /// [`MAX_HEADER`]).
-    Incomplete { need: usize },
+    Incomplete {
+        need: usize,
+    },
     Complete(Header),
 }
 
@@ -110,19 +114,18 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyError> {
         }
         return Ok(Parsed::Incomplete { need: buf.len() + 1 });
     };
-    let line = std::str::from_utf8(&buf[V1_PREFIX.len()..end]).map_err(|_| ProxyError::V1Malformed)?;
+    let line =
+        std::str::from_utf8(&buf[V1_PREFIX.len()..end]).map_err(|_| ProxyError::V1Malformed)?;
     let len = end + 2;
     let fields: Vec<&str> = line.split(' ').collect();
     let addresses = match fields.as_slice() {
         ["UNKNOWN", ..] => None,
-        ["TCP4", src, dst, sport, dport] => Some((
-            v1_addr::<Ipv4Addr>(src, sport)?,
-            v1_addr::<Ipv4Addr>(dst, dport)?,
-        )),
-        ["TCP6", src, dst, sport, dport] => Some((
-            v1_addr::<Ipv6Addr>(src, sport)?,
-            v1_addr::<Ipv6Addr>(dst, dport)?,
-        )),
+        ["TCP4", src, dst, sport, dport] => {
+            Some((v1_addr::<Ipv4Addr>(src, sport)?, v1_addr::<Ipv4Addr>(dst, dport)?))
+        }
+        ["TCP6", src, dst, sport, dport] => {
+            Some((v1_addr::<Ipv6Addr>(src, sport)?, v1_addr::<Ipv6Addr>(dst, dport)?))
+        }
         _ => return Err(ProxyError::V1Malformed),
     };
     Ok(Parsed::Complete(Header { version: Version::V1, len, addresses }))
@@ -168,13 +171,15 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
         (af, transport) if af > 3 || transport > 2 => return Err(ProxyError::V2Family),
         _ if local => None,
         (1, 1) => {
-            let b: &[u8; 12] = block.get(..12).and_then(|b| b.try_into().ok()).ok_or(ProxyError::V2Short)?;
+            let b: &[u8; 12] =
+                block.get(..12).and_then(|b| b.try_into().ok()).ok_or(ProxyError::V2Short)?;
             let ip = |o: usize| IpAddr::from([b[o], b[o + 1], b[o + 2], b[o + 3]]);
             let port = |o: usize| u16::from_be_bytes([b[o], b[o + 1]]);
             Some((SocketAddr::new(ip(0), port(8)), SocketAddr::new(ip(4), port(10))))
         }
         (2, 1) => {
-            let b: &[u8; 36] = block.get(..36).and_then(|b| b.try_into().ok()).ok_or(ProxyError::V2Short)?;
+            let b: &[u8; 36] =
+                block.get(..36).and_then(|b| b.try_into().ok()).ok_or(ProxyError::V2Short)?;
             let ip = |o: usize| {
                 let octets: [u8; 16] = b[o..o + 16].try_into().expect("16 bytes");
                 IpAddr::from(octets)
@@ -280,7 +285,10 @@ mod tests {
             b"PROXY UDP4 1.2.3.4 1.2.3.4 1 2\r\n",
             b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\n",
         ] {
-            assert!(parse(bad).is_err() || matches!(parse(bad), Ok(Parsed::Incomplete { .. })), "{bad:?}");
+            assert!(
+                parse(bad).is_err() || matches!(parse(bad), Ok(Parsed::Incomplete { .. })),
+                "{bad:?}"
+            );
             let mut closed = bad.to_vec();
             closed.extend_from_slice(b"\r\n");
             assert!(parse(&closed).is_err(), "{:?}", String::from_utf8_lossy(&closed));

@@ -114,6 +114,9 @@ pub struct Service {
     pub default_hits: Arc<AtomicU64>,
     /// Shared with the admin API; carried over by name when tables are rebuilt.
     pub counters: Arc<ServiceCounters>,
+    /// Clients must open with a PROXY protocol header, and may connect only from these
+    /// networks (trusted load balancers); `None`: no header is expected.
+    pub accept_proxy: Option<Vec<ipnet::IpNet>>,
 }
 
 impl Service {
@@ -128,6 +131,7 @@ impl Service {
             default: Action::Allow { pool: None },
             default_hits: Arc::default(),
             counters: Arc::default(),
+            accept_proxy: None,
         }
     }
 }

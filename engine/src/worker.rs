@@ -160,7 +160,10 @@ pub struct Admission {
     pub tables: Arc<Tables>,
     pub service: usize,
     pub listener: SocketAddr,
+    /// The client: the connection's peer, or the source a trusted PROXY header declared.
     pub client: SocketAddr,
+    /// Where the client connected to: the listener, or what a PROXY header declared.
+    pub destination: SocketAddr,
     pub pool_start: usize,
     /// Backends (pool indices) this session has tried, in order.
     pub tried: Vec<usize>,
@@ -192,6 +195,7 @@ impl Admission {
             service,
             listener,
             client,
+            destination: listener,
             pool_start: 0,
             tried: Vec::new(),
             start_wall,
@@ -219,6 +223,18 @@ impl Admission {
         }
         self.decision = Some(decision);
         allowed
+    }
+
+    /// The trusted sources of PROXY headers when this session's listener expects one.
+    pub fn accept_proxy(&self) -> Option<&[ipnet::IpNet]> {
+        self.service().accept_proxy.as_deref()
+    }
+
+    /// The PROXY protocol header to send to the backend before any relayed byte, if its
+    /// pool asks for one.
+    pub fn proxy_header(&self) -> Option<Vec<u8>> {
+        let version = self.pool().send_proxy?;
+        Some(crate::proxy::encode(version, self.client, self.destination))
     }
 
     /// Whether a denied session's client must see a reset rather than a clean close.
@@ -260,20 +276,13 @@ impl Admission {
     }
 
     /// The current connect attempt failed: counted, and the backend ejected after too many
-    /// consecutive failures (logged once, by the thread that ejected it).
+    /// consecutive failures (the control plane's health checker logs the ejection).
     pub fn attempt_failed(&self) {
         WorkerStats::add(&self.service().counters.connect_errors, 1);
         let Some(b) = &self.backend else { return };
         WorkerStats::add(&b.state.connect_errors, 1);
-        let Some(&i) = self.tried.last() else { return };
-        let pool = self.pool();
-        if pool.connect_failed(i, Instant::now()) {
-            let (after, cooldown) = (pool.ejection.after, pool.ejection.cooldown);
-            log::warn!(
-                "backend {} of {} ejected for {cooldown:?} after {after} consecutive connect failures",
-                b.addr,
-                self.service().name
-            );
+        if let Some(&i) = self.tried.last() {
+            self.pool().connect_failed(i, Instant::now());
         }
     }
 
