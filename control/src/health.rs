@@ -88,9 +88,11 @@ fn run(tables: &ArcSwap<Tables>, stop: &AtomicBool) {
 
 /// Every pool in the tables with a label for logs: services' own and named pools.
 fn pools_of(tables: &Tables) -> Vec<(String, &Pool)> {
-    let services = tables.services().iter().map(|s| (format!("service {}", s.name), &s.pool));
+    // Named pools first: a service that uses one shares its backend states, and its
+    // backends are logged under the pool's name.
     let named = tables.pools.iter().map(|p| (format!("pool {}", p.name), &p.pool));
-    services.chain(named).collect()
+    let services = tables.services().iter().map(|s| (format!("service {}", s.name), &s.pool));
+    named.chain(services).collect()
 }
 
 fn key_of(state: &Arc<BackendState>) -> usize {
@@ -187,8 +189,10 @@ fn record(t: &mut Tracked, check: &HealthCheck, passed: bool) {
     if passed {
         t.passes += 1;
         t.failures = 0;
-        if !t.state.healthy() && t.passes >= check.rise {
+        if t.passes >= check.rise && !t.state.healthy() {
             t.state.set_healthy(true);
+            // Its checks prove it reachable again: a passive ejection ends with them.
+            t.state.end_ejection();
         }
     } else {
         t.failures += 1;

@@ -6,7 +6,8 @@
 //! Invariants:
 //! - a backend is *eligible* when its admin state is enabled, it is up (healthy and not
 //!   ejected) and below its `max_sessions` cap; only eligible backends are picked;
-//! - backups are eligible only while no primary is;
+//! - backups are eligible only while no primary is (or, for a session's retry, while no
+//!   primary it has not tried yet is);
 //! - each connect attempt of one session goes to a backend it has not tried yet, chosen by
 //!   the pool's algorithm among the eligible untried ones, at most [`Pool::attempts`] times;
 //! - [`Algorithm::SourceHash`] depends only on the client IP and the configured backend
@@ -261,14 +262,16 @@ impl Pool {
 
     /// The backend (index) for the next connect attempt of a session, or `None` when its
     /// attempts are used up or no untried backend is eligible. Backups are considered only
-    /// while no primary is eligible.
+    /// while no untried primary is eligible.
     pub fn pick(&self, p: &Pick<'_>) -> Option<usize> {
         if p.tried.len() >= self.attempts {
             return None;
         }
         let open = |i: usize| self.backends[i].eligible(p.now) && !p.tried.contains(&i);
-        let primary_up = self.backends.iter().any(|b| !b.backup && b.eligible(p.now));
-        let tier = usize::from(!primary_up);
+        // Backups step in when no primary is left to try: none is up, or this session has
+        // already been refused by every one that is.
+        let primary_open = (0..self.backends.len()).any(|i| !self.backends[i].backup && open(i));
+        let tier = usize::from(!primary_open);
         let candidates: Vec<usize> =
             (0..self.backends.len()).filter(|&i| self.backends[i].backup == (tier == 1)).collect();
         if !candidates.iter().any(|&i| open(i)) {
@@ -276,8 +279,10 @@ impl Pool {
         }
         match self.algorithm {
             Algorithm::RoundRobin => {
-                let n = candidates.len();
-                (0..n).map(|k| candidates[p.start.wrapping_add(k) % n]).find(|&i| open(i))
+                // Turns go round the backends that can take the session, so a backend that
+                // is out does not hand its share to its neighbour alone.
+                let open: Vec<usize> = candidates.into_iter().filter(|&i| open(i)).collect();
+                Some(open[p.start % open.len()])
             }
             Algorithm::Weighted => walk(&self.schedule[tier], p.start, open),
             Algorithm::LeastSessions => {
@@ -619,6 +624,9 @@ mod tests {
         assert!(first(&p, 0, now).is_none(), "every backend down: no backend");
         p.backends()[0].state.set_healthy(true);
         assert_eq!(counts(&p, 10), vec![10, 0, 0]);
+        // The only primary refused this session: its retry goes to the backup.
+        p.backends()[2].state.set_healthy(true);
+        assert_eq!(p.pick(&Pick { start: 0, key: 0, tried: &[0], now }), Some(2));
     }
 
     #[test]

@@ -222,6 +222,12 @@ impl BackendState {
         true
     }
 
+    /// Ends an ejection early (an active check has just shown the backend reachable).
+    pub fn end_ejection(&self) {
+        self.ejected_until.store(0, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
     /// A connect succeeded: the failure streak ends.
     pub fn connect_succeeded(&self) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
