@@ -259,7 +259,7 @@ fn announce(config: &Config, engine: &Engine) {
         let listen: Vec<String> = s.listen.iter().map(|a| a.to_string()).collect();
         log::info!("service {} listen={}", s.name, listen.join(","));
         match s.pool.and_then(|i| config.pools.get(i)) {
-            Some(p) => log::info!("service {} pool={}", s.name, p.name),
+            Some(p) => log::info!("service {} backends=pool:{}", s.name, p.name),
             None => log::info!("service {} backends={}", s.name, backend_list(&s.backends)),
         }
     }

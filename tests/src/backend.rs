@@ -6,7 +6,7 @@
 //! itself; dropping a `Backend` stops its accept thread; handlers report through
 //! [`Reports`], which a test waits on with a timeout.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -160,6 +160,18 @@ impl Backend {
         let backend = Backend::spawn(move |mut stream| {
             let drained = drain(&mut stream);
             tx.push(drained);
+        });
+        (backend, reports)
+    }
+
+    /// Reads each connection to its end, reports every byte it received, then closes (FIN).
+    pub fn recorder() -> (Backend, Reports<Vec<u8>>) {
+        let reports = Reports::default();
+        let tx = reports.clone();
+        let backend = Backend::spawn(move |mut stream| {
+            let mut bytes = Vec::new();
+            let _ = stream.read_to_end(&mut bytes);
+            tx.push(bytes);
         });
         (backend, reports)
     }
