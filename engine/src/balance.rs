@@ -4,6 +4,7 @@
 //! shared [`BackendState`]).
 //!
 //! Invariants:
+//! - passive ejection never takes out a pool's last eligible backend;
 //! - a backend is *eligible* when its admin state is enabled, it is up (healthy and not
 //!   ejected) and below its `max_sessions` cap; only eligible backends are picked;
 //! - backups are eligible only while no primary is (or, for a session's retry, while no
@@ -307,10 +308,13 @@ impl Pool {
         }
     }
 
-    /// Counts a failed connect to backend `i`; returns true when it was ejected by it.
+    /// Counts a failed connect to backend `i`; returns true when it was ejected by it. The
+    /// last eligible backend of a pool is never ejected: that would refuse every session,
+    /// while trying it costs only a connect.
     pub fn connect_failed(&self, i: usize, now: Instant) -> bool {
         let Some(b) = self.backends.get(i) else { return false };
-        b.state.connect_failed(self.ejection.after, self.ejection.cooldown, now)
+        let others = self.backends.iter().enumerate().any(|(j, o)| j != i && o.eligible(now));
+        b.state.connect_failed(self.ejection.after, self.ejection.cooldown, others, now)
     }
 }
 
@@ -653,10 +657,17 @@ mod tests {
         assert!(p.backends()[0].eligible(t0 + Duration::from_secs(11)));
         // Still failing after the cool-down: ejected again at once.
         assert!(p.connect_failed(0, t0 + Duration::from_secs(11)));
-        let off = pool(1).with_ejection(Ejection { after: 0, ..ejection });
+        let off = pool(2).with_ejection(Ejection { after: 0, ..ejection });
         for _ in 0..10 {
             assert!(!off.connect_failed(0, t0));
         }
         assert!(off.backends()[0].eligible(t0));
+        // The last backend that can serve is never ejected.
+        let p = pool(2).with_ejection(ejection);
+        p.backends()[1].state.set_healthy(false);
+        for _ in 0..10 {
+            assert!(!p.connect_failed(0, t0));
+        }
+        assert!(p.backends()[0].eligible(t0));
     }
 }

@@ -210,10 +210,16 @@ impl BackendState {
     }
 
     /// Counts a failed connect; after `after` consecutive failures (0: never) the backend is
-    /// ejected until `now + cooldown`. Returns true when this call ejected it.
-    pub fn connect_failed(&self, after: u32, cooldown: Duration, now: Instant) -> bool {
+    /// ejected until `now + cooldown`, if `may_eject`. Returns true when this call ejected it.
+    pub fn connect_failed(
+        &self,
+        after: u32,
+        cooldown: Duration,
+        may_eject: bool,
+        now: Instant,
+    ) -> bool {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if after == 0 || failures < after || self.ejected(now) {
+        if after == 0 || failures < after || !may_eject || self.ejected(now) {
             return false;
         }
         let until = clock_ms(now) + cooldown.as_millis() as u64;
