@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use sluice_engine::acl::{self, Action, ListenerMatch, NamePattern, Rule, RuleSet, TimeWindow};
-use sluice_engine::balance::{Backend, Pool};
+use sluice_engine::balance::{self, Algorithm, Backend, Ejection, HealthCheck, Pool};
 use sluice_engine::events::{BackendState, RecordKind, RecordPolicy, ServiceCounters, Verdict};
+use sluice_engine::proxy;
 use sluice_engine::session::CloseReason;
 use sluice_engine::tables::{self, NamedPool, Rules, Service, Tables, Timeouts};
 use sluice_engine::{DriverChoice, EngineConfig};
@@ -108,7 +109,50 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct PoolSection {
     name: Spanned<String>,
-    backends: Spanned<Vec<Spanned<String>>>,
+    backends: Option<Spanned<Vec<Spanned<BackendEntry>>>>,
+    algorithm: Option<Spanned<String>>,
+    dns: Option<Spanned<String>>,
+    srv: Option<Spanned<String>>,
+    resolver: Option<Spanned<String>>,
+    dns_interval: Option<Spanned<String>>,
+    send_proxy: Option<Spanned<String>>,
+    eject_after: Option<Spanned<i64>>,
+    eject_for: Option<Spanned<String>>,
+    health: Option<HealthSection>,
+}
+
+/// A backend written as `"host:port"` or as a table with its weight, cap and role.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum BackendEntry {
+    Addr(String),
+    Table(BackendTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendTable {
+    addr: String,
+    weight: Option<i64>,
+    max_sessions: Option<i64>,
+    backup: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthSection {
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
+    send: Option<String>,
+    expect: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AcceptProxySection {
+    from: Spanned<Vec<Spanned<String>>>,
 }
 
 /// One firewall rule, global (`[[firewall]]`) or a service's (`[[service.rule]]`).
@@ -219,7 +263,10 @@ enum Size {
 struct ServiceSection {
     name: Spanned<String>,
     listen: Spanned<Vec<Spanned<String>>>,
-    backends: Spanned<Vec<Spanned<String>>>,
+    backends: Option<Spanned<Vec<Spanned<BackendEntry>>>>,
+    pool: Option<Spanned<String>>,
+    accept_proxy: Option<AcceptProxySection>,
+    proxy_timeout: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     fin_timeout: Option<Spanned<String>>,
@@ -233,12 +280,34 @@ struct ServiceSection {
     rules: Vec<RuleSection>,
 }
 
+/// A validated backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// Most sessions at once (0: no cap).
+    pub max_sessions: u64,
+    pub backup: bool,
+}
+
+impl BackendSpec {
+    /// A primary backend of the default weight, without a cap.
+    pub fn plain(addr: SocketAddr) -> Self {
+        Self { addr, weight: balance::DEFAULT_WEIGHT, max_sessions: 0, backup: false }
+    }
+}
+
 /// A validated service.
 #[derive(Debug, Clone)]
 pub struct ServiceSpec {
     pub name: String,
     pub listen: Vec<SocketAddr>,
-    pub backends: Vec<SocketAddr>,
+    /// Its own round-robin pool (empty when it names a `[[pool]]`).
+    pub backends: Vec<BackendSpec>,
+    /// The named pool it sends sessions to, by index, instead of `backends`.
+    pub pool: Option<usize>,
+    /// Trusted sources of PROXY protocol headers, when the listener expects them.
+    pub accept_proxy: Option<Vec<ipnet::IpNet>>,
     pub timeouts: Timeouts,
     /// The service's own rules, in order.
     pub rules: Vec<Rule>,
@@ -255,7 +324,58 @@ pub struct ServiceSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSpec {
     pub name: String,
-    pub backends: Vec<SocketAddr>,
+    /// Its backends: fixed, or the last good set DNS discovery found.
+    pub backends: Vec<BackendSpec>,
+    pub algorithm: Algorithm,
+    pub ejection: Ejection,
+    pub send_proxy: Option<proxy::Version>,
+    pub health: Option<HealthCheck>,
+    /// Where the backends come from when they are discovered through DNS.
+    pub dns: Option<DnsSpec>,
+}
+
+impl PoolSpec {
+    /// The registry scope of the pool's backend states.
+    pub fn scope(&self) -> String {
+        format!("pool:{}", self.name)
+    }
+
+    /// Compiles the pool, with backend states from `registry` under `scope`.
+    fn compile(&self, scope: &str, registry: &mut Registry) -> Pool {
+        let mut pool = compile_backends(scope, &self.backends, self.algorithm, registry)
+            .with_ejection(self.ejection);
+        pool.send_proxy = self.send_proxy;
+        pool.health = self.health.clone();
+        pool
+    }
+}
+
+/// A pool of `backends` whose states come from `registry` under `scope`.
+fn compile_backends(
+    scope: &str,
+    backends: &[BackendSpec],
+    algorithm: Algorithm,
+    registry: &mut Registry,
+) -> Pool {
+    let backends = backends
+        .iter()
+        .map(|b| Backend {
+            weight: b.weight,
+            max_sessions: b.max_sessions,
+            backup: b.backup,
+            ..Backend::with_state(b.addr, registry.backend(scope, b.addr))
+        })
+        .collect();
+    Pool::with_algorithm(backends, algorithm)
+}
+
+/// How a pool's backends are discovered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSpec {
+    pub query: crate::dns::Query,
+    /// The DNS server asked; `None`: the first nameserver of /etc/resolv.conf.
+    pub resolver: Option<SocketAddr>,
+    pub interval: Duration,
 }
 
 /// A validated configuration.
@@ -326,17 +446,16 @@ impl Config {
             .services
             .iter()
             .map(|s| {
-                let backends = s
-                    .backends
-                    .iter()
-                    .map(|&addr| Backend { addr, state: registry.backend(&s.name, addr) })
-                    .collect();
-                let mut service =
-                    Service::new(&s.name, s.listen.clone(), Pool::new(backends), s.timeouts);
+                let pool = match s.pool.and_then(|i| self.pools.get(i)) {
+                    Some(p) => p.compile(&p.scope(), registry),
+                    None => compile_backends(&s.name, &s.backends, Algorithm::RoundRobin, registry),
+                };
+                let mut service = Service::new(&s.name, s.listen.clone(), pool, s.timeouts);
                 service.rules = registry.rules(&s.name, &s.rules, &s.rule_bandwidth);
                 service.default = s.default;
                 service.default_hits = registry.hits(&s.name, DEFAULT_RULE);
                 service.counters = registry.service(&s.name);
+                service.accept_proxy = s.accept_proxy.clone();
                 service.limits = s.limits;
                 service.limit_state = registry.limit_state(&s.name);
                 service.bandwidth = registry.bandwidth(&s.name, "", s.bandwidth);
@@ -346,14 +465,9 @@ impl Config {
         let pools = self
             .pools
             .iter()
-            .map(|p| {
-                let scope = format!("pool:{}", p.name);
-                let backends = p
-                    .backends
-                    .iter()
-                    .map(|&addr| Backend { addr, state: registry.backend(&scope, addr) })
-                    .collect();
-                NamedPool { name: Arc::from(p.name.as_str()), pool: Pool::new(backends) }
+            .map(|p| NamedPool {
+                name: Arc::from(p.name.as_str()),
+                pool: p.compile(&p.scope(), registry),
             })
             .collect();
         let firewall = registry.rules(FIREWALL_SCOPE, &self.firewall, &self.firewall_bandwidth);
@@ -434,12 +548,10 @@ impl Registry {
         self.limits.retain(|name, _| names.contains(name.as_str()));
         self.bandwidth
             .retain(|(scope, _), _| scope == FIREWALL_SCOPE || names.contains(scope.as_str()));
+        let has = |list: &[BackendSpec], addr: &SocketAddr| list.iter().any(|b| b.addr == *addr);
         self.backends.retain(|(name, addr), _| {
-            config.services.iter().any(|s| &s.name == name && s.backends.contains(addr))
-                || config
-                    .pools
-                    .iter()
-                    .any(|p| *name == format!("pool:{}", p.name) && p.backends.contains(addr))
+            config.services.iter().any(|s| &s.name == name && has(&s.backends, addr))
+                || config.pools.iter().any(|p| *name == p.scope() && has(&p.backends, addr))
         });
         self.hits.retain(|(scope, rule), _| {
             let in_rules = |rules: &[Rule]| rules.iter().any(|r| &*r.name == rule);
@@ -731,31 +843,172 @@ impl Validator<'_> {
                 let message = format!("pool names must be unique and not empty ({name:?})");
                 self.error(p.name.span(), &format!("{key}.name"), message);
             }
-            if p.backends.get_ref().is_empty() {
-                let message = "at least one backend is required";
-                self.error(p.backends.span(), &format!("{key}.backends"), message);
-            }
-            let backends = self.backends(p.backends.get_ref(), &format!("{key}.backends"), admin);
-            pools.push(PoolSpec { name, backends });
+            pools.push(self.pool(&key, name, p, admin));
         }
         pools
     }
 
+    fn pool(
+        &mut self,
+        key: &str,
+        name: String,
+        p: &PoolSection,
+        admin: Option<&AdminAddr>,
+    ) -> PoolSpec {
+        let k = |f: &str| format!("{key}.{f}");
+        let dns = self.dns(p, key);
+        let discovered = p.dns.is_some() || p.srv.is_some();
+        let backends = match (&p.backends, discovered) {
+            (Some(b), false) => self.backends(b, &k("backends"), admin),
+            (None, false) => {
+                let message = "a pool needs backends, dns or srv";
+                self.error(p.name.span(), &k("backends"), message);
+                Vec::new()
+            }
+            (Some(b), true) => {
+                self.error(b.span(), &k("backends"), "give either backends or dns/srv, not both");
+                Vec::new()
+            }
+            (None, true) => Vec::new(),
+        };
+        let algorithm = self
+            .parsed(&p.algorithm, &k("algorithm"), |t| t.parse::<Algorithm>())
+            .unwrap_or_default();
+        let send_proxy = self.parsed(&p.send_proxy, &k("send_proxy"), |t| t.parse());
+        let mut ejection = Ejection::default();
+        if let Some(n) = &p.eject_after {
+            match u32::try_from(*n.get_ref()) {
+                Ok(n) => ejection.after = n,
+                Err(_) => self.error(n.span(), &k("eject_after"), "must be 0 (off) or more"),
+            }
+        }
+        if let Some(d) = p.eject_for.as_ref().and_then(|d| self.duration(d, &k("eject_for"))) {
+            ejection.cooldown = d;
+        }
+        let health = p.health.as_ref().map(|h| self.health(h, &k("health")));
+        PoolSpec { name, backends, algorithm, ejection, send_proxy, health, dns }
+    }
+
+    /// A value parsed from text, or an error at its position.
+    fn parsed<T>(
+        &mut self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let value = value.as_ref()?;
+        parse(value.get_ref()).map_err(|m| self.error(value.span(), key, m)).ok()
+    }
+
+    fn dns(&mut self, p: &PoolSection, key: &str) -> Option<DnsSpec> {
+        let k = |f: &str| format!("{key}.{f}");
+        let query = match (&p.dns, &p.srv) {
+            (Some(_), None) => self.parsed(&p.dns, &k("dns"), crate::dns::Query::host)?,
+            (None, Some(_)) => self.parsed(&p.srv, &k("srv"), crate::dns::Query::srv)?,
+            (Some(_), Some(srv)) => {
+                self.error(srv.span(), &k("srv"), "give either dns or srv, not both");
+                return None;
+            }
+            (None, None) => {
+                for (v, f) in [(&p.resolver, "resolver"), (&p.dns_interval, "dns_interval")] {
+                    if let Some(v) = v {
+                        self.error(v.span(), &k(f), "applies only to a pool with dns or srv");
+                    }
+                }
+                return None;
+            }
+        };
+        let resolver = self.parsed(&p.resolver, &k("resolver"), crate::dns::parse_resolver);
+        let interval = p
+            .dns_interval
+            .as_ref()
+            .and_then(|d| self.duration(d, &k("dns_interval")))
+            .unwrap_or(crate::dns::DEFAULT_DNS_INTERVAL);
+        Some(DnsSpec { query, resolver, interval })
+    }
+
+    fn health(&mut self, raw: &HealthSection, key: &str) -> HealthCheck {
+        let k = |f: &str| format!("{key}.{f}");
+        let mut h = HealthCheck::default();
+        if let Some(d) = raw.interval.as_ref().and_then(|d| self.duration(d, &k("interval"))) {
+            h.interval = d;
+        }
+        if let Some(d) = raw.timeout.as_ref().and_then(|d| self.duration(d, &k("timeout"))) {
+            h.timeout = d;
+        }
+        for (value, field, slot) in
+            [(&raw.rise, "rise", &mut h.rise), (&raw.fall, "fall", &mut h.fall)]
+        {
+            if let Some(v) = value {
+                match u32::try_from(*v.get_ref()) {
+                    Ok(n) if (1..=100).contains(&n) => *slot = n,
+                    _ => self.error(v.span(), &k(field), "must be a count from 1 to 100"),
+                }
+            }
+        }
+        h.send = raw.send.clone().unwrap_or_default().into_bytes();
+        h.expect = raw.expect.clone().unwrap_or_default().into_bytes();
+        h
+    }
+
     fn backends(
         &mut self,
-        raw: &[Spanned<String>],
+        raw: &Spanned<Vec<Spanned<BackendEntry>>>,
         key: &str,
         admin: Option<&AdminAddr>,
-    ) -> Vec<SocketAddr> {
-        raw.iter()
-            .flat_map(|b| match resolve(b.get_ref(), admin) {
-                Ok(addrs) => addrs,
-                Err(message) => {
-                    self.error(b.span(), key, message);
-                    Vec::new()
+    ) -> Vec<BackendSpec> {
+        if raw.get_ref().is_empty() {
+            self.error(raw.span(), key, "at least one backend is required");
+        }
+        let mut out = Vec::new();
+        for b in raw.get_ref() {
+            let (text, template) = match b.get_ref() {
+                BackendEntry::Addr(t) => {
+                    (t, BackendSpec::plain(SocketAddr::from(([0, 0, 0, 0], 0))))
                 }
-            })
-            .collect()
+                BackendEntry::Table(t) => match self.backend_table(t, b.span(), key) {
+                    Some(spec) => (&t.addr, spec),
+                    None => continue,
+                },
+            };
+            match resolve(text, admin) {
+                Ok(addrs) => out
+                    .extend(addrs.into_iter().map(|addr| BackendSpec { addr, ..template.clone() })),
+                Err(message) => self.error(b.span(), key, message),
+            }
+        }
+        out
+    }
+
+    /// The weight, cap and role of a backend table (its address is resolved by the caller).
+    fn backend_table(
+        &mut self,
+        t: &BackendTable,
+        span: Range<usize>,
+        key: &str,
+    ) -> Option<BackendSpec> {
+        let mut spec = BackendSpec::plain(SocketAddr::from(([0, 0, 0, 0], 0)));
+        if let Some(w) = t.weight {
+            match u32::try_from(w) {
+                Ok(w) if (1..=balance::MAX_WEIGHT).contains(&w) => spec.weight = w,
+                _ => {
+                    let message = format!("weight must be from 1 to {}", balance::MAX_WEIGHT);
+                    self.error(span, &format!("{key}.weight"), message);
+                    return None;
+                }
+            }
+        }
+        if let Some(m) = t.max_sessions {
+            match u64::try_from(m) {
+                Ok(m) if m > 0 => spec.max_sessions = m,
+                _ => {
+                    self.error(span, &format!("{key}.max_sessions"), "must be 1 or more");
+                    return None;
+                }
+            }
+        }
+        spec.backup = t.backup.unwrap_or(false);
+        Some(spec)
     }
 
     /// An ordered rule list; `prefix` names keys in errors, `scope` names rules without a
@@ -931,16 +1184,43 @@ impl Validator<'_> {
                 }
             })
             .collect();
-        if raw.backends.get_ref().is_empty() {
-            self.error(raw.backends.span(), &key("backends"), "at least one backend is required");
-        }
-        let backends = self.backends(raw.backends.get_ref(), &key("backends"), admin);
+        let (backends, pool) = match (&raw.backends, &raw.pool) {
+            (Some(b), None) => (self.backends(b, &key("backends"), admin), None),
+            (None, Some(p)) => {
+                let found = pools.iter().position(|x| &x.name == p.get_ref());
+                if found.is_none() {
+                    self.error(
+                        p.span(),
+                        &key("pool"),
+                        format!("no [[pool]] named {:?}", p.get_ref()),
+                    );
+                }
+                (Vec::new(), found)
+            }
+            (Some(_), Some(p)) => {
+                self.error(p.span(), &key("pool"), "give either backends or pool, not both");
+                (Vec::new(), None)
+            }
+            (None, None) => {
+                let message = "a service needs backends or a pool";
+                self.error(raw.name.span(), &key("backends"), message);
+                (Vec::new(), None)
+            }
+        };
+        let accept_proxy = raw.accept_proxy.as_ref().map(|a| {
+            if a.from.get_ref().is_empty() {
+                let message = "list the trusted sources of PROXY headers";
+                self.error(a.from.span(), &key("accept_proxy.from"), message);
+            }
+            self.list(a.from.get_ref(), &key("accept_proxy.from"), parse_net)
+        });
         let mut timeouts = Timeouts::default();
         for (field, slot, value) in [
             ("connect_timeout", &mut timeouts.connect, &raw.connect_timeout),
             ("idle_timeout", &mut timeouts.idle, &raw.idle_timeout),
             ("fin_timeout", &mut timeouts.fin, &raw.fin_timeout),
             ("sni_timeout", &mut timeouts.sni, &raw.sni_timeout),
+            ("proxy_timeout", &mut timeouts.proxy, &raw.proxy_timeout),
         ] {
             if let Some(d) = value.as_ref().and_then(|d| self.duration(d, &key(field))) {
                 *slot = d;
@@ -970,6 +1250,8 @@ impl Validator<'_> {
             name,
             listen,
             backends,
+            pool,
+            accept_proxy,
             timeouts,
             rules,
             default,
@@ -1228,7 +1510,10 @@ mod tests {
         let text = format!("[admin]\n{MINIMAL}").replace("\"127.0.0.1:8000\"", "\"admin\"");
         let c = Config::parse("t", &text).unwrap();
         assert_eq!(c.admin, Some(AdminAddr::Tcp("127.0.0.1:9900".parse().unwrap())));
-        assert_eq!(c.services[0].backends, vec!["127.0.0.1:9900".parse().unwrap()]);
+        assert_eq!(
+            c.services[0].backends,
+            vec![BackendSpec::plain("127.0.0.1:9900".parse().unwrap())]
+        );
         assert!(Config::parse("t", MINIMAL).unwrap().admin.is_none());
         let e = errors(&MINIMAL.replace("\"127.0.0.1:8000\"", "\"admin\""));
         assert_eq!(e[0].key, "service[0].backends");
@@ -1289,7 +1574,10 @@ mod tests {
     fn the_embedded_default_is_valid_and_forwards_8080_to_8000() {
         let c = Config::load_or_default(None).unwrap();
         assert_eq!(c.services[0].listen, vec!["127.0.0.1:8080".parse().unwrap()]);
-        assert_eq!(c.services[0].backends, vec!["127.0.0.1:8000".parse().unwrap()]);
+        assert_eq!(
+            c.services[0].backends,
+            vec![BackendSpec::plain("127.0.0.1:8000".parse().unwrap())]
+        );
     }
 
     #[test]
@@ -1316,5 +1604,57 @@ mod tests {
         registry.retain(&renamed);
         assert!(!Arc::ptr_eq(&a.counters, &third.services()[0].counters));
         assert_eq!(registry.services.len(), 1);
+    }
+
+    #[test]
+    fn pools_take_algorithms_backend_tables_health_proxy_and_dns() {
+        let text = "[[pool]]\nname = \"web\"\nalgorithm = \"weighted\"\nsend_proxy = \"v2\"\neject_after = 5\neject_for = \"30s\"\nbackends = [\"127.0.0.1:9001\", { addr = \"127.0.0.1:9002\", weight = 3, max_sessions = 100 }, { addr = \"127.0.0.1:9003\", backup = true }]\n[pool.health]\ninterval = \"500ms\"\nrise = 1\nfall = 2\nsend = \"PING\\r\\n\"\nexpect = \"PONG\"\n\n[[pool]]\nname = \"found\"\nsrv = \"_web._tcp.example\"\nresolver = \"127.0.0.1:5353\"\ndns_interval = \"5s\"\n\n[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:8080\"]\npool = \"web\"\naccept_proxy = { from = [\"127.0.0.0/8\"] }\nproxy_timeout = \"2s\"\n";
+        let c = Config::parse("t", text).unwrap();
+        let web = &c.pools[0];
+        assert_eq!(web.algorithm, Algorithm::Weighted);
+        assert_eq!(web.send_proxy, Some(proxy::Version::V2));
+        assert_eq!(web.ejection, Ejection { after: 5, cooldown: Duration::from_secs(30) });
+        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        assert_eq!(
+            web.backends,
+            vec![
+                BackendSpec::plain(addr(9001)),
+                BackendSpec { weight: 3, max_sessions: 100, ..BackendSpec::plain(addr(9002)) },
+                BackendSpec { backup: true, ..BackendSpec::plain(addr(9003)) },
+            ]
+        );
+        let h = web.health.as_ref().unwrap();
+        assert_eq!((h.interval, h.rise, h.fall), (Duration::from_millis(500), 1, 2));
+        assert_eq!((h.send.as_slice(), h.expect.as_slice()), (&b"PING\r\n"[..], &b"PONG"[..]));
+        let dns = c.pools[1].dns.as_ref().unwrap();
+        assert_eq!(dns.query, crate::dns::Query::Srv { name: "_web._tcp.example".into() });
+        assert_eq!((dns.resolver, dns.interval), (Some(addr(5353)), Duration::from_secs(5)));
+        let s = &c.services[0];
+        assert_eq!((s.pool, s.backends.len()), (Some(0), 0));
+        assert_eq!(s.accept_proxy, Some(vec!["127.0.0.0/8".parse().unwrap()]));
+        assert_eq!(s.timeouts.proxy, Duration::from_secs(2));
+        let t = c.tables(1, &mut Registry::default());
+        let pool = &t.services()[0].pool;
+        assert_eq!((pool.algorithm(), pool.backends().len()), (Algorithm::Weighted, 3));
+        assert!(Arc::ptr_eq(&pool.backends()[1].state, &t.pools[0].pool.backends()[1].state));
+    }
+
+    #[test]
+    fn bad_pool_values_are_reported_with_line_and_key() {
+        let text = "[[pool]]\nname = \"web\"\nalgorithm = \"fastest\"\nsend_proxy = \"v3\"\nbackends = [{ addr = \"127.0.0.1:1\", weight = 0 }]\n\n[[pool]]\nname = \"d\"\ndns = \"no-port\"\n\n[[pool]]\nname = \"both\"\ndns = \"a:1\"\nbackends = [\"127.0.0.1:1\"]\n\n[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:8080\"]\npool = \"nowhere\"\naccept_proxy = { from = [\"not-a-net\"] }\n";
+        let e = errors(text);
+        let found: Vec<(usize, &str)> = e.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            found,
+            vec![
+                (5, "pool[0].backends.weight"),
+                (3, "pool[0].algorithm"),
+                (4, "pool[0].send_proxy"),
+                (9, "pool[1].dns"),
+                (14, "pool[2].backends"),
+                (19, "service[0].pool"),
+                (20, "service[0].accept_proxy.from"),
+            ]
+        );
     }
 }

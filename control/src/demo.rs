@@ -21,7 +21,7 @@ const PAYLOAD: usize = 1 << 20;
 /// Runs the demo; fails if any byte did not come back as sent.
 pub fn demo(config: Config) -> Result<bool, RunError> {
     let service = &config.services[0];
-    let backend_addr = service.backends[0];
+    let backend_addr = service.backends[0].addr;
     let listen = service.listen[0];
     let backend = TcpListener::bind(backend_addr).map_err(|source| {
         RunError::Engine(sluice_engine::EngineError::Bind { addr: backend_addr, source })

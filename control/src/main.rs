@@ -5,6 +5,9 @@
 mod admin;
 mod config;
 mod demo;
+mod discovery;
+mod dns;
+mod health;
 mod logger;
 mod metrics;
 mod records;

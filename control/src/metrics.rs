@@ -13,6 +13,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use serde_json::{json, Value};
 use sluice_engine::acl::Action;
+use sluice_engine::balance::Backend;
 use sluice_engine::events::{BackendState, EventSink, ServiceCounters, WorkerStats};
 use sluice_engine::tables::{Rules, Tables};
 use sluice_engine::worker::LiveSession;
@@ -41,6 +42,7 @@ fn get(c: &AtomicU64) -> u64 {
 /// The `/stats` document.
 pub fn stats(shared: &Shared) -> Value {
     let tables = shared.tables.load();
+    let now = Instant::now();
     let services: Vec<Value> = tables
         .services()
         .iter()
@@ -55,6 +57,7 @@ pub fn stats(shared: &Shared) -> Value {
                     json!({
                         "addr": b.addr.to_string(),
                         "state": st.admin().as_str(),
+                        "health": health_json(b, now),
                         "sessions": get(&st.sessions),
                         "active": get(&st.active),
                         "bytes_up": get(&st.bytes_up),
@@ -72,12 +75,15 @@ pub fn stats(shared: &Shared) -> Value {
                 "bytes_down": get(&c.bytes_down),
                 "connect_errors": get(&c.connect_errors),
                 "unserved": get(&c.unserved),
+                "no_backend": get(&c.no_backend),
+                "proxy_errors": get(&c.proxy_errors),
                 "denied": get(&c.denied),
                 "limited": get(&c.limited),
                 "cut": get(&c.cut),
                 "limit_refusals": s.limit_state.refusals().iter().map(|(e, n)| (e.as_str().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 "limit_tracked_clients": s.limit_state.tracked().0,
                 "limit_tracked_networks": s.limit_state.tracked().1,
+                "algorithm": s.pool.algorithm().as_str(),
                 "rules": rules_json(&s.rules),
                 "default_action": action_name(&s.default),
                 "default_hits": get(&s.default_hits),
@@ -119,15 +125,32 @@ pub fn stats(shared: &Shared) -> Value {
         "firewall": rules_json(&tables.firewall),
         "pools": tables.pools.iter().map(|p| json!({
             "name": &*p.name,
+            "algorithm": p.pool.algorithm().as_str(),
+            "send_proxy": p.pool.send_proxy.map(|v| v.as_str()),
             "backends": p.pool.backends().iter().map(|b| json!({
                 "addr": b.addr.to_string(),
                 "state": b.state.admin().as_str(),
+                "health": health_json(b, now),
                 "sessions": get(&b.state.sessions),
                 "active": get(&b.state.active),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "services": services,
         "workers": workers,
+    })
+}
+
+/// A backend's share and health: `up` means it takes new sessions (enabled, healthy, not
+/// ejected, below its cap).
+fn health_json(b: &Backend, now: Instant) -> Value {
+    json!({
+        "up": b.eligible(now),
+        "healthy": b.state.healthy(),
+        "ejected": b.state.ejected(now),
+        "ejections": get(&b.state.ejections),
+        "weight": b.weight,
+        "max_sessions": b.max_sessions,
+        "backup": b.backup,
     })
 }
 
@@ -207,7 +230,7 @@ pub fn prometheus(shared: &Shared) -> String {
     let mut out = String::with_capacity(8192);
     let mut f = Family { out: &mut out };
     type ServiceMetric = (&'static str, &'static str, &'static str, fn(&ServiceCounters) -> u64);
-    let service_metrics: [ServiceMetric; 4] = [
+    let service_metrics: [ServiceMetric; 6] = [
         ("sluice_sessions_total", "counter", "Sessions accepted.", |c| get(&c.sessions)),
         ("sluice_sessions_active", "gauge", "Sessions open now.", |c| get(&c.active)),
         ("sluice_connect_errors_total", "counter", "Backend connect attempts that failed.", |c| {
@@ -218,6 +241,18 @@ pub fn prometheus(shared: &Shared) -> String {
             "counter",
             "Sessions closed before reaching a backend.",
             |c| get(&c.unserved),
+        ),
+        (
+            "sluice_no_backend_sessions_total",
+            "counter",
+            "Sessions refused because no backend was up (no_backend).",
+            |c| get(&c.no_backend),
+        ),
+        (
+            "sluice_proxy_errors_total",
+            "counter",
+            "Sessions closed for a missing, bad or untrusted PROXY protocol header.",
+            |c| get(&c.proxy_errors),
         ),
     ];
     for (name, kind, help, value) in service_metrics {
@@ -361,20 +396,30 @@ fn backend_metrics(f: &mut Family<'_>, tables: &Tables) {
     f.header(
         "sluice_backend_up",
         "gauge",
-        "1 if the backend takes new sessions (admin state enabled).",
+        "1 if the backend takes new sessions (enabled, healthy, not ejected, below its cap).",
     );
+    let now = Instant::now();
     for s in tables.services() {
         for b in s.pool.backends() {
             let addr = b.addr.to_string();
             f.sample(
                 "sluice_backend_up",
                 &[("service", &s.name), ("backend", &addr)],
-                b.state.accepts_sessions() as u8,
+                b.eligible(now) as u8,
             );
         }
     }
     type BackendMetric = (&'static str, &'static str, &'static str, fn(&BackendState) -> u64);
-    let metrics: [BackendMetric; 3] = [
+    let metrics: [BackendMetric; 5] = [
+        ("sluice_backend_healthy", "gauge", "1 if the backend passes its active checks.", |b| {
+            b.healthy() as u64
+        }),
+        (
+            "sluice_backend_ejections_total",
+            "counter",
+            "Times the backend was ejected after consecutive connect failures.",
+            |b| get(&b.ejections),
+        ),
         ("sluice_backend_sessions_total", "counter", "Sessions relayed to the backend.", |b| {
             get(&b.sessions)
         }),

@@ -21,6 +21,8 @@ use sluice_engine::{Engine, EngineError};
 
 use crate::admin::{Admin, ControlRequest};
 use crate::config::{Config, Registry, EMBEDDED_NAME};
+use crate::discovery::{self, Discovery};
+use crate::health::Checker;
 use crate::metrics::Shared;
 use crate::records::{Template, PROCESS_LOG_TEMPLATE};
 use crate::sinks::{self, Filter, Format, LogCommand, Sink, SinkSpec, Target};
@@ -49,10 +51,13 @@ struct Control {
     engine: Engine,
     shared: Arc<Shared>,
     log: crossbeam_channel::Sender<LogCommand>,
+    discovery: Discovery,
 }
 
 /// Starts the engine for `config` and runs the control loop until a graceful stop.
-pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
+pub fn run(path: Option<PathBuf>, mut config: Config) -> Result<(), RunError> {
+    let mut discovery = Discovery::default();
+    discovery.resolve_now(&mut config);
     let mut registry = Registry::default();
     let tables = Arc::new(ArcSwap::from_pointee(config.tables(1, &mut registry)));
     let (sink, records) = EventSink::bounded(DEFAULT_EVENT_QUEUE);
@@ -62,6 +67,7 @@ pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
     let sink_counters = log_sinks.iter().map(Sink::counters).collect();
     let engine = Engine::start(&config.engine, tables.clone(), sink.clone())?;
     announce(&config, &engine);
+    let checker = Checker::start(tables.clone()).map_err(RunError::Signals)?;
     let shared = Arc::new(Shared {
         tables,
         workers: engine.stats().to_vec(),
@@ -89,9 +95,10 @@ pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
         .name("sluice-log".into())
         .spawn(move || sinks::run_log_thread(records, log_commands, log_sinks))
         .map_err(RunError::Signals)?;
-    let mut control = Control { path, config, registry, engine, shared, log };
+    let mut control = Control { path, config, registry, engine, shared, log, discovery };
     control.serve(&mut signals, &requests);
     drop(requests_tx);
+    drop(checker);
     if let Some(admin) = admin {
         admin.stop();
     }
@@ -113,10 +120,13 @@ impl Control {
     fn serve(&mut self, signals: &mut Signals, requests: &Receiver<ControlRequest>) {
         let mut draining = false;
         while !self.engine.is_stopped() {
+            let answers = self.discovery.answers().clone();
             crossbeam_channel::select! {
                 recv(requests) -> request => if let Ok(request) = request { self.answer(request) },
+                recv(answers) -> found => if let Ok(found) = found { self.discovered(found) },
                 default(TICK) => {}
             }
+            self.discovery.tick(&self.config, Instant::now());
             for signal in signals.pending() {
                 match signal {
                     SIGHUP => {
@@ -152,6 +162,21 @@ impl Control {
         }
     }
 
+    /// Applies a round of DNS answers; a changed set republishes the tables.
+    fn discovered(&mut self, answers: Vec<discovery::Answer>) {
+        if !self.discovery.finish(&mut self.config, answers) {
+            return;
+        }
+        let version = self.engine.tables().version + 1;
+        match self.engine.publish(self.config.tables(version, &mut self.registry)) {
+            Ok(_) => {
+                self.registry.retain(&self.config);
+                log::info!("dns: tables version {version} in force");
+            }
+            Err(e) => log::error!("dns: cannot publish the discovered backends: {e}"),
+        }
+    }
+
     /// Re-reads the file and publishes its tables if it is valid; the old tables stay in
     /// force otherwise. Engine settings (workers, driver, pipe size) need a restart.
     fn reload(&mut self) -> Result<u64, String> {
@@ -176,7 +201,9 @@ impl Control {
         let Some(path) = &self.path else {
             return Err("running on the embedded default: there is no file to reload".into());
         };
-        let next = Config::load(path).map_err(|e| e.to_string())?;
+        let mut next = Config::load(path).map_err(|e| e.to_string())?;
+        discovery::carry_over(&self.config, &mut next);
+        self.discovery.resolve_now(&mut next);
         let version = self.engine.tables().version + 1;
         let new_sinks = if next.logs != self.config.logs { Some(open_sinks(&next)?) } else { None };
         let change = self
@@ -230,10 +257,24 @@ fn announce(config: &Config, engine: &Engine) {
     log::info!("{}", engine.selection());
     for s in &config.services {
         let listen: Vec<String> = s.listen.iter().map(|a| a.to_string()).collect();
-        let backends: Vec<String> = s.backends.iter().map(|a| a.to_string()).collect();
         log::info!("service {} listen={}", s.name, listen.join(","));
-        log::info!("service {} backends={}", s.name, backends.join(","));
+        match s.pool.and_then(|i| config.pools.get(i)) {
+            Some(p) => log::info!("service {} backends=pool:{}", s.name, p.name),
+            None => log::info!("service {} backends={}", s.name, backend_list(&s.backends)),
+        }
     }
+    for p in &config.pools {
+        let source = match &p.dns {
+            Some(d) => format!("dns={}", d.query.name()),
+            None => format!("backends={}", backend_list(&p.backends)),
+        };
+        log::info!("pool {} algorithm={} {source}", p.name, p.algorithm.as_str());
+    }
+}
+
+fn backend_list(backends: &[crate::config::BackendSpec]) -> String {
+    let addrs: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
+    addrs.join(",")
 }
 
 /// Opens the configured sinks, or the process log when none is configured.

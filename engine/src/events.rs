@@ -3,8 +3,8 @@
 //! counts the drop: reporting never blocks a worker.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -94,6 +94,11 @@ pub struct ServiceCounters {
     /// Sessions cut at their byte cap or maximum duration.
     pub cut: AtomicU64,
     pub connect_latency: LatencyHistogram,
+    /// Sessions closed because their PROXY protocol header was missing, malformed, or came
+    /// from an untrusted source.
+    pub proxy_errors: AtomicU64,
+    /// Sessions closed because no backend was up to take them (`no_backend`).
+    pub no_backend: AtomicU64,
 }
 
 /// Administrative state of a backend, set through the admin API.
@@ -118,6 +123,10 @@ impl AdminState {
 }
 
 /// State and counters of one backend of one service, kept across reloads.
+///
+/// Health has two sources: active checks (control's health checker sets `healthy`) and
+/// passive ejection (the engine counts consecutive connect failures and ejects the backend
+/// for a cool-down). A backend is *up* when it is healthy and not ejected.
 #[derive(Debug)]
 pub struct BackendState {
     pub addr: SocketAddr,
@@ -127,6 +136,22 @@ pub struct BackendState {
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
     pub connect_errors: AtomicU64,
+    /// Result of the active checks (true until a check says otherwise).
+    healthy: AtomicBool,
+    /// Connect failures since the last successful connect.
+    consecutive_failures: AtomicU32,
+    /// Ejected until this many milliseconds after [`clock_ms`]'s origin (0: not ejected).
+    ejected_until: AtomicU64,
+    /// Times the backend was ejected after consecutive connect failures.
+    pub ejections: AtomicU64,
+}
+
+/// Milliseconds from a process-wide origin to `now`: the clock of ejection deadlines,
+/// shared by all threads.
+pub fn clock_ms(now: Instant) -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(|| now.checked_sub(Duration::from_secs(1)).unwrap_or(now));
+    now.saturating_duration_since(origin).as_millis() as u64
 }
 
 impl BackendState {
@@ -139,6 +164,10 @@ impl BackendState {
             bytes_up: AtomicU64::default(),
             bytes_down: AtomicU64::default(),
             connect_errors: AtomicU64::default(),
+            healthy: AtomicBool::new(true),
+            consecutive_failures: AtomicU32::default(),
+            ejected_until: AtomicU64::default(),
+            ejections: AtomicU64::default(),
         }
     }
 
@@ -159,9 +188,61 @@ impl BackendState {
         self.admin.store(v, Ordering::Relaxed);
     }
 
-    /// Whether new sessions may go to this backend.
+    /// Whether new sessions may go to this backend as far as its admin state goes.
     pub fn accepts_sessions(&self) -> bool {
         self.admin() == AdminState::Enabled
+    }
+
+    /// What the active checks last concluded.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Records the active checks' conclusion; returns whether it changed.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Ordering::Relaxed) != healthy
+    }
+
+    /// Whether passive ejection keeps this backend out at `now`.
+    pub fn ejected(&self, now: Instant) -> bool {
+        clock_ms(now) < self.ejected_until.load(Ordering::Relaxed)
+    }
+
+    /// Healthy and not ejected at `now`.
+    pub fn is_up(&self, now: Instant) -> bool {
+        self.healthy() && !self.ejected(now)
+    }
+
+    /// Counts a failed connect; after `after` consecutive failures (0: never) the backend is
+    /// ejected until `now + cooldown`, if `may_eject`. Returns true when this call ejected it.
+    pub fn connect_failed(
+        &self,
+        after: u32,
+        cooldown: Duration,
+        may_eject: bool,
+        now: Instant,
+    ) -> bool {
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if after == 0 || failures < after || !may_eject || self.ejected(now) {
+            return false;
+        }
+        let until = clock_ms(now) + cooldown.as_millis() as u64;
+        self.ejected_until.store(until, Ordering::Relaxed);
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Ends an ejection early (an active check has just shown the backend reachable).
+    pub fn end_ejection(&self) {
+        self.ejected_until.store(0, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// A connect succeeded: the failure streak ends.
+    pub fn connect_succeeded(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
     }
 }
 

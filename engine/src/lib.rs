@@ -13,6 +13,7 @@ pub mod balance;
 pub mod driver;
 pub mod events;
 pub mod limits;
+pub mod proxy;
 pub mod session;
 pub mod shape;
 pub mod sni;

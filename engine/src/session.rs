@@ -82,11 +82,14 @@ pub enum CloseReason {
     ByteCap,
     /// The session lasted as long as its service allows and was cut.
     MaxDuration,
+    /// The PROXY protocol header was missing, malformed, late, or sent by an untrusted
+    /// source.
+    ProxyError,
 }
 
 impl CloseReason {
     /// Every reason, for validating filters.
-    pub const ALL: [CloseReason; 15] = [
+    pub const ALL: &[CloseReason] = &[
         CloseReason::ClientFin,
         CloseReason::BackendFin,
         CloseReason::ClientRst,
@@ -102,6 +105,7 @@ impl CloseReason {
         CloseReason::Limit,
         CloseReason::ByteCap,
         CloseReason::MaxDuration,
+        CloseReason::ProxyError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -121,6 +125,7 @@ impl CloseReason {
             CloseReason::Limit => "limit",
             CloseReason::ByteCap => "byte_cap",
             CloseReason::MaxDuration => "max_duration",
+            CloseReason::ProxyError => "proxy_error",
         }
     }
 
@@ -172,10 +177,12 @@ pub struct Flow {
 /// What the session is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Waiting, since `since`, for the client's TLS ClientHello (the firewall matches on
-    /// SNI); decided without it at the SNI timeout.
+    /// Waiting, since `since`, for the client's PROXY protocol header (`proxy`: closed as
+    /// `proxy_error` at the PROXY timeout) or for its TLS ClientHello (the firewall matches
+    /// on SNI; decided without it at the SNI timeout).
     Peeking {
         since: Instant,
+        proxy: bool,
     },
     /// Waiting for the `attempt`-th backend connect, begun at `since`.
     Connecting {
@@ -251,7 +258,12 @@ impl Session {
 
     /// The session waits for the client's ClientHello before it is decided.
     pub fn peek(&mut self, now: Instant) {
-        self.phase = Phase::Peeking { since: now };
+        self.phase = Phase::Peeking { since: now, proxy: false };
+    }
+
+    /// The session waits for the client's PROXY protocol header before it is decided.
+    pub fn await_proxy(&mut self, now: Instant) {
+        self.phase = Phase::Peeking { since: now, proxy: true };
     }
 
     /// The session was decided (allowed): its first connect attempt starts now.
@@ -338,7 +350,10 @@ impl Session {
 
     fn phase_deadline(&self, timeouts: &Timeouts) -> (Instant, Due) {
         match self.phase {
-            Phase::Peeking { since } => (since + timeouts.sni, Due::DecideWithoutSni),
+            Phase::Peeking { since, proxy: true } => {
+                (since + timeouts.proxy, Due::Close(CloseReason::ProxyError))
+            }
+            Phase::Peeking { since, proxy: false } => (since + timeouts.sni, Due::DecideWithoutSni),
             Phase::Connecting { since, .. } => (since + timeouts.connect, Due::NextBackend),
             Phase::Relaying if self.up.eof || self.down.eof => {
                 (self.last_activity + timeouts.fin, Due::Close(CloseReason::FinTimeout))
@@ -368,6 +383,17 @@ fn earlier(a: (Instant, Due), b: (Instant, Due)) -> (Instant, Due) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_session_awaiting_its_proxy_header_is_closed_at_the_proxy_timeout() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0);
+        s.await_proxy(t0);
+        let t = timeouts();
+        assert_eq!(s.deadline(&t), (t0 + t.proxy, Due::Close(CloseReason::ProxyError)));
+        s.peek(t0 + Duration::from_secs(1));
+        assert_eq!(s.deadline(&t).1, Due::DecideWithoutSni);
+    }
+
     fn timeouts() -> Timeouts {
         Timeouts {
             connect: Duration::from_secs(3),
@@ -375,6 +401,7 @@ mod tests {
             fin: Duration::from_secs(10),
             sni: Duration::from_secs(2),
             max_duration: None,
+            proxy: Duration::from_secs(4),
         }
     }
 

@@ -27,6 +27,10 @@ pub const DEFAULT_FIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// SNI; after that it is decided as having none.
 pub const DEFAULT_SNI_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a session on a listener that accepts PROXY protocol waits for the header;
+/// after that it is closed as `proxy_error`.
+pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The timeouts of one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -36,6 +40,7 @@ pub struct Timeouts {
     pub sni: Duration,
     /// How long a session may last at most (a session limit); then it is cut.
     pub max_duration: Option<Duration>,
+    pub proxy: Duration,
 }
 
 impl Default for Timeouts {
@@ -46,6 +51,7 @@ impl Default for Timeouts {
             fin: DEFAULT_FIN_TIMEOUT,
             sni: DEFAULT_SNI_TIMEOUT,
             max_duration: None,
+            proxy: DEFAULT_PROXY_TIMEOUT,
         }
     }
 }
@@ -134,6 +140,9 @@ pub struct Service {
     pub limit_state: Arc<LimitState>,
     /// The service's bandwidth block, if it has one.
     pub bandwidth: Option<Arc<Bandwidth>>,
+    /// Clients must open with a PROXY protocol header, and may connect only from these
+    /// networks (trusted load balancers); `None`: no header is expected.
+    pub accept_proxy: Option<Vec<ipnet::IpNet>>,
 }
 
 impl Service {
@@ -151,6 +160,7 @@ impl Service {
             limits: LimitSpec::default(),
             limit_state: Arc::default(),
             bandwidth: None,
+            accept_proxy: None,
         }
     }
 }

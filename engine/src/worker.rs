@@ -15,8 +15,7 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::acl::{Action, Query};
-use crate::balance::Backend;
-use crate::balance::Pool;
+use crate::balance::{client_key, Backend, Pick, Pool};
 use crate::driver::{self, DriverChoice, Selection};
 use crate::events::{EventSink, Record, RecordKind, Verdict, WorkerStats};
 use crate::limits::Ticket;
@@ -163,8 +162,13 @@ pub struct Admission {
     pub tables: Arc<Tables>,
     pub service: usize,
     pub listener: SocketAddr,
+    /// The client: the connection's peer, or the source a trusted PROXY header declared.
     pub client: SocketAddr,
+    /// Where the client connected to: the listener, or what a PROXY header declared.
+    pub destination: SocketAddr,
     pub pool_start: usize,
+    /// Backends (pool indices) this session has tried, in order.
+    pub tried: Vec<usize>,
     pub start_wall: SystemTime,
     /// The backend of the current connect attempt, then of the relay.
     pub backend: Option<Backend>,
@@ -208,7 +212,9 @@ impl Admission {
             service,
             listener,
             client,
+            destination: listener,
             pool_start: 0,
+            tried: Vec::new(),
             start_wall,
             backend,
             decision,
@@ -302,6 +308,18 @@ impl Admission {
     }
 
     /// Whether a refused session's client must see a reset rather than a clean close.
+    /// The trusted sources of PROXY headers when this session's listener expects one.
+    pub fn accept_proxy(&self) -> Option<&[ipnet::IpNet]> {
+        self.service().accept_proxy.as_deref()
+    }
+
+    /// The PROXY protocol header to send to the backend before any relayed byte, if its
+    /// pool asks for one.
+    pub fn proxy_header(&self) -> Option<Vec<u8>> {
+        let version = self.pool().send_proxy?;
+        Some(crate::proxy::encode(version, self.client, self.destination))
+    }
+
     pub fn deny_resets(&self) -> bool {
         match self.refusal {
             Some(CloseReason::Limit) => self.service().limits.reset,
@@ -325,19 +343,33 @@ impl Admission {
         &self.tables.services()[self.service]
     }
 
-    /// Chooses the backend for connect attempt `attempt`; `None` when none is left.
+    /// Chooses the backend for the next connect attempt (the `attempt`-th) with the pool's
+    /// algorithm among the eligible backends this session has not tried; `None` when none
+    /// is left (the session closes as `no_backend` if no attempt was made).
     pub fn begin_attempt(&mut self, attempt: usize) -> Option<SocketAddr> {
-        let backend = self.pool().pick(self.pool_start, attempt)?.clone();
+        debug_assert_eq!(attempt, self.tried.len());
+        let pick = Pick {
+            start: self.pool_start,
+            key: client_key(self.client),
+            tried: &self.tried,
+            now: Instant::now(),
+        };
+        let i = self.pool().pick(&pick)?;
+        let backend = self.pool().backends()[i].clone();
         let addr = backend.addr;
+        self.tried.push(i);
         self.backend = Some(backend);
         Some(addr)
     }
 
-    /// The current connect attempt failed.
+    /// The current connect attempt failed: counted, and the backend ejected after too many
+    /// consecutive failures (the control plane's health checker logs the ejection).
     pub fn attempt_failed(&self) {
         WorkerStats::add(&self.service().counters.connect_errors, 1);
-        if let Some(b) = &self.backend {
-            WorkerStats::add(&b.state.connect_errors, 1);
+        let Some(b) = &self.backend else { return };
+        WorkerStats::add(&b.state.connect_errors, 1);
+        if let Some(&i) = self.tried.last() {
+            self.pool().connect_failed(i, Instant::now());
         }
     }
 
@@ -345,6 +377,7 @@ impl Admission {
     pub fn connected(&self, latency: Duration) {
         self.service().counters.connect_latency.observe(latency);
         if let Some(b) = &self.backend {
+            b.state.connect_succeeded();
             WorkerStats::add(&b.state.sessions, 1);
             WorkerStats::add(&b.state.active, 1);
         }
@@ -418,6 +451,12 @@ impl Admission {
         }
         if !relayed && !matches!(reason, CloseReason::Denied | CloseReason::Limit) {
             WorkerStats::add(&counters.unserved, 1);
+        }
+        if reason == CloseReason::NoBackend {
+            WorkerStats::add(&counters.no_backend, 1);
+        }
+        if reason == CloseReason::ProxyError {
+            WorkerStats::add(&counters.proxy_errors, 1);
         }
         if let (true, Some(b)) = (relayed, &self.backend) {
             b.state.active.fetch_sub(1, Ordering::Relaxed);

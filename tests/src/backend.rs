@@ -6,7 +6,7 @@
 //! itself; dropping a `Backend` stops its accept thread; handlers report through
 //! [`Reports`], which a test waits on with a timeout.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -86,7 +86,15 @@ impl Backend {
     where
         F: Fn(TcpStream) + Send + Sync + 'static,
     {
-        let listener = listen(BACKLOG);
+        Backend::spawn_on((Ipv4Addr::LOCALHOST, 0).into(), handler)
+    }
+
+    /// Like [`Backend::spawn`], on the given address (port 0: one the kernel picks).
+    pub fn spawn_on<F>(addr: SocketAddr, handler: F) -> Backend
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        let listener = listen(addr, BACKLOG);
         let addr = listener.local_addr().expect("backend local_addr");
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -126,7 +134,12 @@ impl Backend {
     /// Writes `tag` as soon as it accepts, then echoes like [`Backend::echo`]: the first byte
     /// a client reads says which backend served it.
     pub fn tagged_echo(tag: u8) -> Backend {
-        Backend::spawn(move |mut stream| {
+        Backend::tagged_echo_on((Ipv4Addr::LOCALHOST, 0).into(), tag)
+    }
+
+    /// [`Backend::tagged_echo`] on the given address.
+    pub fn tagged_echo_on(addr: SocketAddr, tag: u8) -> Backend {
+        Backend::spawn_on(addr, move |mut stream| {
             let mut reader = match stream.try_clone() {
                 Ok(r) => r,
                 Err(_) => return,
@@ -147,6 +160,18 @@ impl Backend {
         let backend = Backend::spawn(move |mut stream| {
             let drained = drain(&mut stream);
             tx.push(drained);
+        });
+        (backend, reports)
+    }
+
+    /// Reads each connection to its end, reports every byte it received, then closes (FIN).
+    pub fn recorder() -> (Backend, Reports<Vec<u8>>) {
+        let reports = Reports::default();
+        let tx = reports.clone();
+        let backend = Backend::spawn(move |mut stream| {
+            let mut bytes = Vec::new();
+            let _ = stream.read_to_end(&mut bytes);
+            tx.push(bytes);
         });
         (backend, reports)
     }
@@ -240,10 +265,11 @@ fn accept_loop<F>(
 }
 
 /// A TCP listener on 127.0.0.1 with a kernel-chosen port and the given backlog.
-fn listen(backlog: i32) -> TcpListener {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
-    let addr: SocketAddr = (Ipv4Addr::LOCALHOST, 0).into();
-    socket.bind(&addr.into()).expect("bind 127.0.0.1:0");
+fn listen(addr: SocketAddr, backlog: i32) -> TcpListener {
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    let _ = socket.set_reuse_address(true);
+    socket.bind(&addr.into()).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
     socket.listen(backlog).expect("listen");
     socket.into()
 }

@@ -3,6 +3,7 @@
 //!
 //! - [`Sluice`]: one running process: its config file, its log, its fd count and RSS.
 //! - [`Backend`], [`Blackhole`], [`refused_addr`]: the servers behind it.
+//! - [`DnsServer`]: a loopback DNS server whose answers a test changes as it runs.
 //! - [`Payload`], [`drain`]: deterministic data and byte-exact checks on the client side.
 //! - [`Admin`], [`Metrics`]: the admin API over a small HTTP/1.1 client, `/metrics` parsed.
 //! - [`read_json_lines`] and friends: connection-log records read back from JSON-lines files.
@@ -17,6 +18,7 @@
 mod admin;
 mod backend;
 mod client;
+mod dns;
 mod payload;
 mod ports;
 mod process;
@@ -31,6 +33,7 @@ pub use client::{
     abort, connect, connect_from, drain, echo_exchange, echo_round_trip, read_exactly,
     set_timeouts, tagged_exchange, tagged_round_trip, try_connect, Drained, End, IO_TIMEOUT,
 };
+pub use dns::{DnsAnswer, DnsServer};
 pub use nix::sys::signal::Signal;
 pub use payload::{hex, Digest, Payload, Verifier};
 pub use ports::{free_addr, free_port, refused_addr};

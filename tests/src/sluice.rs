@@ -77,10 +77,12 @@ pub struct Service {
     pub name: String,
     pub listen: Vec<SocketAddr>,
     pub backends: Vec<SocketAddr>,
+    /// A `[[pool]]` name to send sessions to instead of `backends`.
+    pub pool: Option<String>,
     pub connect_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub fin_timeout: Option<String>,
-    /// Raw `key = value` lines added to the service's table (`bandwidth = {...}`).
+    /// Raw `key = value` lines added to the service.
     pub keys: Vec<String>,
 }
 
@@ -91,6 +93,7 @@ impl Service {
             name: name.to_string(),
             listen: vec![free_addr(IpAddr::V4(Ipv4Addr::LOCALHOST))],
             backends: backends.to_vec(),
+            pool: None,
             connect_timeout: None,
             idle_timeout: None,
             fin_timeout: None,
@@ -98,7 +101,12 @@ impl Service {
         }
     }
 
-    /// Adds a raw `key = value` line to the service's table.
+    /// A service that sends its sessions to the `[[pool]]` called `pool`.
+    pub fn with_pool(name: &str, pool: &str) -> Self {
+        Self { pool: Some(pool.to_string()), ..Self::new(name, &[]) }
+    }
+
+    /// Adds a raw `key = value` line to the service.
     pub fn key(mut self, line: &str) -> Self {
         self.keys.push(line.to_string());
         self
@@ -225,7 +233,14 @@ impl Config {
         for s in &self.services {
             t += &format!("\n[[service]]\nname = {:?}\n", s.name);
             t += &format!("listen = {}\n", toml_list(&s.listen));
-            t += &format!("backends = {}\n", toml_list(&s.backends));
+            match &s.pool {
+                Some(pool) => t += &format!("pool = {pool:?}\n"),
+                None => t += &format!("backends = {}\n", toml_list(&s.backends)),
+            }
+            for line in &s.keys {
+                t += line;
+                t += "\n";
+            }
             for (key, value) in [
                 ("connect_timeout", &s.connect_timeout),
                 ("idle_timeout", &s.idle_timeout),
@@ -234,10 +249,6 @@ impl Config {
                 if let Some(v) = value {
                     t += &format!("{key} = {v:?}\n");
                 }
-            }
-            for line in &s.keys {
-                t += line;
-                t += "\n";
             }
         }
         if let Some(admin) = &self.admin {

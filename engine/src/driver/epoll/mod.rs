@@ -19,7 +19,7 @@ use mio::{Events, Interest, Poll, Token};
 use self::conn::{Conn, Pump};
 use super::buffers::BufferPool;
 use super::is_connect_failure;
-use super::peek::{self, Peeked};
+use super::peek::{self, Peeked, Start};
 use super::schedule::{AcceptBackoff, Deadlines};
 use super::slots::{SlotId, Slots};
 use crate::events::{RecordKind, WorkerStats};
@@ -287,22 +287,29 @@ impl EpollWorker {
             self.close(id, CloseReason::LocalError);
             return;
         }
-        if conn.admission.needs_sni() {
+        match peek::start(&conn.admission, &mut conn.session, self.now) {
+            Start::Decide => self.decide(id, None),
             // The client's readiness event (edge-triggered) will bring its first bytes.
-            conn.session.peek(self.now);
-            self.rearm(id);
-            return;
+            Start::Peek => self.rearm(id),
+            Start::Reject => self.close(id, CloseReason::ProxyError),
         }
-        self.decide(id, None);
     }
 
-    /// Peeks at the client's ClientHello; decides once the server name is known.
+    /// Peeks at the client's PROXY header and ClientHello; decides once they are read.
     fn peek(&mut self, id: SlotId) {
         let Some(conn) = self.conns.get_mut(id) else { return };
-        match peek::peek_sni(conn.client.as_raw_fd(), &mut self.scratch) {
+        let fd = conn.client.as_raw_fd();
+        match peek::peek_client(
+            &mut conn.admission,
+            &mut conn.session,
+            fd,
+            &mut self.scratch,
+            self.now,
+        ) {
             Peeked::Decide(sni) => self.decide(id, sni.as_deref()),
-            Peeked::Wait | Peeked::NotReady => {}
+            Peeked::Wait | Peeked::NotReady => self.rearm(id),
             Peeked::Reset => self.close(id, CloseReason::ClientRst),
+            Peeked::Reject => self.close(id, CloseReason::ProxyError),
         }
     }
 
@@ -411,6 +418,9 @@ impl EpollWorker {
             Err(_) => return self.connect_failed(id, CloseReason::ConnectRefused),
         }
         let _ = stream.set_nodelay(true);
+        if let Err(reason) = peek::send_proxy_header(&conn.admission, stream.as_raw_fd()) {
+            return self.close(id, reason);
+        }
         if let Phase::Connecting { since, .. } = conn.session.phase {
             conn.admission.connected(self.now.saturating_duration_since(since));
         }

@@ -25,7 +25,7 @@ use self::pipes::PipePool;
 use super::buffers::BufferPool;
 use super::epoll::is_resource_exhaustion;
 use super::is_connect_failure;
-use super::peek::{self, Peeked};
+use super::peek::{self, Peeked, Start};
 use super::schedule::{AcceptBackoff, Deadlines};
 use super::slots::{SlotId, Slots};
 use crate::events::{RecordKind, WorkerStats};
@@ -445,12 +445,14 @@ impl UringWorker {
             return self.close(id, CloseReason::ClientRst);
         }
         let conn = self.conns.get_mut(id).expect("just inserted");
-        if conn.admission.needs_sni() {
-            conn.session.peek(self.now);
-            self.poll_client(id);
-            return self.rearm(id);
+        match peek::start(&conn.admission, &mut conn.session, self.now) {
+            Start::Decide => self.decide(id, None),
+            Start::Peek => {
+                self.poll_client(id);
+                self.rearm(id);
+            }
+            Start::Reject => self.close(id, CloseReason::ProxyError),
         }
-        self.decide(id, None);
     }
 
     /// Queues a readiness poll on the client while its ClientHello is awaited.
@@ -465,15 +467,26 @@ impl UringWorker {
         push(&mut self.ring, &entry);
     }
 
-    /// Peeks at the client's ClientHello; decides once the server name is known. The poll
-    /// is level-triggered: an incomplete hello raises SO_RCVLOWAT first, so the next
+    /// Peeks at the client's PROXY header and ClientHello; decides once they are read. The
+    /// poll is level-triggered: incomplete bytes raise SO_RCVLOWAT first, so the next
     /// completion comes only when the rest has arrived.
     fn peek(&mut self, id: SlotId) {
         let Some(conn) = self.conns.get_mut(id) else { return };
-        match peek::peek_sni(conn.client.as_raw_fd(), &mut self.scratch) {
+        let fd = conn.client.as_raw_fd();
+        match peek::peek_client(
+            &mut conn.admission,
+            &mut conn.session,
+            fd,
+            &mut self.scratch,
+            self.now,
+        ) {
             Peeked::Decide(sni) => self.decide(id, sni.as_deref()),
-            Peeked::Wait | Peeked::NotReady => self.poll_client(id),
+            Peeked::Wait | Peeked::NotReady => {
+                self.poll_client(id);
+                self.rearm(id);
+            }
             Peeked::Reset => self.close(id, CloseReason::ClientRst),
+            Peeked::Reject => self.close(id, CloseReason::ProxyError),
         }
     }
 
@@ -540,6 +553,11 @@ impl UringWorker {
             Op::Connect => {
                 conn.connect_addr = None;
                 if result == 0 {
+                    let backend = conn.backend.as_ref().map(|fd| fd.as_raw_fd());
+                    let sent = backend.map(|fd| peek::send_proxy_header(&conn.admission, fd));
+                    if let Some(Err(reason)) = sent {
+                        return self.close(id, reason);
+                    }
                     if let Phase::Connecting { since, .. } = conn.session.phase {
                         conn.admission.connected(self.now.saturating_duration_since(since));
                     }
