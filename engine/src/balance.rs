@@ -484,7 +484,9 @@ mod tests {
             weights.iter().enumerate().map(|(i, &w)| backend(i as u16, w)).collect(),
             Algorithm::Weighted,
         );
-        assert_shares(&counts(&p, 100_000), &weights, 0.01);
+        let c = counts(&p, 100_000);
+        println!("weighted 3:2:1:4 over 100000 picks: {c:?}");
+        assert_shares(&c, &weights, 0.01);
     }
 
     #[test]
@@ -542,10 +544,12 @@ mod tests {
             c[(b.port() - 9000) as usize] += 1;
         }
         let share = moved as f64 / keys.len() as f64;
+        println!("4 -> 5 backends: {share:.4} of keys moved, {elsewhere} between old backends");
         assert!((0.17..=0.25).contains(&share), "moved {share}");
         // Maglev trades perfect minimal disruption for balance: a few keys shuffle among
         // the old backends too.
         assert!(elsewhere * 50 < keys.len(), "{elsewhere} keys moved between old backends");
+        println!("source hash, 5 backends, 100000 client IPs: {c:?}");
         assert_shares(&c, &[1; 5], 0.05);
         let weighted =
             Pool::with_algorithm(vec![backend(0, 3), backend(1, 1)], Algorithm::SourceHash);
@@ -575,6 +579,7 @@ mod tests {
                 elsewhere += u32::from(a.port() != 9002);
             }
         }
+        println!("5 -> 4 backends: {moved} of 50000 keys moved, {elsewhere} of survivors");
         assert!((0.17..=0.25).contains(&(f64::from(moved) / 50_000.0)), "{moved}");
         assert!(elsewhere * 50 < 50_000, "{elsewhere} keys of surviving backends moved");
     }
