@@ -27,7 +27,7 @@ pub const DEFAULT_BURST_TIME: Duration = Duration::from_millis(50);
 /// ...but at least this many bytes, so that slow rates still move whole packets.
 pub const DEFAULT_MIN_BURST: u64 = 16 * 1024;
 /// The most a shaped direction reserves at once: this long at its slowest rate...
-pub const QUANTUM_TIME: Duration = Duration::from_millis(5);
+pub const QUANTUM_TIME: Duration = Duration::from_millis(20);
 /// ...bounded by these sizes (and by the smallest burst).
 pub const MIN_QUANTUM: u64 = 4 * 1024;
 pub const MAX_QUANTUM: u64 = 1024 * 1024;
