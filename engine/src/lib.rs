@@ -16,6 +16,7 @@ pub mod session;
 pub mod sni;
 pub mod sys;
 pub mod tables;
+pub mod udp;
 pub mod worker;
 
 pub use driver::{DriverChoice, DriverKind, Selection};

@@ -76,11 +76,15 @@ pub enum CloseReason {
     Shutdown,
     /// A local resource ran out (fds, memory) while setting the session up.
     LocalError,
+    /// A UDP flow saw no datagram for its service's `udp_idle_timeout`.
+    UdpIdleTimeout,
+    /// A UDP flow was closed to make room in its worker's full flow table.
+    Evicted,
 }
 
 impl CloseReason {
     /// Every reason, for validating filters.
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::ClientFin,
         CloseReason::BackendFin,
         CloseReason::ClientRst,
@@ -93,6 +97,8 @@ impl CloseReason {
         CloseReason::Denied,
         CloseReason::Shutdown,
         CloseReason::LocalError,
+        CloseReason::UdpIdleTimeout,
+        CloseReason::Evicted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +115,8 @@ impl CloseReason {
             CloseReason::Denied => "denied",
             CloseReason::Shutdown => "shutdown",
             CloseReason::LocalError => "local_error",
+            CloseReason::UdpIdleTimeout => "udp_idle_timeout",
+            CloseReason::Evicted => "evicted",
         }
     }
 
