@@ -378,7 +378,10 @@ fn bind_all<T>(
     addrs: &[SocketAddr],
     bind: fn(SocketAddr) -> io::Result<T>,
 ) -> Result<Vec<T>, EngineError> {
-    addrs.iter().map(|&addr| bind(addr).map_err(|source| EngineError::Bind { addr, source })).collect()
+    addrs
+        .iter()
+        .map(|&addr| bind(addr).map_err(|source| EngineError::Bind { addr, source }))
+        .collect()
 }
 
 /// Starts worker `id`'s UDP loop on `cpu`.
@@ -405,7 +408,6 @@ fn spawn_udp(
         .map_err(|source| EngineError::Spawn { worker: id, source })?;
     Ok(UdpHandle { thread, commands, wake })
 }
-
 
 /// The running data plane.
 pub struct Engine {
@@ -478,7 +480,9 @@ impl Engine {
             contexts.push((ctx, tx, wake));
         }
         let mut engine = Engine { tables, selection, workers: Vec::new(), stats: Vec::new() };
-        for ((ctx, commands, wake), (udp_ctx, udp_commands)) in contexts.into_iter().zip(udp_contexts) {
+        for ((ctx, commands, wake), (udp_ctx, udp_commands)) in
+            contexts.into_iter().zip(udp_contexts)
+        {
             let id = ctx.id;
             let cpu = config.pin.then(|| cpus.get(id % cpus.len().max(1)).copied()).flatten();
             let udp = spawn_udp(udp_ctx, udp_commands, cpu)?;

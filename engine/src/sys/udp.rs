@@ -65,7 +65,10 @@ pub struct RecvBatch {
 
 impl std::fmt::Debug for RecvBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RecvBatch").field("size", &self.size).field("count", &self.headers.len()).finish()
+        f.debug_struct("RecvBatch")
+            .field("size", &self.size)
+            .field("count", &self.headers.len())
+            .finish()
     }
 }
 
@@ -75,7 +78,8 @@ impl RecvBatch {
         let count = count.max(1);
         // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs for which all-zero
         // bytes are valid values (null pointers, zero lengths).
-        let (addr, iov, hdr) = unsafe { (std::mem::zeroed(), std::mem::zeroed(), std::mem::zeroed()) };
+        let (addr, iov, hdr) =
+            unsafe { (std::mem::zeroed(), std::mem::zeroed(), std::mem::zeroed()) };
         Self {
             size,
             bufs: vec![0; count * size],
@@ -109,7 +113,13 @@ impl RecvBatch {
         // SAFETY: the caller owns `fd`. Each header points at this batch's own iovec,
         // address and buffer slice (`size` bytes inside `bufs`), all exclusively borrowed by
         // `&mut self` until the call returns; the kernel writes only within those lengths.
-        let got = syscall!(recvmmsg(fd, self.headers.as_mut_ptr(), n, libc::MSG_DONTWAIT, std::ptr::null_mut()))?;
+        let got = syscall!(recvmmsg(
+            fd,
+            self.headers.as_mut_ptr(),
+            n,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut()
+        ))?;
         self.received = got as usize;
         Ok(self.received)
     }
@@ -139,16 +149,25 @@ impl RecvBatch {
             libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
                 // SAFETY: the kernel wrote a sockaddr_in (family AF_INET, length checked)
                 // into this storage, which is aligned and large enough for any address.
-                let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+                let a = unsafe {
+                    &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+                };
                 let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
                 Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
             }
             libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
                 // SAFETY: as above, for a sockaddr_in6 (family AF_INET6, length checked).
-                let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+                let a = unsafe {
+                    &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+                };
                 let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
                 let port = u16::from_be(a.sin6_port);
-                Some(SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, a.sin6_flowinfo, a.sin6_scope_id)))
+                Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                    ip,
+                    port,
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                )))
             }
             _ => None,
         }
@@ -187,7 +206,8 @@ pub fn send_batch(fd: RawFd, datagrams: &[Outgoing<'_>]) -> io::Result<usize> {
 
 fn send_chunk(fd: RawFd, chunk: &[Outgoing<'_>]) -> io::Result<usize> {
     // SAFETY: iovec and mmsghdr are plain C structs; all-zero is valid (null, zero lengths).
-    let (iov, hdr): (libc::iovec, libc::mmsghdr) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    let (iov, hdr): (libc::iovec, libc::mmsghdr) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
     let mut iovecs = [iov; SEND_BATCH];
     let mut headers = [hdr; SEND_BATCH];
     for (i, d) in chunk.iter().enumerate() {
@@ -207,7 +227,8 @@ fn send_chunk(fd: RawFd, chunk: &[Outgoing<'_>]) -> io::Result<usize> {
     // SAFETY: the caller owns `fd`. Every header points at an iovec on this stack frame and
     // at a payload and address borrowed from `chunk` for the duration of the call; the
     // kernel only reads them (sendmmsg writes nothing but `msg_len`).
-    let sent = syscall!(sendmmsg(fd, headers.as_mut_ptr(), n, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL))?;
+    let sent =
+        syscall!(sendmmsg(fd, headers.as_mut_ptr(), n, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL))?;
     Ok(sent as usize)
 }
 

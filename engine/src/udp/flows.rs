@@ -115,8 +115,15 @@ impl<K: Hash + Eq + Clone, V> FlowTable<K, V> {
         };
         let generation = self.next_generation;
         self.next_generation += 1;
-        let entry =
-            Entry { key: key.clone(), value, last_used: now, idle, generation, newer: NONE, older: NONE };
+        let entry = Entry {
+            key: key.clone(),
+            value,
+            last_used: now,
+            idle,
+            generation,
+            newer: NONE,
+            older: NONE,
+        };
         let id = match self.free.pop() {
             Some(id) => {
                 self.slots[id] = Some(entry);
@@ -245,7 +252,14 @@ mod tests {
     }
 
     impl Model {
-        fn insert(&mut self, cap: usize, k: u16, v: u32, idle: Duration, now: Instant) -> Option<(u16, u32)> {
+        fn insert(
+            &mut self,
+            cap: usize,
+            k: u16,
+            v: u32,
+            idle: Duration,
+            now: Instant,
+        ) -> Option<(u16, u32)> {
             let displaced = if let Some(i) = self.flows.iter().position(|f| f.0 == k) {
                 let f = self.flows.remove(i);
                 Some((f.0, f.1))

@@ -375,19 +375,27 @@ impl UdpLoop {
             self.finish(key, old, CloseReason::Evicted, now);
         }
         let fd = self.flows.get(id).map(|(_, f)| f.socket.as_raw_fd())?;
-        if let Err(e) = self.poll.registry().register(&mut SourceFd(&fd), Token(id), Interest::READABLE) {
+        if let Err(e) =
+            self.poll.registry().register(&mut SourceFd(&fd), Token(id), Interest::READABLE)
+        {
             log::warn!("udp worker {}: cannot register a flow socket: {e}", self.ctx.id);
             self.flows.remove(id);
             return None;
         }
         let (_, flow) = self.flows.get(id)?;
         let counters = &flow.service().counters;
-        for c in [&counters.sessions, &counters.active, &counters.udp.flows, &counters.udp.flows_active] {
+        for c in
+            [&counters.sessions, &counters.active, &counters.udp.flows, &counters.udp.flows_active]
+        {
             WorkerStats::add(c, 1);
         }
         WorkerStats::add(&flow.backend.state.sessions, 1);
         WorkerStats::add(&flow.backend.state.active, 1);
-        let open = flow.tables.records.open.then(|| self.record(&(listener, client), flow, RecordKind::Open, now));
+        let open = flow
+            .tables
+            .records
+            .open
+            .then(|| self.record(&(listener, client), flow, RecordKind::Open, now));
         self.set_active();
         if let Some(record) = open {
             self.ctx.events.send(record);
@@ -488,7 +496,8 @@ impl UdpLoop {
         b.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         WorkerStats::add(&b.bytes_up, flow.bytes_up);
         WorkerStats::add(&b.bytes_down, flow.bytes_down);
-        let record = Record { reason: Some(reason), ..self.record(&key, &flow, RecordKind::Close, now) };
+        let record =
+            Record { reason: Some(reason), ..self.record(&key, &flow, RecordKind::Close, now) };
         self.ctx.events.send(record);
     }
 
