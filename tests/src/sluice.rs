@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 
 use crate::admin::{Admin, AdminAddr};
 use crate::client::echo_round_trip;
-use crate::ports::free_addr;
+use crate::ports::{free_addr, free_udp_addr};
 use crate::process::{fd_count, rss_kib};
 use crate::Driver;
 
@@ -80,6 +80,9 @@ pub struct Service {
     pub connect_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub fin_timeout: Option<String>,
+    /// `protocol = "udp"` when set.
+    pub udp: bool,
+    pub udp_idle_timeout: Option<String>,
 }
 
 impl Service {
@@ -92,7 +95,20 @@ impl Service {
             connect_timeout: None,
             idle_timeout: None,
             fin_timeout: None,
+            udp: false,
+            udp_idle_timeout: None,
         }
+    }
+
+    /// A UDP service listening on a free 127.0.0.1 port, forwarding to `backends`.
+    pub fn udp(name: &str, backends: &[SocketAddr]) -> Self {
+        let listen = vec![free_udp_addr(IpAddr::V4(Ipv4Addr::LOCALHOST))];
+        Self { listen, udp: true, ..Self::new(name, backends) }
+    }
+
+    pub fn udp_idle_timeout(mut self, d: &str) -> Self {
+        self.udp_idle_timeout = Some(d.to_string());
+        self
     }
 
     /// Also listens on a free port of `ip`.
@@ -117,8 +133,9 @@ impl Service {
     }
 
     fn repick_listen(&mut self) {
+        let pick = if self.udp { free_udp_addr } else { free_addr };
         for addr in &mut self.listen {
-            *addr = free_addr(addr.ip());
+            *addr = pick(addr.ip());
         }
     }
 }
@@ -137,6 +154,8 @@ pub struct Config {
     /// Raw TOML appended after the services, each beginning with a table header
     /// (`[records]`, `[[log]]`, ...).
     pub sections: Vec<String>,
+    /// Extra `key = value` lines of the `[engine]` section.
+    pub engine_keys: Vec<String>,
 }
 
 impl Config {
@@ -151,11 +170,18 @@ impl Config {
             services: Vec::new(),
             admin: None,
             sections: Vec::new(),
+            engine_keys: Vec::new(),
         }
     }
 
     pub fn service(mut self, service: Service) -> Self {
         self.services.push(service);
+        self
+    }
+
+    /// Adds `key = value` (TOML) to the `[engine]` section, e.g. `("max_flows", "64")`.
+    pub fn engine_key(mut self, key: &str, value: &str) -> Self {
+        self.engine_keys.push(format!("{key} = {value}"));
         self
     }
 
@@ -213,14 +239,22 @@ impl Config {
         if let Some(d) = &self.shutdown_timeout {
             t += &format!("shutdown_timeout = {d:?}\n");
         }
+        for line in &self.engine_keys {
+            t += line;
+            t += "\n";
+        }
         for s in &self.services {
             t += &format!("\n[[service]]\nname = {:?}\n", s.name);
             t += &format!("listen = {}\n", toml_list(&s.listen));
             t += &format!("backends = {}\n", toml_list(&s.backends));
+            if s.udp {
+                t += "protocol = \"udp\"\n";
+            }
             for (key, value) in [
                 ("connect_timeout", &s.connect_timeout),
                 ("idle_timeout", &s.idle_timeout),
                 ("fin_timeout", &s.fin_timeout),
+                ("udp_idle_timeout", &s.udp_idle_timeout),
             ] {
                 if let Some(v) = value {
                     t += &format!("{key} = {v:?}\n");
