@@ -99,6 +99,8 @@ fn many_source_ports_stay_within_the_flow_bound(driver: Driver) {
     let Some(sluice) = start(driver, service, &engine) else { return };
     let (addr, admin) = (sluice.addr("many"), sluice.admin());
     let mut served = 0;
+    // Every client socket stays open to the end, so no two clients share an address:port.
+    let mut all = Vec::with_capacity(CLIENTS);
     for wave in 0..CLIENTS / WAVE {
         let clients: Vec<_> =
             (0..WAVE).map(|i| udp_client(ip(1 + (i % 4) as u8), REPLY_TIMEOUT)).collect();
@@ -111,6 +113,7 @@ fn many_source_ports_stay_within_the_flow_bound(driver: Driver) {
             assert_eq!(reply, format!("Aclient {wave}.{i}").into_bytes(), "wrong reply");
             served += 1;
         }
+        all.extend(clients);
         let m = admin.metrics();
         for w in 0..2 {
             let active = m.get("sluice_worker_udp_flows_active", &[("worker", &w.to_string())]);
