@@ -46,9 +46,7 @@ pub use sluice::{
     StartError,
 };
 pub use stop::{Stop, StopGuard};
-pub use udp::{
-    dns_answer, udp_client, udp_exchange, udp_reply, UdpServer, BIG_REPLY, BIG_REQUEST,
-};
+pub use udp::{dns_answer, udp_client, udp_exchange, udp_reply, UdpServer, BIG_REPLY, BIG_REQUEST};
 
 /// The relay drivers sluice offers; every relay test runs on each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -35,7 +35,7 @@ fn flow_record(sluice: &Sluice, client: SocketAddr) -> HashMap<String, String> {
     let client = format!("client={client} ");
     let deadline = Instant::now() + LOG_TIMEOUT;
     loop {
-        let found = sluice.logs().into_iter().find(|l| l.contains(&needle) && l.contains(&client));
+        let found = sluice.logs().into_iter().find(|l| l.contains(needle) && l.contains(&client));
         if let Some(line) = found {
             return fields(&line);
         }
@@ -83,7 +83,10 @@ fn dns_through_sluice_with_dig(driver: Driver) {
     assert_eq!(r["backend"], dns.addr().to_string());
     let m = sluice.admin().metrics();
     assert_eq!(metric(&m, "sluice_udp_flows_total", "dns"), 1.0);
-    assert_eq!(m.get("sluice_udp_datagrams_total", &[("service", "dns"), ("direction", "up")]), 1.0);
+    assert_eq!(
+        m.get("sluice_udp_datagrams_total", &[("service", "dns"), ("direction", "up")]),
+        1.0
+    );
 }
 
 /// RELIABILITY 16: 600 clients on many source ports of four addresses, 30 at a time; each

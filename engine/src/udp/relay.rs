@@ -252,8 +252,9 @@ impl UdpLoop {
                 }
             };
             if self.oversized(&d) {
-                let flow = self.flows.get(id).map(|(_, f)| f);
-                flow.map(|f| WorkerStats::add(&f.udp().oversized, 1));
+                if let Some((_, f)) = self.flows.get(id) {
+                    WorkerStats::add(&f.udp().oversized, 1);
+                }
                 continue;
             }
             self.flows.touch(id, now);
