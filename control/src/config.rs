@@ -1120,13 +1120,16 @@ fn key_at(text: &str, offset: usize) -> String {
 /// Default values, for `sluice check` and the documentation.
 pub fn defaults_summary() -> String {
     format!(
-        "connect_timeout={:?} idle_timeout={:?} fin_timeout={:?} shutdown_timeout={:?} relay=copy buffer_size={} pipe_size={}",
+        "connect_timeout={:?} idle_timeout={:?} fin_timeout={:?} shutdown_timeout={:?} relay=copy buffer_size={} pipe_size={} udp_idle_timeout={:?} max_flows={} udp_max_datagram={}",
         tables::DEFAULT_CONNECT_TIMEOUT,
         tables::DEFAULT_IDLE_TIMEOUT,
         tables::DEFAULT_FIN_TIMEOUT,
         DEFAULT_SHUTDOWN_TIMEOUT,
         sluice_engine::worker::DEFAULT_BUFFER_SIZE,
-        sluice_engine::worker::DEFAULT_PIPE_SIZE
+        sluice_engine::worker::DEFAULT_PIPE_SIZE,
+        tables::DEFAULT_UDP_IDLE_TIMEOUT,
+        sluice_engine::udp::DEFAULT_MAX_FLOWS,
+        sluice_engine::udp::DEFAULT_MAX_DATAGRAM
     )
 }
 
