@@ -143,6 +143,8 @@ fn idle_flows_expire_on_time(driver: Driver) {
     let service = Service::udp("idle", &[echo.addr()]).udp_idle_timeout("2s");
     let Some(sluice) = start(driver, service, &[]) else { return };
     let (addr, admin) = (sluice.addr("idle"), sluice.admin());
+    let _ = admin.metrics();
+    let fds = sluice.settled_fd_count();
     let client = udp_client(ip(1), REPLY_TIMEOUT);
     // Kept busy for 3 s (longer than the timeout): one flow throughout.
     for _ in 0..6 {
@@ -166,6 +168,8 @@ fn idle_flows_expire_on_time(driver: Driver) {
     let duration: u64 = r["duration_ms"].parse().unwrap();
     assert!((5_000..7_500).contains(&duration), "flow lasted {duration} ms");
     assert_eq!(metric(&admin.metrics(), "sluice_udp_flows_expired_total", "idle"), 1.0);
+    let now = sluice.wait_for_fd_count(fds, Duration::from_secs(2));
+    assert!(now <= fds, "{now} fds after expiry, {fds} before the flow");
 }
 
 /// Datagrams over `udp_max_datagram`, either way, are dropped and counted; the flow keeps
@@ -234,6 +238,38 @@ fn balances_flows_across_two_backends(driver: Driver) {
     assert_eq!(stats["services"][0]["udp"]["datagrams_up"], 80);
 }
 
+/// A backend whose port is closed answers ICMP port unreachable: its flow closes
+/// (`connect_refused`, a connect error of that backend) and the client's retry opens a new
+/// flow to the next backend.
+fn unreachable_backend_moves_the_client_on(driver: Driver) {
+    let dead = {
+        let s = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        s.local_addr().unwrap()
+    };
+    let live = UdpServer::tagged_echo(b'L');
+    let service = Service::udp("dead", &[dead, live.addr()]);
+    let Some(sluice) = start(driver, service, &[]) else { return };
+    let (addr, admin) = (sluice.addr("dead"), sluice.admin());
+    let client = udp_client(ip(1), Duration::from_millis(300));
+    let mut reply = None;
+    for _ in 0..6 {
+        reply = udp_exchange(&client, addr, b"hello?");
+        if reply.is_some() {
+            break;
+        }
+    }
+    assert_eq!(reply.as_deref(), Some(&b"Lhello?"[..]), "never reached the live backend");
+    let r = flow_record(&sluice, client.local_addr().unwrap());
+    assert_eq!(
+        (r["reason"].as_str(), r["backend"].as_str()),
+        ("connect_refused", &*dead.to_string())
+    );
+    let stats = admin.stats();
+    let backends = stats["services"][0]["backends"].as_array().unwrap();
+    assert!(backends[0]["connect_errors"].as_u64().unwrap() >= 1, "{backends:?}");
+    assert_eq!(backends[1]["connect_errors"], 0);
+}
+
 /// A UDP service shares its port with a TCP one; a reload adds a UDP service and then
 /// removes it (its flows closed); SIGTERM closes the remaining flows with `shutdown`.
 fn reload_and_graceful_stop(driver: Driver) {
@@ -278,4 +314,5 @@ sluice_tests::for_each_driver!(
     firewall_denies_a_source_without_a_flow,
     balances_flows_across_two_backends,
     reload_and_graceful_stop,
+    unreachable_backend_moves_the_client_on,
 );

@@ -272,6 +272,26 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_senders_are_reported() {
+        let Ok(server) = bind_udp_reuseport("[::1]:0".parse().unwrap()) else {
+            println!("skipped: no IPv6 loopback");
+            return;
+        };
+        let client = UdpSocket::bind("[::1]:0").unwrap();
+        client.send_to(b"six", server.local_addr().unwrap()).unwrap();
+        let mut batch = RecvBatch::new(4, 16);
+        for _ in 0..200 {
+            if let Ok(1) = batch.recv(server.as_raw_fd()) {
+                let d = batch.get(0);
+                assert_eq!((d.payload, d.from), (&b"six"[..], Some(client.local_addr().unwrap())));
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("nothing received");
+    }
+
+    #[test]
     fn send_batch_reaches_each_destination() {
         let sender = bind_udp_reuseport("127.0.0.1:0".parse().unwrap()).unwrap();
         let receivers: Vec<UdpSocket> =
