@@ -128,7 +128,7 @@ pub struct LiveSession {
     pub client: SocketAddr,
     pub listener: SocketAddr,
     pub backend: Option<SocketAddr>,
-    /// "connecting" or "relaying".
+    /// "peeking", "connecting" or "relaying"; "udp" for a UDP flow.
     pub state: &'static str,
     pub age: Duration,
     pub bytes_up: u64,
@@ -594,17 +594,19 @@ impl Engine {
         }
     }
 
-    /// Up to `limit` live sessions across all workers (each worker answers between two of
-    /// its loop turns; a worker that does not answer in time is left out).
+    /// Up to `limit` live sessions and UDP flows across all workers (each worker and UDP
+    /// loop answers between two of its loop turns; one that does not answer in time is
+    /// left out).
     pub fn sessions(&self, limit: usize) -> Vec<LiveSession> {
-        let (reply, answers) = crossbeam_channel::bounded(self.workers.len());
+        let (reply, answers) = crossbeam_channel::bounded(2 * self.workers.len());
         for w in &self.workers {
             let _ = w.commands.send(Command::Snapshot { limit, reply: reply.clone() });
             w.wake.notify();
+            w.udp.send(UdpCommand::Snapshot { limit, reply: reply.clone() });
         }
         let deadline = Instant::now() + SNAPSHOT_TIMEOUT;
         let mut all = Vec::new();
-        for _ in &self.workers {
+        for _ in 0..2 * self.workers.len() {
             match answers.recv_deadline(deadline) {
                 Ok(mut sessions) => all.append(&mut sessions),
                 Err(_) => break,

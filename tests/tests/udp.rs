@@ -35,7 +35,10 @@ fn flow_record(sluice: &Sluice, client: SocketAddr) -> HashMap<String, String> {
     let client = format!("client={client} ");
     let deadline = Instant::now() + LOG_TIMEOUT;
     loop {
-        let found = sluice.logs().into_iter().find(|l| l.contains(needle) && l.contains(&client));
+        let found = sluice
+            .logs()
+            .into_iter()
+            .find(|l| l.contains(needle) && l.contains(&client) && l.contains(" kind=close "));
         if let Some(line) = found {
             return fields(&line);
         }
@@ -235,6 +238,11 @@ fn balances_flows_across_two_backends(driver: Driver) {
     let sessions: Vec<u64> = backends.iter().map(|b| b["sessions"].as_u64().unwrap()).collect();
     assert_eq!(sessions, vec![10, 10]);
     assert_eq!(stats["services"][0]["protocol"], "udp");
+    let live = sluice.admin().connections(Some(100));
+    assert_eq!(live["count"], 20, "{live}");
+    let flow = &live["connections"][0];
+    assert_eq!((flow["state"].as_str(), flow["service"].as_str()), (Some("udp"), Some("lb")));
+    assert_eq!(flow["bytes_up"], 4, "four 1-byte datagrams");
     assert_eq!(stats["services"][0]["udp"]["datagrams_up"], 80);
 }
 
@@ -268,6 +276,38 @@ fn unreachable_backend_moves_the_client_on(driver: Driver) {
     let backends = stats["services"][0]["backends"].as_array().unwrap();
     assert!(backends[0]["connect_errors"].as_u64().unwrap() >= 1, "{backends:?}");
     assert_eq!(backends[1]["connect_errors"], 0);
+}
+
+/// With `[records] open = true` and `interim`, a flow writes an open record, interim
+/// records while it runs, and a close record, all with its running datagram counts.
+fn open_and_interim_records(driver: Driver) {
+    let echo = UdpServer::tagged_echo(b'A');
+    let service = Service::udp("rec", &[echo.addr()]).udp_idle_timeout("1s");
+    let records = "[records]\nopen = true\ninterim = \"1s\"\n";
+    let config = Config::new(driver).service(service).section(records);
+    let Some(sluice) = Sluice::start(config) else { return };
+    let addr = sluice.addr("rec");
+    let client = udp_client(ip(1), REPLY_TIMEOUT);
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_millis(2600) {
+        assert!(udp_exchange(&client, addr, b"tick").is_some());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let close = flow_record(&sluice, client.local_addr().unwrap());
+    let mine = format!("client={} ", client.local_addr().unwrap());
+    let kinds: Vec<HashMap<String, String>> = sluice
+        .logs()
+        .iter()
+        .filter(|l| l.contains("flow protocol=udp") && l.contains(&mine))
+        .map(|l| fields(l))
+        .collect();
+    let count = |kind: &str| kinds.iter().filter(|r| r["kind"] == kind).count();
+    assert_eq!((count("open"), count("close")), (1, 1), "{kinds:?}");
+    assert!((2..=3).contains(&count("interim")), "{kinds:?}");
+    let interim = kinds.iter().find(|r| r["kind"] == "interim").unwrap();
+    let up: u64 = interim["packets_up"].parse().unwrap();
+    let total: u64 = close["packets_up"].parse().unwrap();
+    assert!(up > 0 && up < total, "interim {up} of {total} datagrams");
 }
 
 /// A UDP service shares its port with a TCP one; a reload adds a UDP service and then
@@ -315,4 +355,5 @@ sluice_tests::for_each_driver!(
     balances_flows_across_two_backends,
     reload_and_graceful_stop,
     unreachable_backend_moves_the_client_on,
+    open_and_interim_records,
 );

@@ -27,6 +27,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::events::{EventSink, WorkerStats};
 use crate::sys::EventFd;
 use crate::tables::Tables;
+use crate::worker::LiveSession;
 
 /// Most UDP flows one worker holds; a new flow beyond it evicts the least recently used.
 /// Each flow holds one socket (fd), so this times the worker count must stay well under
@@ -50,6 +51,8 @@ pub enum UdpCommand {
     RemoveListeners { addrs: Vec<SocketAddr>, done: Sender<usize> },
     /// Start serving these sockets (already bound).
     AddListeners { sockets: Vec<UdpSocket> },
+    /// Report up to `limit` live flows (most recently used first).
+    Snapshot { limit: usize, reply: Sender<Vec<LiveSession>> },
 }
 
 /// Everything one worker's UDP loop owns.

@@ -22,8 +22,11 @@ use crate::events::{Record, RecordKind, UdpCounters, Verdict, WorkerStats};
 use crate::session::CloseReason;
 use crate::sys::{self, Datagram, Outgoing, RecvBatch};
 use crate::tables::{Protocol, Service, Tables};
+use crate::worker::LiveSession;
 
 const WAKE: Token = Token(usize::MAX);
+/// How often flows are scanned for due interim records.
+const REPORT_SCAN: Duration = Duration::from_secs(1);
 /// Listener tokens are `LISTENER_BASE + slot`; flow tokens are their [`FlowId`].
 const LISTENER_BASE: usize = 1 << 40;
 
@@ -47,6 +50,8 @@ struct Flow {
     socket: UdpSocket,
     start: Instant,
     start_wall: SystemTime,
+    /// When the flow's last open or interim record was made.
+    reported: Instant,
     packets_up: u64,
     bytes_up: u64,
     packets_down: u64,
@@ -73,6 +78,8 @@ pub(super) struct UdpLoop {
     /// Sockets whose last read stopped at the batch budget: read again next turn.
     pending: Vec<Token>,
     draining: bool,
+    /// When flows are next scanned for due interim records.
+    next_report_scan: Instant,
 }
 
 impl UdpLoop {
@@ -91,6 +98,7 @@ impl UdpLoop {
             batch: Some(batch),
             pending: Vec::new(),
             draining: false,
+            next_report_scan: Instant::now() + REPORT_SCAN,
         };
         this.add_listeners(sockets)?;
         Ok(this)
@@ -112,6 +120,7 @@ impl UdpLoop {
                 self.on_ready(token, now);
             }
             self.expire(now);
+            self.report_interim(now);
             self.ctx.events.flush_if_due(now);
         }
         self.close_all(Instant::now());
@@ -123,7 +132,8 @@ impl UdpLoop {
         if !self.pending.is_empty() {
             return Some(Duration::ZERO);
         }
-        let next = [self.flows.next_deadline(), self.ctx.events.flush_deadline()]
+        let scan = (!self.flows.is_empty()).then_some(self.next_report_scan);
+        let next = [self.flows.next_deadline(), self.ctx.events.flush_deadline(), scan]
             .into_iter()
             .flatten()
             .min()?;
@@ -154,6 +164,9 @@ impl UdpLoop {
                     if let Err(e) = self.add_listeners(sockets) {
                         log::warn!("udp worker {}: cannot add listeners: {e}", self.ctx.id);
                     }
+                }
+                UdpCommand::Snapshot { limit, reply } => {
+                    let _ = reply.send(self.snapshot(limit, Instant::now()));
                 }
                 UdpCommand::RemoveListeners { addrs, done } => {
                     let n = self.remove_listeners(&addrs, Instant::now());
@@ -352,6 +365,7 @@ impl UdpLoop {
             socket,
             start: now,
             start_wall,
+            reported: now,
             packets_up: 0,
             bytes_up: 0,
             packets_down: 0,
@@ -467,6 +481,27 @@ impl UdpLoop {
         self.set_active();
     }
 
+    /// Interim records of flows that have run for their tables' interim interval since
+    /// their last record (scanned every [`REPORT_SCAN`]).
+    fn report_interim(&mut self, now: Instant) {
+        if now < self.next_report_scan {
+            return;
+        }
+        self.next_report_scan = now + REPORT_SCAN;
+        for id in self.flows.ids() {
+            let Some((key, flow)) = self.flows.get(id) else { continue };
+            let Some(every) = flow.tables.records.interim else { continue };
+            if now.saturating_duration_since(flow.reported) < every {
+                continue;
+            }
+            let record = self.record(key, flow, RecordKind::Interim, now);
+            self.ctx.events.send(record);
+            if let Some(flow) = self.flows.get_mut(id) {
+                flow.reported = now;
+            }
+        }
+    }
+
     fn close(&mut self, id: FlowId, reason: CloseReason, now: Instant) {
         if let Some((key, flow)) = self.flows.remove(id) {
             self.finish(key, flow, reason, now);
@@ -524,6 +559,25 @@ impl UdpLoop {
             reason: None,
             tables_version: flow.tables.version,
         }
+    }
+
+    /// Up to `limit` live flows, as the admin API shows them (state `udp`).
+    fn snapshot(&self, limit: usize, now: Instant) -> Vec<LiveSession> {
+        let ids = self.flows.ids();
+        let flows = ids.into_iter().filter_map(|id| self.flows.get(id)).take(limit);
+        flows
+            .map(|(key, f)| LiveSession {
+                worker: self.ctx.id,
+                service: f.service().name.clone(),
+                client: key.1,
+                listener: key.0,
+                backend: Some(f.backend.addr),
+                state: "udp",
+                age: now.saturating_duration_since(f.start),
+                bytes_up: f.bytes_up,
+                bytes_down: f.bytes_down,
+            })
+            .collect()
     }
 
     fn set_active(&self) {
