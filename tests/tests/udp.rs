@@ -310,6 +310,38 @@ fn open_and_interim_records(driver: Driver) {
     assert!(up > 0 && up < total, "interim {up} of {total} datagrams");
 }
 
+/// A flood of datagrams from 500 source ports on two addresses (far beyond `max_flows`)
+/// neither stalls nor crashes the loop: a fresh client is answered within 2 s of it, and
+/// every flow the flood made is either in the bounded table or was evicted.
+fn a_flood_from_many_sources_does_not_stall_the_loop(driver: Driver) {
+    let echo = UdpServer::tagged_echo(b'A');
+    let service = Service::udp("flood", &[echo.addr()]);
+    let Some(sluice) = start(driver, service, &[("max_flows", "32")]) else { return };
+    let (addr, admin) = (sluice.addr("flood"), sluice.admin());
+    let senders: Vec<_> =
+        (0..500).map(|i| udp_client(ip(2 + (i % 2) as u8), REPLY_TIMEOUT)).collect();
+    let payload = [0x5au8; 512];
+    for _ in 0..40 {
+        for s in &senders {
+            let _ = s.send_to(&payload, addr);
+        }
+    }
+    // The kernel drops datagrams while the socket buffers are full, the probe's too: it
+    // retries every 200 ms, and a stalled loop would leave all ten unanswered.
+    let probe = udp_client(ip(1), Duration::from_millis(200));
+    let answered = (0..10).any(|_| {
+        udp_exchange(&probe, addr, b"still there?").as_deref() == Some(&b"Astill there?"[..])
+    });
+    assert!(answered, "no answer within 2 s of the flood");
+    let m = admin.metrics();
+    let created = metric(&m, "sluice_udp_flows_total", "flood");
+    let active = metric(&m, "sluice_udp_flows_active", "flood");
+    let evicted = metric(&m, "sluice_udp_flows_evicted_total", "flood");
+    assert!(active <= 64.0, "{active} flows active");
+    assert_eq!(evicted + active, created);
+    assert!(created >= 33.0, "{created} flows from 501 sources");
+}
+
 /// A UDP service shares its port with a TCP one; a reload adds a UDP service and then
 /// removes it (its flows closed); SIGTERM closes the remaining flows with `shutdown`.
 fn reload_and_graceful_stop(driver: Driver) {
@@ -356,4 +388,5 @@ sluice_tests::for_each_driver!(
     reload_and_graceful_stop,
     unreachable_backend_moves_the_client_on,
     open_and_interim_records,
+    a_flood_from_many_sources_does_not_stall_the_loop,
 );
