@@ -37,6 +37,9 @@ pub enum Command {
     Idle(IdleArgs),
     /// Direct, sluice (uring, epoll), HAProxy and nginx, interleaved over rounds.
     Compare(CompareArgs),
+    /// UDP request/response (datagrams/s and latency), direct and through sluice (or
+    /// `--target`), interleaved over rounds in the same run.
+    Udp(UdpArgs),
 }
 
 /// Where the load goes.
@@ -149,6 +152,42 @@ pub struct IdleArgs {
     pub settle: Duration,
     #[command(flatten)]
     pub endpoints: Endpoints,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct UdpArgs {
+    /// Bytes per datagram (the echo returns as many).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Clients (each its own socket and flow), each with one datagram in flight.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Client threads the clients are spread over.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Rounds; each measures direct, then the forwarder.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// sluice workers; default: the number of cores.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// sluice binary (default: target/release/sluice of this workspace).
+    #[arg(long, value_name = "PATH")]
+    pub sluice_bin: Option<PathBuf>,
+    /// Measure an already running UDP forwarder at ADDR instead of starting sluice
+    /// (it must forward to --backend-listen).
+    #[arg(long, value_parser = parse_loopback, value_name = "ADDR", requires = "backend_listen")]
+    pub target: Option<SocketAddr>,
+    /// Address the in-process UDP echo backend binds (default: a free port).
+    #[arg(long, value_parser = parse_loopback, value_name = "ADDR")]
+    pub backend_listen: Option<SocketAddr>,
+    /// Address sluice listens on when it is started here.
+    #[arg(long, value_parser = parse_loopback, value_name = "ADDR", default_value = "127.0.0.1:19053")]
+    pub sluice_listen: SocketAddr,
+    #[command(flatten)]
+    pub timing: TimingArgs,
     #[command(flatten)]
     pub output: Output,
 }

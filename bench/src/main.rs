@@ -104,7 +104,54 @@ fn run(command: Command) -> Result<()> {
             emit(&scenario::idle::run(&params, &target, backend.as_ref())?, &args.output)
         }
         Command::Compare(args) => compare::run(&args),
+        Command::Udp(args) => run_udp(&args),
     }
+}
+
+/// The `udp` subcommand: an echo backend, direct and through the forwarder, interleaved.
+fn run_udp(args: &cli::UdpArgs) -> Result<()> {
+    use scenario::udp::{self, Contender, UdpEcho, UdpParams, UdpSluice};
+    let params = UdpParams {
+        size: args.size,
+        concurrency: args.concurrency,
+        threads: args.threads,
+        timing: args.timing.into(),
+    };
+    let listen = args.backend_listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("constant"));
+    let echo = UdpEcho::start(listen)?;
+    let direct = Contender { name: "direct".into(), target: Target::direct(echo.addr()) };
+    let mut sluice = None;
+    let forwarder = match args.target {
+        Some(addr) => Contender { name: "proxy".into(), target: Target::proxy(addr) },
+        None => {
+            let bin = args.sluice_bin.clone().unwrap_or_else(compare::default_sluice_bin);
+            let workers = args
+                .workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let s = UdpSluice::start(&bin, args.sluice_listen, echo.addr(), workers)?;
+            let target = Target::proxy(s.listen);
+            sluice = Some(s);
+            Contender { name: "sluice".into(), target }
+        }
+    };
+    let contenders = [direct, forwarder];
+    let reports = udp::compare(&params, &contenders, args.rounds)?;
+    drop(sluice);
+    if args.output.json {
+        for r in &reports {
+            println!("{}", r.to_json_line()?);
+        }
+    } else {
+        println!(
+            "udp: size={} concurrency={} threads={} rounds={} (medians)",
+            args.size, args.concurrency, args.threads, args.rounds
+        );
+        print!("{}", udp::summary(&reports, &contenders));
+    }
+    if let Some(path) = &args.output.out {
+        append_json_lines(path, &reports)?;
+    }
+    Ok(())
 }
 
 /// Starts the in-process backend (unless external) and decides where clients connect.

@@ -18,12 +18,12 @@ use sluice_engine::balance::{self, Algorithm, Backend, Ejection, HealthCheck, Po
 use sluice_engine::events::{BackendState, RecordKind, RecordPolicy, ServiceCounters, Verdict};
 use sluice_engine::proxy;
 use sluice_engine::session::CloseReason;
-use sluice_engine::tables::{self, NamedPool, Rules, Service, Tables, Timeouts};
+use sluice_engine::tables::{self, NamedPool, Protocol, Rules, Service, Tables, Timeouts};
 use sluice_engine::{DriverChoice, EngineConfig};
 use toml::Spanned;
 
 use crate::admin::{AdminAddr, DEFAULT_ADMIN_LISTEN};
-use crate::records::{Template, DEFAULT_TEMPLATE};
+use crate::records::{Template, DEFAULT_TEMPLATE, DEFAULT_UDP_TEMPLATE};
 use crate::sinks::{self, Filter, Format, SinkSpec, SyslogAddr, Target};
 use crate::zones;
 
@@ -55,6 +55,11 @@ pub const MIN_PIPE_SIZE: u64 = 4096;
 pub const MAX_PIPE_SIZE: u64 = 64 << 20;
 /// Most workers accepted.
 pub const MAX_WORKERS: i64 = 1024;
+/// Largest `engine.max_flows` accepted (per worker; each flow holds one fd).
+pub const MAX_FLOWS: i64 = 1 << 20;
+/// Smallest and largest `engine.udp_max_datagram` accepted, in bytes.
+pub const MIN_UDP_DATAGRAM: u64 = 512;
+pub const MAX_UDP_DATAGRAM: u64 = 65535;
 
 /// One configuration error, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,6 +247,8 @@ struct EngineSection {
     buffer_size: Option<Spanned<Size>>,
     relay: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
+    max_flows: Option<Spanned<i64>>,
+    udp_max_datagram: Option<Spanned<Size>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -271,6 +278,8 @@ struct ServiceSection {
     idle_timeout: Option<Spanned<String>>,
     fin_timeout: Option<Spanned<String>>,
     sni_timeout: Option<Spanned<String>>,
+    protocol: Option<Spanned<String>>,
+    udp_idle_timeout: Option<Spanned<String>>,
     default: Option<Spanned<String>>,
     bandwidth: Option<Spanned<BandwidthSection>>,
     bandwidth_up: Option<Spanned<BandwidthSection>>,
@@ -309,6 +318,10 @@ pub struct ServiceSpec {
     /// Trusted sources of PROXY protocol headers, when the listener expects them.
     pub accept_proxy: Option<Vec<ipnet::IpNet>>,
     pub timeouts: Timeouts,
+    /// TCP (default) or UDP.
+    pub protocol: Protocol,
+    /// UDP services: how long an idle flow lives.
+    pub udp_idle_timeout: Duration,
     /// The service's own rules, in order.
     pub rules: Vec<Rule>,
     /// The action when no rule matches.
@@ -459,6 +472,8 @@ impl Config {
                 service.limits = s.limits;
                 service.limit_state = registry.limit_state(&s.name);
                 service.bandwidth = registry.bandwidth(&s.name, "", s.bandwidth);
+                service.protocol = s.protocol;
+                service.udp_idle_timeout = s.udp_idle_timeout;
                 service
             })
             .collect();
@@ -605,7 +620,7 @@ impl Validator<'_> {
                 );
             }
             for (j, addr) in spec.listen.iter().enumerate() {
-                if !listens.insert(*addr) {
+                if !listens.insert((spec.protocol, *addr)) {
                     let span = s.listen.get_ref()[j].span();
                     self.error(
                         span,
@@ -745,7 +760,12 @@ impl Validator<'_> {
                 let (text, span) = t
                     .as_ref()
                     .map_or((DEFAULT_TEMPLATE, 0..0), |t| (t.get_ref().as_str(), t.span()));
+                let built_in = t.is_none();
                 Template::parse(text)
+                    .map(|t| match built_in {
+                        true => t.with_udp(Template::parse(DEFAULT_UDP_TEMPLATE).expect("valid")),
+                        false => t,
+                    })
                     .map(Format::Text)
                     .map_err(|m| self.error(span, &key("template"), m))
                     .ok()
@@ -809,7 +829,83 @@ impl Validator<'_> {
         if let Some(size) = self.size(&raw.buffer_size, "engine.buffer_size") {
             engine.buffer_size = size;
         }
+        self.udp_engine(raw, &mut engine);
         engine
+    }
+
+    /// `engine.max_flows` and `engine.udp_max_datagram`.
+    fn udp_engine(&mut self, raw: &EngineSection, engine: &mut EngineConfig) {
+        if let Some(n) = &raw.max_flows {
+            match usize::try_from(*n.get_ref()) {
+                Ok(v) if (1..=MAX_FLOWS).contains(n.get_ref()) => engine.max_flows = v,
+                _ => self.error(
+                    n.span(),
+                    "engine.max_flows",
+                    format!("expected a number of flows per worker from 1 to {MAX_FLOWS}"),
+                ),
+            }
+        }
+        let Some(value) = &raw.udp_max_datagram else { return };
+        let parsed = match value.get_ref() {
+            Size::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_string()),
+            Size::Text(t) => parse_size(t),
+        };
+        match parsed {
+            Ok(n) if (MIN_UDP_DATAGRAM..=MAX_UDP_DATAGRAM).contains(&n) => {
+                engine.udp_max_datagram = n as usize;
+            }
+            Ok(_) => self.error(
+                value.span(),
+                "engine.udp_max_datagram",
+                format!("must be between {MIN_UDP_DATAGRAM} and {MAX_UDP_DATAGRAM} bytes"),
+            ),
+            Err(message) => self.error(value.span(), "engine.udp_max_datagram", message),
+        }
+    }
+
+    /// `protocol` and the keys that apply to one protocol only.
+    fn protocol(
+        &mut self,
+        raw: &ServiceSection,
+        key: &dyn Fn(&str) -> String,
+    ) -> (Protocol, Duration) {
+        let protocol = match raw.protocol.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
+            None | Some(("tcp", _)) => Protocol::Tcp,
+            Some(("udp", _)) => Protocol::Udp,
+            Some((other, span)) => {
+                let message = format!("unknown protocol {other:?}; expected \"tcp\" or \"udp\"");
+                self.error(span, &key("protocol"), message);
+                Protocol::Tcp
+            }
+        };
+        let mut idle = tables::DEFAULT_UDP_IDLE_TIMEOUT;
+        match (protocol, &raw.udp_idle_timeout) {
+            (Protocol::Udp, Some(d)) => {
+                idle = self.duration(d, &key("udp_idle_timeout")).unwrap_or(idle);
+            }
+            (Protocol::Tcp, Some(d)) => {
+                self.error(
+                    d.span(),
+                    &key("udp_idle_timeout"),
+                    "applies to protocol = \"udp\" services only",
+                );
+            }
+            _ => {}
+        }
+        if protocol == Protocol::Udp {
+            for (field, value) in [
+                ("connect_timeout", &raw.connect_timeout),
+                ("idle_timeout", &raw.idle_timeout),
+                ("fin_timeout", &raw.fin_timeout),
+                ("sni_timeout", &raw.sni_timeout),
+            ] {
+                if let Some(v) = value {
+                    let message = "applies to TCP services only (UDP flows use udp_idle_timeout)";
+                    self.error(v.span(), &key(field), message);
+                }
+            }
+        }
+        (protocol, idle)
     }
 
     /// A pipe or buffer size within the accepted range.
@@ -1214,6 +1310,7 @@ impl Validator<'_> {
             }
             self.list(a.from.get_ref(), &key("accept_proxy.from"), parse_net)
         });
+        let (protocol, udp_idle_timeout) = self.protocol(raw, &key);
         let mut timeouts = Timeouts::default();
         for (field, slot, value) in [
             ("connect_timeout", &mut timeouts.connect, &raw.connect_timeout),
@@ -1253,6 +1350,8 @@ impl Validator<'_> {
             pool,
             accept_proxy,
             timeouts,
+            protocol,
+            udp_idle_timeout,
             rules,
             default,
             rule_bandwidth,
@@ -1401,13 +1500,16 @@ fn key_at(text: &str, offset: usize) -> String {
 /// Default values, for `sluice check` and the documentation.
 pub fn defaults_summary() -> String {
     format!(
-        "connect_timeout={:?} idle_timeout={:?} fin_timeout={:?} shutdown_timeout={:?} relay=copy buffer_size={} pipe_size={}",
+        "connect_timeout={:?} idle_timeout={:?} fin_timeout={:?} shutdown_timeout={:?} relay=copy buffer_size={} pipe_size={} udp_idle_timeout={:?} max_flows={} udp_max_datagram={}",
         tables::DEFAULT_CONNECT_TIMEOUT,
         tables::DEFAULT_IDLE_TIMEOUT,
         tables::DEFAULT_FIN_TIMEOUT,
         DEFAULT_SHUTDOWN_TIMEOUT,
         sluice_engine::worker::DEFAULT_BUFFER_SIZE,
-        sluice_engine::worker::DEFAULT_PIPE_SIZE
+        sluice_engine::worker::DEFAULT_PIPE_SIZE,
+        tables::DEFAULT_UDP_IDLE_TIMEOUT,
+        sluice_engine::udp::DEFAULT_MAX_FLOWS,
+        sluice_engine::udp::DEFAULT_MAX_DATAGRAM
     )
 }
 
@@ -1495,6 +1597,44 @@ mod tests {
             ]
         );
         assert_eq!(e[2].column, 11);
+    }
+
+    const UDP: &str = "[engine]\nmax_flows = 100\nudp_max_datagram = \"1 KiB\"\n\n[[service]]\nname = \"dns\"\nprotocol = \"udp\"\nlisten = [\"127.0.0.1:8080\"]\nbackends = [\"127.0.0.1:53\"]\nudp_idle_timeout = \"5s\"\n";
+
+    #[test]
+    fn udp_services_take_their_keys_and_share_addresses_with_tcp() {
+        let c = Config::parse("t", &format!("{UDP}\n{MINIMAL}")).unwrap();
+        assert_eq!((c.engine.max_flows, c.engine.udp_max_datagram), (100, 1024));
+        let dns = &c.services[0];
+        assert_eq!((dns.protocol, dns.udp_idle_timeout), (Protocol::Udp, Duration::from_secs(5)));
+        assert_eq!(c.services[1].protocol, Protocol::Tcp);
+        assert_eq!(c.services[1].udp_idle_timeout, tables::DEFAULT_UDP_IDLE_TIMEOUT);
+        let t = c.tables(1, &mut Registry::default());
+        let addr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!((t.udp_service_for(addr), t.service_for(addr)), (Some(0), Some(1)));
+        assert_eq!(t.listen_addrs(), vec![addr]);
+        assert_eq!(t.udp_listen_addrs(), vec![addr]);
+        let d = Config::parse("t", MINIMAL).unwrap();
+        assert_eq!(d.engine.max_flows, sluice_engine::udp::DEFAULT_MAX_FLOWS);
+        assert_eq!(d.engine.udp_max_datagram, sluice_engine::udp::DEFAULT_MAX_DATAGRAM);
+    }
+
+    #[test]
+    fn bad_udp_keys_are_reported_with_line_and_key() {
+        let text = "[engine]\nmax_flows = 0\nudp_max_datagram = 70000\n\n[[service]]\nname = \"dns\"\nprotocol = \"udp\"\nlisten = [\"127.0.0.1:1\"]\nbackends = [\"127.0.0.1:2\"]\nfin_timeout = \"1s\"\n\n[[service]]\nname = \"web\"\nprotocol = \"sctp\"\nlisten = [\"127.0.0.1:3\"]\nbackends = [\"127.0.0.1:4\"]\nudp_idle_timeout = \"1s\"\n\n[[service]]\nname = \"dns2\"\nprotocol = \"udp\"\nlisten = [\"127.0.0.1:1\"]\nbackends = [\"127.0.0.1:2\"]\n";
+        let e = errors(text);
+        let found: Vec<(usize, &str)> = e.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            found,
+            vec![
+                (2, "engine.max_flows"),
+                (3, "engine.udp_max_datagram"),
+                (10, "service[0].fin_timeout"),
+                (14, "service[1].protocol"),
+                (17, "service[1].udp_idle_timeout"),
+                (22, "service[2].listen"),
+            ]
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ use arc_swap::ArcSwap;
 use serde_json::{json, Value};
 use sluice_engine::acl::Action;
 use sluice_engine::balance::Backend;
-use sluice_engine::events::{BackendState, EventSink, ServiceCounters, WorkerStats};
-use sluice_engine::tables::{Rules, Tables};
+use sluice_engine::events::{BackendState, EventSink, ServiceCounters, UdpCounters, WorkerStats};
+use sluice_engine::tables::{Protocol, Rules, Tables};
 use sluice_engine::worker::LiveSession;
 
 use crate::sinks::SinkCounters;
@@ -33,6 +33,8 @@ pub struct Shared {
     pub events: EventSink,
     /// Counters of the connection-log sinks in use.
     pub sinks: ArcSwap<Vec<Arc<SinkCounters>>>,
+    /// The flow-table bound of each worker's UDP loop.
+    pub max_flows: usize,
 }
 
 fn get(c: &AtomicU64) -> u64 {
@@ -88,6 +90,8 @@ pub fn stats(shared: &Shared) -> Value {
                 "default_action": action_name(&s.default),
                 "default_hits": get(&s.default_hits),
                 "backends": backends,
+                "protocol": s.protocol.as_str(),
+                "udp": (s.protocol == Protocol::Udp).then(|| udp_json(&c.udp)),
             })
         })
         .collect();
@@ -105,6 +109,8 @@ pub fn stats(shared: &Shared) -> Value {
                 "bytes_down": get(&w.bytes_down),
                 "accept_errors": get(&w.accept_errors),
                 "connect_errors": get(&w.connect_errors),
+                "udp_flows_active": get(&w.udp_flows_active),
+                "udp_flows_evicted": get(&w.udp_flows_evicted),
             })
         })
         .collect();
@@ -137,6 +143,7 @@ pub fn stats(shared: &Shared) -> Value {
         })).collect::<Vec<_>>(),
         "services": services,
         "workers": workers,
+        "udp_max_flows_per_worker": shared.max_flows,
     })
 }
 
@@ -152,6 +159,114 @@ fn health_json(b: &Backend, now: Instant) -> Value {
         "max_sessions": b.max_sessions,
         "backup": b.backup,
     })
+}
+
+fn udp_json(u: &UdpCounters) -> Value {
+    json!({
+        "flows": get(&u.flows),
+        "flows_active": get(&u.flows_active),
+        "flows_expired": get(&u.flows_expired),
+        "flows_evicted": get(&u.flows_evicted),
+        "datagrams_up": get(&u.datagrams_up),
+        "datagrams_down": get(&u.datagrams_down),
+        "bytes_up": get(&u.bytes_up),
+        "bytes_down": get(&u.bytes_down),
+        "denied": get(&u.denied),
+        "oversized": get(&u.oversized),
+        "no_backend": get(&u.no_backend),
+        "dropped": get(&u.dropped),
+    })
+}
+
+type UdpMetric = (&'static str, &'static str, &'static str, fn(&UdpCounters) -> u64);
+
+/// UDP families, per UDP service (and per worker for the flow table).
+fn udp_metrics(f: &mut Family<'_>, tables: &Tables, shared: &Shared) {
+    let udp: Vec<_> = tables.services().iter().filter(|s| s.protocol == Protocol::Udp).collect();
+    let metrics: [UdpMetric; 8] = [
+        ("sluice_udp_flows_total", "counter", "UDP flows created.", |u| get(&u.flows)),
+        ("sluice_udp_flows_active", "gauge", "UDP flows open now.", |u| get(&u.flows_active)),
+        (
+            "sluice_udp_flows_expired_total",
+            "counter",
+            "UDP flows closed after udp_idle_timeout.",
+            |u| get(&u.flows_expired),
+        ),
+        (
+            "sluice_udp_flows_evicted_total",
+            "counter",
+            "UDP flows evicted from a full flow table (max_flows).",
+            |u| get(&u.flows_evicted),
+        ),
+        (
+            "sluice_udp_denied_datagrams_total",
+            "counter",
+            "Datagrams dropped because the firewall denied their source.",
+            |u| get(&u.denied),
+        ),
+        (
+            "sluice_udp_oversized_datagrams_total",
+            "counter",
+            "Datagrams dropped as larger than udp_max_datagram.",
+            |u| get(&u.oversized),
+        ),
+        (
+            "sluice_udp_no_backend_datagrams_total",
+            "counter",
+            "Datagrams dropped because no backend takes new flows.",
+            |u| get(&u.no_backend),
+        ),
+        (
+            "sluice_udp_dropped_datagrams_total",
+            "counter",
+            "Datagrams a socket could not take (full buffer, unreachable backend).",
+            |u| get(&u.dropped),
+        ),
+    ];
+    for (name, kind, help, value) in metrics {
+        f.header(name, kind, help);
+        for s in &udp {
+            f.sample(name, &[("service", &s.name)], value(&s.counters.udp));
+        }
+    }
+    type Pair = (&'static str, &'static str, fn(&UdpCounters) -> u64, fn(&UdpCounters) -> u64);
+    let pairs: [Pair; 2] = [
+        (
+            "sluice_udp_datagrams_total",
+            "Datagrams relayed, by direction (up: client to backend).",
+            |u| get(&u.datagrams_up),
+            |u| get(&u.datagrams_down),
+        ),
+        (
+            "sluice_udp_bytes_total",
+            "UDP payload bytes relayed, by direction.",
+            |u| get(&u.bytes_up),
+            |u| get(&u.bytes_down),
+        ),
+    ];
+    for (name, help, up, down) in pairs {
+        f.header(name, "counter", help);
+        for s in &udp {
+            f.sample(name, &[("service", &s.name), ("direction", "up")], up(&s.counters.udp));
+            f.sample(name, &[("service", &s.name), ("direction", "down")], down(&s.counters.udp));
+        }
+    }
+    let name = "sluice_worker_udp_flows_active";
+    f.header(name, "gauge", "UDP flows in each worker's flow table now.");
+    for (id, w) in shared.workers.iter().enumerate() {
+        f.sample(name, &[("worker", &id.to_string())], get(&w.udp_flows_active));
+    }
+    let name = "sluice_worker_udp_flows_evicted_total";
+    f.header(name, "counter", "UDP flows each worker evicted to stay within max_flows.");
+    for (id, w) in shared.workers.iter().enumerate() {
+        f.sample(name, &[("worker", &id.to_string())], get(&w.udp_flows_evicted));
+    }
+    f.header(
+        "sluice_udp_max_flows",
+        "gauge",
+        "Flow-table bound of each worker (engine.max_flows).",
+    );
+    f.sample("sluice_udp_max_flows", &[], shared.max_flows);
 }
 
 fn action_name(action: &Action) -> &'static str {
@@ -342,6 +457,7 @@ pub fn prometheus(shared: &Shared) -> String {
         f.sample("sluice_connect_latency_seconds_count", &[("service", &s.name)], count);
     }
     backend_metrics(&mut f, &tables);
+    udp_metrics(&mut f, &tables, shared);
     f.header("sluice_worker_accepted_total", "counter", "Connections accepted, per worker.");
     for (id, w) in shared.workers.iter().enumerate() {
         f.sample("sluice_worker_accepted_total", &[("worker", &id.to_string())], get(&w.accepted));

@@ -6,11 +6,12 @@ use std::net::SocketAddr;
 
 use serde_json::{json, Value};
 use sluice_engine::events::Record;
+use sluice_engine::tables::Protocol;
 
 use crate::logger::rfc3339;
 
 /// Every field a template may name, in the order of the JSON object.
-pub const FIELDS: [&str; 19] = [
+pub const FIELDS: [&str; 22] = [
     "kind",
     "start",
     "end",
@@ -28,12 +29,21 @@ pub const FIELDS: [&str; 19] = [
     "reason",
     "worker",
     "tables_version",
+    "protocol",
+    "packets_up",
+    "packets_down",
     "client",
     "backend",
 ];
 
 /// The template of the default sink (the process log, when no `[[log]]` is configured).
 pub const PROCESS_LOG_TEMPLATE: &str = "session service={service} client={client} listener={listener} backend={backend} start={start} duration_ms={duration_ms} bytes_up={bytes_up} bytes_down={bytes_down} reason={reason} worker={worker} kind={kind} verdict={verdict} rule={rule}";
+
+/// The process-log template for UDP flow records: the TCP one with datagram counts.
+pub const PROCESS_LOG_UDP_TEMPLATE: &str = "flow protocol=udp service={service} client={client} listener={listener} backend={backend} start={start} duration_ms={duration_ms} packets_up={packets_up} packets_down={packets_down} bytes_up={bytes_up} bytes_down={bytes_down} reason={reason} worker={worker} kind={kind} verdict={verdict} rule={rule}";
+
+/// The template used for UDP flow records when a text sink names none.
+pub const DEFAULT_UDP_TEMPLATE: &str = "{kind} protocol=udp service={service} client={client} listener={listener} backend={backend_addr}:{backend_port} start={start} duration_ms={duration_ms} packets_up={packets_up} packets_down={packets_down} bytes_up={bytes_up} bytes_down={bytes_down} verdict={verdict} rule={rule} reason={reason} worker={worker}";
 
 /// The template used when a text sink names none.
 pub const DEFAULT_TEMPLATE: &str = "{kind} service={service} client={client} listener={listener} backend={backend_addr}:{backend_port} start={start} duration_ms={duration_ms} bytes_up={bytes_up} bytes_down={bytes_down} verdict={verdict} rule={rule} reason={reason} worker={worker}";
@@ -58,7 +68,15 @@ pub fn to_json(r: &Record) -> Value {
         "reason": r.reason.map(|x| x.as_str()),
         "worker": r.worker,
         "tables_version": r.tables_version,
+        "protocol": r.protocol.as_str(),
+        "packets_up": udp_count(r, r.packets_up),
+        "packets_down": udp_count(r, r.packets_down),
     })
+}
+
+/// Datagram counts exist for UDP records only (`null` in TCP records).
+fn udp_count(r: &Record, n: u64) -> Option<u64> {
+    (r.protocol == Protocol::Udp).then_some(n)
 }
 
 /// One JSON line (without the newline).
@@ -70,6 +88,8 @@ pub fn json_line(r: &Record) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     parts: Vec<Part>,
+    /// The template UDP flow records use instead, for the built-in templates.
+    udp: Option<Box<Template>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,11 +131,20 @@ impl Template {
         if !literal.is_empty() {
             parts.push(Part::Text(literal));
         }
-        Ok(Template { parts })
+        Ok(Template { parts, udp: None })
+    }
+
+    /// This template for TCP records and `udp` for UDP flow records.
+    pub fn with_udp(mut self, udp: Template) -> Template {
+        self.udp = Some(Box::new(udp));
+        self
     }
 
     /// Renders a record; absent values are written as `-`.
     pub fn render(&self, r: &Record) -> String {
+        if let (Some(udp), Protocol::Udp) = (&self.udp, r.protocol) {
+            return udp.render(r);
+        }
         let mut out = String::with_capacity(256);
         for part in &self.parts {
             match part {
@@ -154,8 +183,18 @@ fn write_field(out: &mut String, field: &str, r: &Record) {
         "reason" => write!(out, "{}", r.reason.map_or("-", |x| x.as_str())),
         "worker" => write!(out, "{}", r.worker),
         "tables_version" => write!(out, "{}", r.tables_version),
+        "protocol" => write!(out, "{}", r.protocol.as_str()),
+        "packets_up" => write_count(out, udp_count(r, r.packets_up)),
+        "packets_down" => write_count(out, udp_count(r, r.packets_down)),
         _ => Ok(()),
     };
+}
+
+fn write_count(out: &mut String, n: Option<u64>) -> std::fmt::Result {
+    match n {
+        Some(n) => write!(out, "{n}"),
+        None => write!(out, "-"),
+    }
 }
 
 #[cfg(test)]
@@ -178,6 +217,9 @@ pub(crate) mod tests {
             duration: Duration::from_millis(12),
             bytes_up: 73,
             bytes_down: 1024,
+            protocol: Protocol::Tcp,
+            packets_up: 0,
+            packets_down: 0,
             verdict: Verdict::Allow,
             rule: None,
             reason: Some(CloseReason::BackendFin),
@@ -198,6 +240,35 @@ pub(crate) mod tests {
             assert!(v.get(f).is_some(), "missing {f}");
         }
         let _ = SystemTime::now();
+    }
+
+    #[test]
+    fn udp_records_carry_datagram_counts_in_json_and_built_in_templates() {
+        let udp = Record {
+            protocol: Protocol::Udp,
+            packets_up: 3,
+            packets_down: 2,
+            reason: Some(CloseReason::UdpIdleTimeout),
+            ..sample()
+        };
+        let v = to_json(&udp);
+        assert_eq!(
+            (v["protocol"].as_str(), v["packets_up"].as_u64(), v["packets_down"].as_u64()),
+            (Some("udp"), Some(3), Some(2))
+        );
+        assert_eq!(v["reason"], "udp_idle_timeout");
+        let tcp = to_json(&sample());
+        assert_eq!((tcp["protocol"].as_str(), &tcp["packets_up"]), (Some("tcp"), &Value::Null));
+        let t = Template::parse(PROCESS_LOG_TEMPLATE)
+            .unwrap()
+            .with_udp(Template::parse(PROCESS_LOG_UDP_TEMPLATE).unwrap());
+        let line = t.render(&udp);
+        assert!(line.starts_with("flow protocol=udp service=web"), "{line}");
+        assert!(line.contains(" packets_up=3 packets_down=2 bytes_up=73 "), "{line}");
+        assert!(t.render(&sample()).starts_with("session service=web"));
+        let t = Template::parse("{protocol} {packets_up}").unwrap();
+        assert_eq!((t.render(&udp).as_str(), t.render(&sample()).as_str()), ("udp 3", "tcp -"));
+        assert!(Template::parse(DEFAULT_UDP_TEMPLATE).is_ok());
     }
 
     #[test]

@@ -24,8 +24,9 @@ use crate::config::{Config, Registry, EMBEDDED_NAME};
 use crate::discovery::{self, Discovery};
 use crate::health::Checker;
 use crate::metrics::Shared;
-use crate::records::{Template, PROCESS_LOG_TEMPLATE};
+use crate::records::{Template, PROCESS_LOG_TEMPLATE, PROCESS_LOG_UDP_TEMPLATE};
 use crate::sinks::{self, Filter, Format, LogCommand, Sink, SinkSpec, Target};
+use sluice_engine::tables::Protocol;
 
 /// How often the control thread checks for signals and worker exits.
 const TICK: Duration = Duration::from_millis(50);
@@ -78,6 +79,7 @@ pub fn run(path: Option<PathBuf>, mut config: Config) -> Result<(), RunError> {
         reload_failures: Default::default(),
         events: sink.clone(),
         sinks: ArcSwap::from_pointee(sink_counters),
+        max_flows: config.engine.max_flows,
     });
     let (requests_tx, requests) = crossbeam_channel::bounded(16);
     let admin = match &config.admin {
@@ -219,6 +221,12 @@ impl Control {
         for addr in &change.added {
             log::info!("reload: listening on {addr}");
         }
+        for addr in &change.udp_added {
+            log::info!("reload: listening on udp {addr}");
+        }
+        for addr in &change.udp_removed {
+            log::info!("reload: closed udp listener {addr}");
+        }
         for addr in &change.removed {
             log::info!("reload: closed listener {addr}");
         }
@@ -244,6 +252,8 @@ fn engine_settings_differ(a: &Config, b: &Config) -> bool {
         || a.pipe_size != b.pipe_size
         || a.buffer_size != b.buffer_size
         || a.relay != b.relay
+        || a.max_flows != b.max_flows
+        || a.udp_max_datagram != b.udp_max_datagram
 }
 
 fn announce(config: &Config, engine: &Engine) {
@@ -257,7 +267,11 @@ fn announce(config: &Config, engine: &Engine) {
     log::info!("{}", engine.selection());
     for s in &config.services {
         let listen: Vec<String> = s.listen.iter().map(|a| a.to_string()).collect();
-        log::info!("service {} listen={}", s.name, listen.join(","));
+        let protocol = match s.protocol {
+            Protocol::Tcp => String::new(),
+            Protocol::Udp => format!(" protocol=udp udp_idle_timeout={:?}", s.udp_idle_timeout),
+        };
+        log::info!("service {} listen={}{protocol}", s.name, listen.join(","));
         match s.pool.and_then(|i| config.pools.get(i)) {
             Some(p) => log::info!("service {} backends=pool:{}", s.name, p.name),
             None => log::info!("service {} backends={}", s.name, backend_list(&s.backends)),
@@ -280,7 +294,9 @@ fn backend_list(backends: &[crate::config::BackendSpec]) -> String {
 /// Opens the configured sinks, or the process log when none is configured.
 pub fn open_sinks(config: &Config) -> Result<Vec<Sink>, String> {
     if config.logs.is_empty() {
-        let template = Template::parse(PROCESS_LOG_TEMPLATE).map_err(|e| e.to_string())?;
+        let udp = Template::parse(PROCESS_LOG_UDP_TEMPLATE).map_err(|e| e.to_string())?;
+        let template =
+            Template::parse(PROCESS_LOG_TEMPLATE).map_err(|e| e.to_string())?.with_udp(udp);
         let spec = SinkSpec {
             name: "process-log".into(),
             target: Target::ProcessLog,

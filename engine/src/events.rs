@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::session::CloseReason;
+use crate::tables::Protocol;
 
 /// Capacity of the record channel from workers to the log thread, in batches.
 pub const DEFAULT_EVENT_QUEUE: usize = 4096;
@@ -24,6 +25,10 @@ pub struct WorkerStats {
     pub bytes_down: AtomicU64,
     pub accept_errors: AtomicU64,
     pub connect_errors: AtomicU64,
+    /// UDP flows in this worker's flow table now (bounded by `max_flows`).
+    pub udp_flows_active: AtomicU64,
+    /// UDP flows this worker evicted to stay within `max_flows`.
+    pub udp_flows_evicted: AtomicU64,
 }
 
 impl WorkerStats {
@@ -99,6 +104,35 @@ pub struct ServiceCounters {
     pub proxy_errors: AtomicU64,
     /// Sessions closed because no backend was up to take them (`no_backend`).
     pub no_backend: AtomicU64,
+    /// UDP services only.
+    pub udp: UdpCounters,
+}
+
+/// Counters of one UDP service (all workers). Flows are also counted as sessions in
+/// [`ServiceCounters`] (`sessions`, `active`, bytes when they close).
+#[derive(Debug, Default)]
+pub struct UdpCounters {
+    /// Flows created.
+    pub flows: AtomicU64,
+    pub flows_active: AtomicU64,
+    /// Flows closed after `udp_idle_timeout` without a datagram.
+    pub flows_expired: AtomicU64,
+    /// Flows closed to make room in a full flow table (`max_flows`).
+    pub flows_evicted: AtomicU64,
+    /// Datagrams and payload bytes relayed client -> backend.
+    pub datagrams_up: AtomicU64,
+    pub bytes_up: AtomicU64,
+    /// Datagrams and payload bytes relayed backend -> client.
+    pub datagrams_down: AtomicU64,
+    pub bytes_down: AtomicU64,
+    /// Datagrams dropped because the firewall denied their source (no flow is created).
+    pub denied: AtomicU64,
+    /// Datagrams dropped because they were larger than `udp_max_datagram` (either way).
+    pub oversized: AtomicU64,
+    /// Datagrams dropped because no backend takes new flows.
+    pub no_backend: AtomicU64,
+    /// Datagrams dropped because a socket could not take them (full buffer, error).
+    pub dropped: AtomicU64,
 }
 
 /// Administrative state of a backend, set through the admin API.
@@ -303,6 +337,11 @@ pub struct Record {
     pub bytes_up: u64,
     /// Bytes backend -> client so far.
     pub bytes_down: u64,
+    /// TCP session or UDP flow.
+    pub protocol: Protocol,
+    /// UDP flows: datagrams client -> backend and backend -> client (0 for TCP).
+    pub packets_up: u64,
+    pub packets_down: u64,
     pub verdict: Verdict,
     /// Name of the firewall rule that decided the session; `None` for the default action.
     pub rule: Option<Arc<str>>,
@@ -426,6 +465,9 @@ mod tests {
             duration: Duration::ZERO,
             bytes_up: 0,
             bytes_down: 0,
+            protocol: Protocol::Tcp,
+            packets_up: 0,
+            packets_down: 0,
             verdict: Verdict::Allow,
             rule: None,
             reason: Some(CloseReason::NoBackend),

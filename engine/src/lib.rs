@@ -19,6 +19,7 @@ pub mod shape;
 pub mod sni;
 pub mod sys;
 pub mod tables;
+pub mod udp;
 pub mod worker;
 
 pub use driver::{DriverChoice, DriverKind, Selection};

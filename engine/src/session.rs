@@ -85,6 +85,10 @@ pub enum CloseReason {
     /// The PROXY protocol header was missing, malformed, late, or sent by an untrusted
     /// source.
     ProxyError,
+    /// A UDP flow saw no datagram for its service's `udp_idle_timeout`.
+    UdpIdleTimeout,
+    /// A UDP flow was closed to make room in its worker's full flow table.
+    Evicted,
 }
 
 impl CloseReason {
@@ -106,6 +110,8 @@ impl CloseReason {
         CloseReason::ByteCap,
         CloseReason::MaxDuration,
         CloseReason::ProxyError,
+        CloseReason::UdpIdleTimeout,
+        CloseReason::Evicted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -126,6 +132,8 @@ impl CloseReason {
             CloseReason::ByteCap => "byte_cap",
             CloseReason::MaxDuration => "max_duration",
             CloseReason::ProxyError => "proxy_error",
+            CloseReason::UdpIdleTimeout => "udp_idle_timeout",
+            CloseReason::Evicted => "evicted",
         }
     }
 

@@ -30,6 +30,27 @@ pub const DEFAULT_SNI_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a session on a listener that accepts PROXY protocol waits for the header;
 /// after that it is closed as `proxy_error`.
 pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+/// A UDP flow with no datagram in either direction for this long is closed.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The transport a service forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    /// Connections, relayed byte for byte by the worker's driver.
+    #[default]
+    Tcp,
+    /// Datagrams, relayed per flow (client address:port) by the worker's UDP loop.
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
 
 /// The timeouts of one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +144,10 @@ pub struct NamedPool {
 pub struct Service {
     pub name: Arc<str>,
     pub listen: Vec<SocketAddr>,
+    /// TCP (the default) or UDP; a UDP and a TCP service may share an address:port.
+    pub protocol: Protocol,
+    /// UDP services: a flow idle this long is closed.
+    pub udp_idle_timeout: Duration,
     /// The backends of sessions that no rule sends elsewhere.
     pub pool: Pool,
     pub timeouts: Timeouts,
@@ -151,6 +176,8 @@ impl Service {
         Self {
             name: name.into(),
             listen,
+            protocol: Protocol::Tcp,
+            udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
             pool,
             timeouts,
             rules: Rules::default(),
@@ -172,6 +199,8 @@ pub struct Tables {
     pub version: u64,
     services: Vec<Service>,
     by_listener: HashMap<SocketAddr, usize>,
+    /// Listen addresses of UDP services.
+    by_udp_listener: HashMap<SocketAddr, usize>,
     /// Which records workers produce besides close records.
     pub records: RecordPolicy,
     /// Global rules, evaluated before each service's own.
@@ -181,18 +210,24 @@ pub struct Tables {
 }
 
 impl Tables {
-    /// Builds tables from services. Listen addresses must be unique across services (the
-    /// control crate validates this and reports it with file and line).
+    /// Builds tables from services. Listen addresses must be unique across services of one
+    /// protocol (the control crate validates this and reports it with file and line).
     pub fn new(version: u64, services: Vec<Service>) -> Self {
-        let by_listener = services
-            .iter()
-            .enumerate()
-            .flat_map(|(i, s)| s.listen.iter().map(move |&a| (a, i)))
-            .collect();
+        let index = |protocol: Protocol| {
+            services
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.protocol == protocol)
+                .flat_map(|(i, s)| s.listen.iter().map(move |&a| (a, i)))
+                .collect()
+        };
+        let by_listener = index(Protocol::Tcp);
+        let by_udp_listener = index(Protocol::Udp);
         Self {
             version,
             services,
             by_listener,
+            by_udp_listener,
             records: RecordPolicy::default(),
             firewall: Rules::default(),
             pools: Vec::new(),
@@ -224,6 +259,16 @@ impl Tables {
         Decision { action: s.default, rule: None, bandwidth: None }
     }
 
+    /// The pool a decision sends a new session or flow of `service` to: the rule's named
+    /// pool, or the service's own.
+    pub fn pool_for(&self, service: usize, decision: &Decision) -> &Pool {
+        let own = &self.services[service].pool;
+        match decision.action {
+            Action::Allow { pool: Some(i) } => self.pools.get(i).map_or(own, |p| &p.pool),
+            _ => own,
+        }
+    }
+
     /// The same tables with a record policy.
     pub fn with_records(mut self, records: RecordPolicy) -> Self {
         self.records = records;
@@ -234,9 +279,14 @@ impl Tables {
         &self.services
     }
 
-    /// The service that owns a listener address, by index.
+    /// The TCP service that owns a listener address, by index.
     pub fn service_for(&self, listener: SocketAddr) -> Option<usize> {
         self.by_listener.get(&listener).copied()
+    }
+
+    /// The UDP service that owns a listen address, by index.
+    pub fn udp_service_for(&self, listener: SocketAddr) -> Option<usize> {
+        self.by_udp_listener.get(&listener).copied()
     }
 
     /// The service with this name.
@@ -244,9 +294,19 @@ impl Tables {
         self.services.iter().find(|s| &*s.name == name)
     }
 
-    /// Every listen address, in service order.
+    /// Every TCP listen address, in service order.
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        self.services.iter().flat_map(|s| s.listen.iter().copied()).collect()
+        self.addrs_of(Protocol::Tcp)
+    }
+
+    /// Every UDP listen address, in service order.
+    pub fn udp_listen_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs_of(Protocol::Udp)
+    }
+
+    fn addrs_of(&self, protocol: Protocol) -> Vec<SocketAddr> {
+        let services = self.services.iter().filter(|s| s.protocol == protocol);
+        services.flat_map(|s| s.listen.iter().copied()).collect()
     }
 }
 

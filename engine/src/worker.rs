@@ -23,6 +23,7 @@ use crate::session::{CloseReason, Direction, Phase, Session};
 use crate::shape::{self, Allowance, Shaper};
 use crate::sys::{self, EventFd};
 use crate::tables::{Decision, Service, Tables};
+use crate::udp::{self, UdpCommand, UdpContext};
 use crate::EngineError;
 use std::sync::atomic::Ordering;
 
@@ -46,6 +47,10 @@ pub struct EngineConfig {
     pub buffer_size: usize,
     /// How the io_uring driver moves bytes (the epoll driver always copies).
     pub relay: Relay,
+    /// Most UDP flows per worker (least recently used evicted beyond it).
+    pub max_flows: usize,
+    /// Largest UDP datagram relayed, in bytes; larger ones are dropped and counted.
+    pub udp_max_datagram: usize,
 }
 
 /// How a driver moves payload from one socket to the other.
@@ -84,6 +89,8 @@ impl Default for EngineConfig {
             pipe_size: DEFAULT_PIPE_SIZE,
             buffer_size: DEFAULT_BUFFER_SIZE,
             relay: Relay::default(),
+            max_flows: udp::DEFAULT_MAX_FLOWS,
+            udp_max_datagram: udp::DEFAULT_MAX_DATAGRAM,
         }
     }
 }
@@ -122,7 +129,7 @@ pub struct LiveSession {
     pub client: SocketAddr,
     pub listener: SocketAddr,
     pub backend: Option<SocketAddr>,
-    /// "connecting" or "relaying".
+    /// "peeking", "connecting" or "relaying"; "udp" for a UDP flow.
     pub state: &'static str,
     pub age: Duration,
     pub bytes_up: u64,
@@ -137,6 +144,9 @@ pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct ListenerChange {
     pub added: Vec<SocketAddr>,
     pub removed: Vec<SocketAddr>,
+    /// UDP listen addresses opened and closed.
+    pub udp_added: Vec<SocketAddr>,
+    pub udp_removed: Vec<SocketAddr>,
 }
 
 /// Everything one worker thread owns.
@@ -423,6 +433,9 @@ impl Admission {
             duration,
             bytes_up: session.up.bytes,
             bytes_down: session.down.bytes,
+            protocol: crate::tables::Protocol::Tcp,
+            packets_up: 0,
+            packets_down: 0,
             verdict: match self.decision {
                 Some(Decision { action: Action::Deny { .. }, .. }) => Verdict::Deny,
                 _ => Verdict::Allow,
@@ -472,6 +485,57 @@ struct WorkerHandle {
     thread: JoinHandle<io::Result<()>>,
     commands: Sender<Command>,
     wake: Arc<EventFd>,
+    udp: UdpHandle,
+}
+
+/// A worker's UDP loop (its own thread, on the worker's CPU).
+struct UdpHandle {
+    thread: JoinHandle<io::Result<()>>,
+    commands: Sender<UdpCommand>,
+    wake: Arc<EventFd>,
+}
+
+impl UdpHandle {
+    fn send(&self, command: UdpCommand) {
+        let _ = self.commands.send(command);
+        self.wake.notify();
+    }
+}
+
+/// Binds a socket on each address for one worker.
+fn bind_all<T>(
+    addrs: &[SocketAddr],
+    bind: fn(SocketAddr) -> io::Result<T>,
+) -> Result<Vec<T>, EngineError> {
+    addrs
+        .iter()
+        .map(|&addr| bind(addr).map_err(|source| EngineError::Bind { addr, source }))
+        .collect()
+}
+
+/// Starts worker `id`'s UDP loop on `cpu`.
+fn spawn_udp(
+    ctx: UdpContext,
+    commands: Sender<UdpCommand>,
+    cpu: Option<usize>,
+) -> Result<UdpHandle, EngineError> {
+    let id = ctx.id;
+    let wake = ctx.wake.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("sluice-u{id}"))
+        .spawn(move || {
+            if let Err(e) = sys::block_signals(&CONTROL_SIGNALS) {
+                log::warn!("udp worker {id}: cannot block signals: {e}");
+            }
+            if let Some(cpu) = cpu {
+                if let Err(e) = sys::pin_to_cpu(cpu) {
+                    log::warn!("udp worker {id}: cannot pin to cpu {cpu}: {e}");
+                }
+            }
+            udp::run(ctx)
+        })
+        .map_err(|source| EngineError::Spawn { worker: id, source })?;
+    Ok(UdpHandle { thread, commands, wake })
 }
 
 /// The running data plane.
@@ -500,16 +564,14 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let selection = driver::select(config.driver)?;
         let addrs = tables.load().listen_addrs();
+        let udp_addrs = tables.load().udp_listen_addrs();
         let cpus = sys::allowed_cpus();
         let count = config.workers.max(1);
         let mut contexts = Vec::with_capacity(count);
+        let mut udp_contexts = Vec::with_capacity(count);
         for id in 0..count {
-            let listeners = addrs
-                .iter()
-                .map(|&addr| {
-                    sys::bind_reuseport(addr).map_err(|source| EngineError::Bind { addr, source })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let listeners = bind_all(&addrs, sys::bind_reuseport)?;
+            let sockets = bind_all(&udp_addrs, sys::bind_udp_reuseport)?;
             let (tx, rx) = crossbeam_channel::unbounded();
             let wake = Arc::new(
                 EventFd::new().map_err(|source| EngineError::Spawn { worker: id, source })?,
@@ -526,12 +588,33 @@ impl Engine {
                 buffer_size: config.buffer_size,
                 relay: config.relay,
             };
+            let (udp_tx, udp_rx) = crossbeam_channel::unbounded();
+            let udp_wake = Arc::new(
+                EventFd::new().map_err(|source| EngineError::Spawn { worker: id, source })?,
+            );
+            udp_contexts.push((
+                UdpContext {
+                    id,
+                    sockets,
+                    tables: tables.clone(),
+                    commands: udp_rx,
+                    wake: udp_wake,
+                    stats: ctx.stats.clone(),
+                    events: events.clone(),
+                    max_flows: config.max_flows,
+                    max_datagram: config.udp_max_datagram,
+                },
+                udp_tx,
+            ));
             contexts.push((ctx, tx, wake));
         }
         let mut engine = Engine { tables, selection, workers: Vec::new(), stats: Vec::new() };
-        for (ctx, commands, wake) in contexts {
+        for ((ctx, commands, wake), (udp_ctx, udp_commands)) in
+            contexts.into_iter().zip(udp_contexts)
+        {
             let id = ctx.id;
             let cpu = config.pin.then(|| cpus.get(id % cpus.len().max(1)).copied()).flatten();
+            let udp = spawn_udp(udp_ctx, udp_commands, cpu)?;
             engine.stats.push(ctx.stats.clone());
             let kind = engine.selection.kind;
             let thread = std::thread::Builder::new()
@@ -550,7 +633,7 @@ impl Engine {
                     driver::run(kind, ctx)
                 })
                 .map_err(|source| EngineError::Spawn { worker: id, source })?;
-            engine.workers.push(WorkerHandle { thread, commands, wake });
+            engine.workers.push(WorkerHandle { thread, commands, wake, udp });
         }
         Ok(engine)
     }
@@ -575,31 +658,36 @@ impl Engine {
     /// the new tables are stored and the added listeners start accepting. Unchanged
     /// listeners are never touched.
     pub fn publish(&self, next: Tables) -> Result<ListenerChange, EngineError> {
-        let current: Vec<SocketAddr> = self.tables.load().listen_addrs();
-        let wanted = next.listen_addrs();
-        let change = ListenerChange {
-            added: wanted.iter().filter(|a| !current.contains(a)).copied().collect(),
-            removed: current.iter().filter(|a| !wanted.contains(a)).copied().collect(),
+        let current = self.tables.load();
+        let diff = |current: Vec<SocketAddr>, wanted: Vec<SocketAddr>| {
+            let added = wanted.iter().filter(|a| !current.contains(a)).copied().collect();
+            let removed = current.iter().filter(|a| !wanted.contains(a)).copied().collect();
+            (added, removed)
         };
+        let (added, removed) = diff(current.listen_addrs(), next.listen_addrs());
+        let (udp_added, udp_removed) = diff(current.udp_listen_addrs(), next.udp_listen_addrs());
+        drop(current);
+        let change = ListenerChange { added, removed, udp_added, udp_removed };
         let mut bound = Vec::with_capacity(self.workers.len());
         for _ in &self.workers {
-            let listeners = change
-                .added
-                .iter()
-                .map(|&addr| {
-                    sys::bind_reuseport(addr).map_err(|source| EngineError::Bind { addr, source })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            bound.push(listeners);
+            let listeners = bind_all(&change.added, sys::bind_reuseport)?;
+            let sockets = bind_all(&change.udp_added, sys::bind_udp_reuseport)?;
+            bound.push((listeners, sockets));
         }
         if !change.removed.is_empty() {
             self.remove_listeners(&change.removed);
         }
+        if !change.udp_removed.is_empty() {
+            self.remove_udp_listeners(&change.udp_removed);
+        }
         self.tables.store(Arc::new(next));
-        for (w, listeners) in self.workers.iter().zip(bound) {
+        for (w, (listeners, sockets)) in self.workers.iter().zip(bound) {
             if !listeners.is_empty() {
                 let _ = w.commands.send(Command::AddListeners { listeners });
                 w.wake.notify();
+            }
+            if !sockets.is_empty() {
+                w.udp.send(UdpCommand::AddListeners { sockets });
             }
         }
         Ok(change)
@@ -621,17 +709,33 @@ impl Engine {
         }
     }
 
-    /// Up to `limit` live sessions across all workers (each worker answers between two of
-    /// its loop turns; a worker that does not answer in time is left out).
+    fn remove_udp_listeners(&self, addrs: &[SocketAddr]) {
+        let (done, acks) = crossbeam_channel::bounded(self.workers.len());
+        for w in &self.workers {
+            w.udp.send(UdpCommand::RemoveListeners { addrs: addrs.to_vec(), done: done.clone() });
+        }
+        let deadline = Instant::now() + LISTENER_REMOVAL_TIMEOUT;
+        for _ in &self.workers {
+            if acks.recv_deadline(deadline).is_err() {
+                log::warn!("a UDP loop did not confirm closing removed sockets in time");
+                return;
+            }
+        }
+    }
+
+    /// Up to `limit` live sessions and UDP flows across all workers (each worker and UDP
+    /// loop answers between two of its loop turns; one that does not answer in time is
+    /// left out).
     pub fn sessions(&self, limit: usize) -> Vec<LiveSession> {
-        let (reply, answers) = crossbeam_channel::bounded(self.workers.len());
+        let (reply, answers) = crossbeam_channel::bounded(2 * self.workers.len());
         for w in &self.workers {
             let _ = w.commands.send(Command::Snapshot { limit, reply: reply.clone() });
             w.wake.notify();
+            w.udp.send(UdpCommand::Snapshot { limit, reply: reply.clone() });
         }
         let deadline = Instant::now() + SNAPSHOT_TIMEOUT;
         let mut all = Vec::new();
-        for _ in &self.workers {
+        for _ in 0..2 * self.workers.len() {
             match answers.recv_deadline(deadline) {
                 Ok(mut sessions) => all.append(&mut sessions),
                 Err(_) => break,
@@ -653,24 +757,29 @@ impl Engine {
         for w in &self.workers {
             let _ = w.commands.send(Command::Drain { deadline });
             w.wake.notify();
+            w.udp.send(UdpCommand::Drain);
         }
     }
 
     /// Whether every worker thread has exited.
     pub fn is_stopped(&self) -> bool {
-        self.workers.iter().all(|w| w.thread.is_finished())
+        self.workers.iter().all(|w| w.thread.is_finished() && w.udp.thread.is_finished())
     }
 
     /// Waits for every worker; the first worker error is returned.
     pub fn join(self) -> Result<(), EngineError> {
         let mut result = Ok(());
         for (worker, w) in self.workers.into_iter().enumerate() {
-            let outcome = match w.thread.join() {
-                Ok(r) => r.map_err(|source| EngineError::Worker { worker, source }),
-                Err(_) => Err(EngineError::Panicked { worker }),
-            };
-            if result.is_ok() {
-                result = outcome;
+            // A TCP worker exits when drained; its UDP loop follows the same drain.
+            w.udp.send(UdpCommand::Drain);
+            for thread in [w.thread, w.udp.thread] {
+                let outcome = match thread.join() {
+                    Ok(r) => r.map_err(|source| EngineError::Worker { worker, source }),
+                    Err(_) => Err(EngineError::Panicked { worker }),
+                };
+                if result.is_ok() {
+                    result = outcome;
+                }
             }
         }
         result

@@ -7,6 +7,7 @@
 //! - [`Payload`], [`drain`]: deterministic data and byte-exact checks on the client side.
 //! - [`Admin`], [`Metrics`]: the admin API over a small HTTP/1.1 client, `/metrics` parsed.
 //! - [`read_json_lines`] and friends: connection-log records read back from JSON-lines files.
+//! - [`UdpServer`], [`udp_exchange`]: UDP echo and DNS servers and a bounded client.
 //! - [`Stop`]: a time-bounded stop flag for helper threads, set on drop of its guard.
 //! - [`for_each_driver!`]: runs a relay test once per driver; a driver that sluice cannot
 //!   run on this machine is skipped with a printed reason, never failed.
@@ -25,6 +26,7 @@ mod process;
 mod records;
 mod sluice;
 mod stop;
+mod udp;
 
 pub use admin::{Admin, AdminAddr, HttpResponse, Metrics};
 
@@ -36,7 +38,7 @@ pub use client::{
 pub use dns::{DnsAnswer, DnsServer};
 pub use nix::sys::signal::Signal;
 pub use payload::{hex, Digest, Payload, Verifier};
-pub use ports::{free_addr, free_port, refused_addr};
+pub use ports::{free_addr, free_port, free_udp_addr, refused_addr};
 pub use process::raise_fd_limit;
 pub use records::{
     is_record_of, read_json_lines, records_of, rfc3339_ms, wait_for_close_record,
@@ -47,6 +49,7 @@ pub use sluice::{
     StartError,
 };
 pub use stop::{Stop, StopGuard};
+pub use udp::{dns_answer, udp_client, udp_exchange, udp_reply, UdpServer, BIG_REPLY, BIG_REQUEST};
 
 /// The relay drivers sluice offers; every relay test runs on each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 //! by binding it. [`crate::Sluice::start`] picks again if sluice still loses a race.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -42,6 +42,17 @@ pub fn free_port(ip: IpAddr) -> u16 {
 /// A free address on `ip` for a sluice listener.
 pub fn free_addr(ip: IpAddr) -> SocketAddr {
     SocketAddr::new(ip, free_port(ip))
+}
+
+/// A free address on `ip` for a sluice UDP listener (free for UDP and TCP alike).
+pub fn free_udp_addr(ip: IpAddr) -> SocketAddr {
+    for _ in 0..TRIES {
+        let addr = free_addr(ip);
+        if UdpSocket::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free UDP port on {ip}");
 }
 
 /// A loopback address where nothing listens: a connect to it is refused at once.

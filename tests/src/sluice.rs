@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 
 use crate::admin::{Admin, AdminAddr};
 use crate::client::echo_round_trip;
-use crate::ports::free_addr;
+use crate::ports::{free_addr, free_udp_addr};
 use crate::process::{fd_count, rss_kib};
 use crate::Driver;
 
@@ -84,6 +84,9 @@ pub struct Service {
     pub fin_timeout: Option<String>,
     /// Raw `key = value` lines added to the service.
     pub keys: Vec<String>,
+    /// `protocol = "udp"` when set.
+    pub udp: bool,
+    pub udp_idle_timeout: Option<String>,
 }
 
 impl Service {
@@ -98,12 +101,25 @@ impl Service {
             idle_timeout: None,
             fin_timeout: None,
             keys: Vec::new(),
+            udp: false,
+            udp_idle_timeout: None,
         }
     }
 
     /// A service that sends its sessions to the `[[pool]]` called `pool`.
     pub fn with_pool(name: &str, pool: &str) -> Self {
         Self { pool: Some(pool.to_string()), ..Self::new(name, &[]) }
+    }
+
+    /// A UDP service listening on a free 127.0.0.1 port, forwarding to `backends`.
+    pub fn udp(name: &str, backends: &[SocketAddr]) -> Self {
+        let listen = vec![free_udp_addr(IpAddr::V4(Ipv4Addr::LOCALHOST))];
+        Self { listen, udp: true, ..Self::new(name, backends) }
+    }
+
+    pub fn udp_idle_timeout(mut self, d: &str) -> Self {
+        self.udp_idle_timeout = Some(d.to_string());
+        self
     }
 
     /// Adds a raw `key = value` line to the service.
@@ -134,8 +150,9 @@ impl Service {
     }
 
     fn repick_listen(&mut self) {
+        let pick = if self.udp { free_udp_addr } else { free_addr };
         for addr in &mut self.listen {
-            *addr = free_addr(addr.ip());
+            *addr = pick(addr.ip());
         }
     }
 }
@@ -154,6 +171,8 @@ pub struct Config {
     /// Raw TOML appended after the services, each beginning with a table header
     /// (`[records]`, `[[log]]`, ...).
     pub sections: Vec<String>,
+    /// Extra `key = value` lines of the `[engine]` section.
+    pub engine_keys: Vec<String>,
 }
 
 impl Config {
@@ -168,11 +187,18 @@ impl Config {
             services: Vec::new(),
             admin: None,
             sections: Vec::new(),
+            engine_keys: Vec::new(),
         }
     }
 
     pub fn service(mut self, service: Service) -> Self {
         self.services.push(service);
+        self
+    }
+
+    /// Adds `key = value` (TOML) to the `[engine]` section, e.g. `("max_flows", "64")`.
+    pub fn engine_key(mut self, key: &str, value: &str) -> Self {
+        self.engine_keys.push(format!("{key} = {value}"));
         self
     }
 
@@ -230,12 +256,19 @@ impl Config {
         if let Some(d) = &self.shutdown_timeout {
             t += &format!("shutdown_timeout = {d:?}\n");
         }
+        for line in &self.engine_keys {
+            t += line;
+            t += "\n";
+        }
         for s in &self.services {
             t += &format!("\n[[service]]\nname = {:?}\n", s.name);
             t += &format!("listen = {}\n", toml_list(&s.listen));
             match &s.pool {
                 Some(pool) => t += &format!("pool = {pool:?}\n"),
                 None => t += &format!("backends = {}\n", toml_list(&s.backends)),
+            }
+            if s.udp {
+                t += "protocol = \"udp\"\n";
             }
             for line in &s.keys {
                 t += line;
@@ -245,6 +278,7 @@ impl Config {
                 ("connect_timeout", &s.connect_timeout),
                 ("idle_timeout", &s.idle_timeout),
                 ("fin_timeout", &s.fin_timeout),
+                ("udp_idle_timeout", &s.udp_idle_timeout),
             ] {
                 if let Some(v) = value {
                     t += &format!("{key} = {v:?}\n");

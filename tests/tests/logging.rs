@@ -29,7 +29,7 @@ const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 /// How long a record may take to reach a file (batches of at most 50 ms, flushes).
 const RECORD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Every field of a JSON record, as documented.
-const FIELDS: [&str; 17] = [
+const FIELDS: [&str; 20] = [
     "kind",
     "start",
     "end",
@@ -47,6 +47,9 @@ const FIELDS: [&str; 17] = [
     "reason",
     "worker",
     "tables_version",
+    "protocol",
+    "packets_up",
+    "packets_down",
 ];
 
 /// A `[[log]]` section: a JSON-lines file sink at `path`.
@@ -116,6 +119,7 @@ fn close_record_fields_match_what_the_client_did(driver: Driver) {
     documented.sort_unstable();
     assert_eq!(fields, documented, "{r}");
     assert_eq!((r["kind"].as_str(), r["service"].as_str()), (Some("close"), Some("web")), "{r}");
+    assert_eq!((r["protocol"].as_str(), r["packets_up"].is_null()), (Some("tcp"), true), "{r}");
     assert_eq!(r["listener"], sluice.addr("web").to_string(), "{r}");
     assert_eq!(
         (r["client_addr"].as_str(), u64_of(&r, "client_port")),

@@ -300,7 +300,8 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     Ok(())
 }
 
-fn default_sluice_bin() -> PathBuf {
+/// `target/release/sluice` of this workspace.
+pub fn default_sluice_bin() -> PathBuf {
     let bench = Path::new(env!("CARGO_MANIFEST_DIR"));
     bench.parent().unwrap_or(bench).join("target/release/sluice")
 }

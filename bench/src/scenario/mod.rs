@@ -1,5 +1,6 @@
-//! The four load scenarios: bulk throughput, request/response, connection rate, and idle
-//! footprint.
+//! The load scenarios: bulk throughput, request/response, connection rate, idle
+//! footprint (TCP, also run by `compare`), and UDP request/response (`udp`, which runs its
+//! own direct-versus-sluice comparison).
 //!
 //! Every scenario connects to a [`Target`] (a proxy, or the backend itself for "direct")
 //! and returns a [`crate::report::Report`]. Load runs on a few threads with mio loops so
@@ -10,6 +11,7 @@ pub mod connect;
 pub mod idle;
 pub mod rr;
 pub mod throughput;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::thread::{self, JoinHandle};

@@ -11,12 +11,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 pub mod pipe;
 pub mod socket;
+pub mod udp;
 
 pub use pipe::{splice, Pipe};
 pub use socket::{
     bind_reuseport, peer_addr, set_linger_zero, set_nodelay, shutdown_write, take_socket_error,
     tcp_socket_for,
 };
+pub use udp::{bind_udp_reuseport, connect_udp, send_batch, Datagram, Outgoing, RecvBatch};
 
 /// Calls a libc function and turns `-1` into the thread's `errno` as an [`io::Error`].
 macro_rules! syscall {
