@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::acl::{Action, Query, RuleSet};
 use crate::balance::Pool;
+use crate::capture::CapturePolicy;
 use crate::events::{RecordPolicy, ServiceCounters};
 
 /// Time allowed for a backend connect before the next backend is tried.
@@ -82,6 +83,9 @@ pub struct Decision {
     pub action: Action,
     /// The rule that decided; `None` for the service's default action.
     pub rule: Option<Arc<str>>,
+    /// The capture of an allowed session (the rule's, else the service's), by index into
+    /// [`Tables::captures`].
+    pub capture: Option<usize>,
 }
 
 /// A named pool of backends that firewall rules can send sessions to.
@@ -108,6 +112,8 @@ pub struct Service {
     pub default_hits: Arc<AtomicU64>,
     /// Shared with the admin API; carried over by name when tables are rebuilt.
     pub counters: Arc<ServiceCounters>,
+    /// Capture of sessions no rule captures: an index into [`Tables::captures`].
+    pub capture: Option<usize>,
 }
 
 impl Service {
@@ -122,6 +128,7 @@ impl Service {
             default: Action::Allow { pool: None },
             default_hits: Arc::default(),
             counters: Arc::default(),
+            capture: None,
         }
     }
 }
@@ -139,6 +146,8 @@ pub struct Tables {
     pub firewall: Rules,
     /// Named pools, by index (as [`Action::Allow`] names them).
     pub pools: Vec<NamedPool>,
+    /// Capture configurations, by index (as rules and services name them).
+    pub captures: Vec<Arc<CapturePolicy>>,
 }
 
 impl Tables {
@@ -157,7 +166,14 @@ impl Tables {
             records: RecordPolicy::default(),
             firewall: Rules::default(),
             pools: Vec::new(),
+            captures: Vec::new(),
         }
+    }
+
+    /// The same tables with capture configurations.
+    pub fn with_captures(mut self, captures: Vec<Arc<CapturePolicy>>) -> Self {
+        self.captures = captures;
+        self
     }
 
     /// The same tables with a global firewall and named pools.
@@ -174,17 +190,20 @@ impl Tables {
 
     /// The firewall's decision: the global rules, then the service's, then its default.
     pub fn judge(&self, service: usize, q: &Query<'_>) -> Decision {
-        if let Some(i) = self.firewall.decide(q) {
-            let rule = self.firewall.set.rule(i);
-            return Decision { action: rule.action, rule: Some(rule.name.clone()) };
-        }
         let s = &self.services[service];
+        let decided = |rule: &crate::acl::Rule| Decision {
+            action: rule.action,
+            rule: Some(rule.name.clone()),
+            capture: rule.capture.or(s.capture),
+        };
+        if let Some(i) = self.firewall.decide(q) {
+            return decided(self.firewall.set.rule(i));
+        }
         if let Some(i) = s.rules.decide(q) {
-            let rule = s.rules.set.rule(i);
-            return Decision { action: rule.action, rule: Some(rule.name.clone()) };
+            return decided(s.rules.set.rule(i));
         }
         s.default_hits.fetch_add(1, Ordering::Relaxed);
-        Decision { action: s.default, rule: None }
+        Decision { action: s.default, rule: None, capture: s.capture }
     }
 
     /// The same tables with a record policy.

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::acl::{Action, Query};
 use crate::balance::Backend;
 use crate::balance::Pool;
+use crate::capture::Tap;
 use crate::driver::{self, DriverChoice, Selection};
 use crate::events::{EventSink, Record, RecordKind, Verdict, WorkerStats};
 use crate::session::{CloseReason, Phase, Session};
@@ -168,6 +169,9 @@ pub struct Admission {
     pub backend: Option<Backend>,
     /// The firewall's decision, once made.
     pub decision: Option<Decision>,
+    /// This session's capture, when its rule or service asks for one; drivers report to
+    /// it once per direction as bytes move (one branch for sessions not captured).
+    pub tap: Option<Tap>,
 }
 
 impl Admission {
@@ -195,6 +199,7 @@ impl Admission {
             start_wall,
             backend,
             decision,
+            tap: None,
         })
     }
 
@@ -212,6 +217,8 @@ impl Admission {
         let allowed = matches!(decision.action, Action::Allow { .. });
         if allowed {
             self.pool_start = self.pool().start();
+            let policy = decision.capture.and_then(|i| self.tables.captures.get(i));
+            self.tap = policy.map(|p| Tap::new(p.clone(), self.service().name.clone()));
         } else {
             WorkerStats::add(&self.service().counters.denied, 1);
         }
@@ -254,8 +261,11 @@ impl Admission {
         }
     }
 
-    /// The backend accepted the connection after `latency`.
-    pub fn connected(&self, latency: Duration) {
+    /// The backend accepted the connection after `latency`; a capture begins.
+    pub fn connected(&mut self, latency: Duration) {
+        if let (Some(tap), Some(b)) = (self.tap.as_mut(), &self.backend) {
+            tap.open(self.client, b.addr);
+        }
         self.service().counters.connect_latency.observe(latency);
         if let Some(b) = &self.backend {
             WorkerStats::add(&b.state.sessions, 1);
@@ -313,14 +323,18 @@ impl Admission {
         }
     }
 
-    /// Accounts for the end of the session and returns its close record.
+    /// Accounts for the end of the session (and of its capture) and returns its close
+    /// record.
     pub fn finish(
-        &self,
+        &mut self,
         worker: usize,
         session: &Session,
         reason: CloseReason,
         now: Instant,
     ) -> Record {
+        if let Some(tap) = self.tap.take() {
+            tap.close(reason);
+        }
         let counters = &self.service().counters;
         counters.active.fetch_sub(1, Ordering::Relaxed);
         WorkerStats::add(&counters.bytes_up, session.up.bytes);

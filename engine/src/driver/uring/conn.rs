@@ -139,6 +139,9 @@ impl Conn {
                 return Some(Pump::Reset(dir.source().other()));
             }
             self.session.shut(dir, now);
+            if let Some(tap) = self.admission.tap.as_mut() {
+                tap.fin(dir);
+            }
         }
         Some(Pump::Done)
     }
@@ -208,6 +211,10 @@ impl Conn {
                     }
                 }
             }
+            if let Some(tap) = self.admission.tap.as_mut() {
+                // The pipe held nothing before this fill: tee copies exactly its bytes.
+                tap.teed(dir, &pipe, lane.buffered);
+            }
             lane.pipe = Some(pipe);
             match outcome {
                 Ok(()) => {}
@@ -237,6 +244,9 @@ impl Conn {
             while !lane.buffer.pending().is_empty() {
                 match sys::send(dst, lane.buffer.pending()) {
                     Ok(n) if n > 0 => {
+                        if let Some(tap) = self.admission.tap.as_mut() {
+                            tap.copied(dir, &lane.buffer.pending()[..n]);
+                        }
                         lane.buffer.consume(n);
                         self.session.moved(dir, n, now);
                     }
