@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sluice_engine::acl::{self, Action, ListenerMatch, NamePattern, Rule, RuleSet, TimeWindow};
 use sluice_engine::balance::{Backend, Pool};
+use sluice_engine::capture::{CapturePolicy, CaptureSpec, CaptureStats, Capturer};
 use sluice_engine::events::{BackendState, RecordKind, RecordPolicy, ServiceCounters, Verdict};
 use sluice_engine::session::CloseReason;
 use sluice_engine::tables::{self, NamedPool, Rules, Service, Tables, Timeouts};
@@ -49,6 +50,13 @@ pub const MIN_PIPE_SIZE: u64 = 4096;
 pub const MAX_PIPE_SIZE: u64 = 64 << 20;
 /// Most workers accepted.
 pub const MAX_WORKERS: i64 = 1024;
+/// Smallest `max_file` and `max_total` of a capture.
+pub const MIN_CAPTURE_SIZE: u64 = 4096;
+/// Accepted range of a capture's `snaplen` (bytes of each frame kept).
+pub const MIN_SNAPLEN: i64 = 64;
+pub const MAX_SNAPLEN: i64 = 262_144;
+/// How long a stop waits for the capture thread to finish its files.
+pub const CAPTURE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One configuration error, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +143,17 @@ struct RuleSection {
     sni: Vec<Spanned<String>>,
     #[serde(default)]
     not_sni: Vec<Spanned<String>>,
+    capture: Option<Spanned<CaptureSection>>,
+}
+
+/// `capture = { dir = "...", max_file = "100 MB", max_total = "10 GB", snaplen = 65535 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaptureSection {
+    dir: Spanned<String>,
+    max_file: Option<Spanned<Size>>,
+    max_total: Option<Spanned<Size>>,
+    snaplen: Option<Spanned<i64>>,
 }
 
 /// A port range written as a number (`22`) or text (`"1024-65535"`).
@@ -217,6 +236,7 @@ struct ServiceSection {
     fin_timeout: Option<Spanned<String>>,
     sni_timeout: Option<Spanned<String>>,
     default: Option<Spanned<String>>,
+    capture: Option<Spanned<CaptureSection>>,
     #[serde(default, rename = "rule")]
     rules: Vec<RuleSection>,
 }
@@ -232,6 +252,8 @@ pub struct ServiceSpec {
     pub rules: Vec<Rule>,
     /// The action when no rule matches.
     pub default: Action,
+    /// Capture of sessions no rule captures, by index into [`Config::captures`].
+    pub capture: Option<usize>,
 }
 
 /// A validated named pool.
@@ -258,6 +280,8 @@ pub struct Config {
     /// Named pools that rules can send sessions to.
     pub pools: Vec<PoolSpec>,
     pub services: Vec<ServiceSpec>,
+    /// Distinct capture configurations, as rules and services name them by index.
+    pub captures: Vec<CaptureSpec>,
 }
 
 impl Config {
@@ -291,7 +315,7 @@ impl Config {
             let message = e.message().trim().to_string();
             ConfigErrors(vec![locate(file, text, span, None, message)])
         })?;
-        let mut v = Validator { file, text, errors: Vec::new() };
+        let mut v = Validator { file, text, errors: Vec::new(), captures: Vec::new() };
         let config = v.config(raw);
         if v.errors.is_empty() {
             Ok(config)
@@ -318,6 +342,7 @@ impl Config {
                 service.default = s.default;
                 service.default_hits = registry.hits(&s.name, DEFAULT_RULE);
                 service.counters = registry.service(&s.name);
+                service.capture = s.capture;
                 service
             })
             .collect();
@@ -335,7 +360,11 @@ impl Config {
             })
             .collect();
         let firewall = registry.rules(FIREWALL_SCOPE, &self.firewall);
-        Tables::new(version, services).with_records(self.records).with_firewall(firewall, pools)
+        let captures = registry.captures(&self.captures);
+        Tables::new(version, services)
+            .with_records(self.records)
+            .with_firewall(firewall, pools)
+            .with_captures(captures)
     }
 }
 
@@ -347,6 +376,11 @@ pub struct Registry {
     backends: HashMap<(String, SocketAddr), Arc<BackendState>>,
     /// Verdicts per (scope, rule name): scope is "firewall" or a service name.
     hits: HashMap<(String, String), Arc<AtomicU64>>,
+    /// Capture counters of the process, and its capture thread once a capture is configured.
+    capture_stats: Arc<CaptureStats>,
+    capturer: Option<Capturer>,
+    /// Bytes held by the capture files of each directory, so `max_total` spans reloads.
+    capture_used: HashMap<PathBuf, Arc<AtomicU64>>,
 }
 
 impl Registry {
@@ -358,6 +392,47 @@ impl Registry {
     fn rules(&mut self, scope: &str, rules: &[Rule]) -> Rules {
         let hits = rules.iter().map(|r| self.hits(scope, &r.name)).collect();
         Rules { set: RuleSet::compile(rules.to_vec()), hits }
+    }
+
+    /// Capture policies for `specs`; the capture thread starts with the first one. Without
+    /// a capture thread (it could not start) sessions are relayed uncaptured.
+    fn captures(&mut self, specs: &[CaptureSpec]) -> Vec<Arc<CapturePolicy>> {
+        if specs.is_empty() {
+            return Vec::new();
+        }
+        if self.capturer.is_none() {
+            match Capturer::start(self.capture_stats.clone()) {
+                Ok(c) => self.capturer = Some(c),
+                Err(e) => {
+                    log::error!("cannot start the capture thread: {e}; capture is off");
+                    return Vec::new();
+                }
+            }
+        }
+        let Some(capturer) = &self.capturer else { return Vec::new() };
+        specs
+            .iter()
+            .map(|spec| {
+                let used = self
+                    .capture_used
+                    .entry(spec.dir.clone())
+                    .or_insert_with(|| Arc::new(AtomicU64::new(captured_bytes(&spec.dir))))
+                    .clone();
+                Arc::new(CapturePolicy::new(spec.clone(), used, capturer.clone()))
+            })
+            .collect()
+    }
+
+    /// Capture counters (zero while nothing is captured).
+    pub fn capture_stats(&self) -> Arc<CaptureStats> {
+        self.capture_stats.clone()
+    }
+
+    /// Finishes every capture file; call once the workers have stopped.
+    pub fn stop_capture(&self) {
+        if let Some(c) = &self.capturer {
+            c.stop(CAPTURE_STOP_TIMEOUT);
+        }
     }
 
     fn service(&mut self, name: &str) -> Arc<ServiceCounters> {
@@ -372,6 +447,7 @@ impl Registry {
     /// Forgets services and backends the configuration no longer has (call once its tables
     /// are in force).
     pub fn retain(&mut self, config: &Config) {
+        self.capture_used.retain(|dir, _| config.captures.iter().any(|c| &c.dir == dir));
         let names: HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
         self.services.retain(|name, _| names.contains(name.as_str()));
         self.backends.retain(|(name, addr), _| {
@@ -396,6 +472,8 @@ struct Validator<'a> {
     file: &'a str,
     text: &'a str,
     errors: Vec<ConfigError>,
+    /// Distinct capture configurations seen so far.
+    captures: Vec<CaptureSpec>,
 }
 
 impl Validator<'_> {
@@ -453,6 +531,67 @@ impl Validator<'_> {
             firewall,
             pools,
             services,
+            captures: std::mem::take(&mut self.captures),
+        }
+    }
+
+    /// A capture configuration, by index among the distinct ones (equal ones share one).
+    fn capture(&mut self, raw: &Spanned<CaptureSection>, key: &str) -> Option<usize> {
+        let before = self.errors.len();
+        let c = raw.get_ref();
+        let dir = c.dir.get_ref().trim();
+        if dir.is_empty() {
+            self.error(c.dir.span(), &format!("{key}.dir"), "must name a directory");
+        }
+        let mut spec = CaptureSpec::new(PathBuf::from(dir));
+        if let Some(n) = self.capture_size(&c.max_file, &format!("{key}.max_file")) {
+            spec.max_file = n;
+        }
+        if let Some(n) = self.capture_size(&c.max_total, &format!("{key}.max_total")) {
+            spec.max_total = n;
+        }
+        if let Some(s) = &c.snaplen {
+            match *s.get_ref() {
+                n @ MIN_SNAPLEN..=MAX_SNAPLEN => spec.snaplen = n as u32,
+                _ => {
+                    let message = format!("must be between {MIN_SNAPLEN} and {MAX_SNAPLEN} bytes");
+                    self.error(s.span(), &format!("{key}.snaplen"), message);
+                }
+            }
+        }
+        if spec.max_total < spec.max_file {
+            let span = c.max_total.as_ref().map_or(raw.span(), |t| t.span());
+            let message = format!(
+                "max_total ({} bytes) must be at least max_file ({} bytes)",
+                spec.max_total, spec.max_file
+            );
+            self.error(span, &format!("{key}.max_total"), message);
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(self.captures.iter().position(|c| *c == spec).unwrap_or_else(|| {
+            self.captures.push(spec);
+            self.captures.len() - 1
+        }))
+    }
+
+    fn capture_size(&mut self, value: &Option<Spanned<Size>>, key: &str) -> Option<u64> {
+        let value = value.as_ref()?;
+        let parsed = match value.get_ref() {
+            Size::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_string()),
+            Size::Text(t) => parse_size(t),
+        };
+        match parsed {
+            Ok(n) if n >= MIN_CAPTURE_SIZE => Some(n),
+            Ok(_) => {
+                self.error(value.span(), key, format!("must be at least {MIN_CAPTURE_SIZE} bytes"));
+                None
+            }
+            Err(message) => {
+                self.error(value.span(), key, message);
+                None
+            }
         }
     }
 
@@ -740,6 +879,12 @@ impl Validator<'_> {
         rule.not_to = self.list(&raw.not_to, &k("not_to"), ListenerMatch::parse);
         rule.sni = self.list(&raw.sni, &k("sni"), NamePattern::parse);
         rule.not_sni = self.list(&raw.not_sni, &k("not_sni"), NamePattern::parse);
+        if let Some(c) = &raw.capture {
+            if matches!(action, Action::Deny { .. }) {
+                self.error(c.span(), &k("capture"), "a deny rule relays nothing to capture");
+            }
+            rule.capture = self.capture(c, &k("capture"));
+        }
         if !raw.time.is_empty() || !raw.not_time.is_empty() {
             let zone = match &raw.timezone {
                 Some(z) => {
@@ -880,7 +1025,8 @@ impl Validator<'_> {
                 Action::Allow { pool: None }
             }
         };
-        ServiceSpec { name, listen, backends, timeouts, rules, default }
+        let capture = raw.capture.as_ref().and_then(|c| self.capture(c, &key("capture")));
+        ServiceSpec { name, listen, backends, timeouts, rules, default, capture }
     }
 
     fn duration(&mut self, value: &Spanned<String>, key: &str) -> Option<Duration> {
@@ -896,6 +1042,19 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// Bytes already held by capture files (`*.pcapng`) in `dir`: they count against
+/// `max_total` from the start.
+fn captured_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pcapng"))
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// Resolves a backend written as `ip:port`, `host:port`, or `admin` (the admin API's TCP

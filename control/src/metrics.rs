@@ -13,6 +13,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use serde_json::{json, Value};
 use sluice_engine::acl::Action;
+use sluice_engine::capture::{CaptureStats, StopReason};
 use sluice_engine::events::{BackendState, EventSink, ServiceCounters, WorkerStats};
 use sluice_engine::tables::{Rules, Tables};
 use sluice_engine::worker::LiveSession;
@@ -32,6 +33,8 @@ pub struct Shared {
     pub events: EventSink,
     /// Counters of the connection-log sinks in use.
     pub sinks: ArcSwap<Vec<Arc<SinkCounters>>>,
+    /// Capture counters of the process.
+    pub capture: Arc<CaptureStats>,
 }
 
 fn get(c: &AtomicU64) -> u64 {
@@ -111,6 +114,7 @@ pub fn stats(shared: &Shared) -> Value {
             "written": get(&s.written),
             "dropped": get(&s.dropped),
         })).collect::<Vec<_>>(),
+        "capture": capture_json(&shared.capture),
         "firewall": rules_json(&tables.firewall),
         "pools": tables.pools.iter().map(|p| json!({
             "name": &*p.name,
@@ -124,6 +128,45 @@ pub fn stats(shared: &Shared) -> Value {
         "services": services,
         "workers": workers,
     })
+}
+
+fn capture_json(c: &CaptureStats) -> Value {
+    let stopped: serde_json::Map<String, Value> =
+        StopReason::ALL.iter().map(|&r| (r.as_str().to_string(), json!(c.stopped(r)))).collect();
+    json!({
+        "sessions": get(&c.sessions),
+        "payload_bytes": get(&c.payload_bytes),
+        "bytes": get(&c.bytes),
+        "packets": get(&c.packets),
+        "files": get(&c.files),
+        "queued_bytes": get(&c.queued),
+        "stopped": stopped,
+    })
+}
+
+fn capture_metrics(f: &mut Family<'_>, c: &CaptureStats) {
+    for (name, help, value) in [
+        ("sluice_capture_sessions_total", "Sessions whose capture began.", get(&c.sessions)),
+        (
+            "sluice_capture_payload_bytes_total",
+            "Payload bytes written into capture files.",
+            get(&c.payload_bytes),
+        ),
+        ("sluice_capture_bytes_total", "Bytes written into capture files.", get(&c.bytes)),
+        ("sluice_capture_packets_total", "Packets written into capture files.", get(&c.packets)),
+        ("sluice_capture_files_total", "Capture files created.", get(&c.files)),
+    ] {
+        f.header(name, "counter", help);
+        f.sample(name, &[], value);
+    }
+    let name = "sluice_capture_stopped_total";
+    f.header(name, "counter", "Captures stopped early (the session went on), by reason.");
+    for r in StopReason::ALL {
+        f.sample(name, &[("reason", r.as_str())], c.stopped(r));
+    }
+    let name = "sluice_capture_queued_bytes";
+    f.header(name, "gauge", "Bytes copied for capture, not yet written.");
+    f.sample(name, &[], get(&c.queued));
 }
 
 fn action_name(action: &Action) -> &'static str {
@@ -335,6 +378,7 @@ pub fn prometheus(shared: &Shared) -> String {
     for s in sinks.iter() {
         f.sample("sluice_log_dropped_total", &[("sink", &s.name)], get(&s.dropped));
     }
+    capture_metrics(&mut f, &shared.capture);
     f.header("sluice_tables_version", "gauge", "Version of the tables in force.");
     f.sample("sluice_tables_version", &[], tables.version);
     out

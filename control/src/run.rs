@@ -72,6 +72,7 @@ pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
         reload_failures: Default::default(),
         events: sink.clone(),
         sinks: ArcSwap::from_pointee(sink_counters),
+        capture: registry.capture_stats(),
     });
     let (requests_tx, requests) = crossbeam_channel::bounded(16);
     let admin = match &config.admin {
@@ -95,12 +96,13 @@ pub fn run(path: Option<PathBuf>, config: Config) -> Result<(), RunError> {
     if let Some(admin) = admin {
         admin.stop();
     }
-    let Control { engine, shared, log, .. } = control;
+    let Control { engine, shared, log, registry, .. } = control;
     drop(log);
     let dropped = sink.dropped();
     drop(sink);
     drop(shared);
     let result = engine.join();
+    registry.stop_capture();
     let _ = logger.join();
     if dropped > 0 {
         log::warn!("{dropped} session records were dropped because the log queue was full");

@@ -16,6 +16,7 @@
 
 mod admin;
 mod backend;
+pub mod capture;
 mod client;
 mod payload;
 mod ports;

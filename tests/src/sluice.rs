@@ -80,6 +80,8 @@ pub struct Service {
     pub connect_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub fin_timeout: Option<String>,
+    /// Further `key = value` lines of the service, written as given.
+    pub extra: Vec<String>,
 }
 
 impl Service {
@@ -92,7 +94,14 @@ impl Service {
             connect_timeout: None,
             idle_timeout: None,
             fin_timeout: None,
+            extra: Vec::new(),
         }
+    }
+
+    /// Adds a `key = value` line to the service, e.g. `capture = { dir = "/tmp/c" }`.
+    pub fn line(mut self, line: &str) -> Self {
+        self.extra.push(line.to_string());
+        self
     }
 
     /// Also listens on a free port of `ip`.
@@ -225,6 +234,10 @@ impl Config {
                 if let Some(v) = value {
                     t += &format!("{key} = {v:?}\n");
                 }
+            }
+            for line in &s.extra {
+                t += line;
+                t += "\n";
             }
         }
         if let Some(admin) = &self.admin {
