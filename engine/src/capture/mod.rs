@@ -392,3 +392,83 @@ fn resets_of(reason: CloseReason) -> &'static [Side] {
         _ => &[],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::Receiver;
+
+    /// A tap whose capture thread never drains: what it sends stays in `rx`.
+    fn stalled_tap() -> (Tap, Receiver<Msg>, Arc<CaptureStats>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let stats = Arc::new(CaptureStats::default());
+        let capturer = Capturer {
+            tx,
+            stats: stats.clone(),
+            next_id: Arc::default(),
+            thread: Arc::new(Mutex::new(None)),
+        };
+        let spec = CaptureSpec::new(PathBuf::from("/nonexistent"));
+        let policy = Arc::new(CapturePolicy::new(spec, Arc::default(), capturer));
+        let mut tap = Tap::new(policy, "svc".into());
+        tap.open("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        assert!(matches!(rx.try_recv(), Ok(Msg::Open { .. })));
+        (tap, rx, stats)
+    }
+
+    fn kinds(rx: &Receiver<Msg>) -> (usize, Vec<StopReason>) {
+        let (mut data, mut stops) = (0, Vec::new());
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                Msg::Data { .. } | Msg::Teed { .. } => data += 1,
+                Msg::Stop { reason, .. } => stops.push(reason),
+                _ => {}
+            }
+        }
+        (data, stops)
+    }
+
+    #[test]
+    fn a_full_capture_pipe_stops_capture_at_once_and_for_good() {
+        let (mut tap, rx, _) = stalled_tap();
+        let relay = Pipe::new(1 << 16).unwrap();
+        let chunk = vec![5u8; 1 << 16];
+        let written = sys::write_all_to_pipe(&relay, &chunk);
+        assert_eq!(written, chunk.len());
+        let started = std::time::Instant::now();
+        for _ in 0..64 {
+            tap.teed(Direction::Up, &relay, chunk.len());
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "tee never waits");
+        let (teed, stops) = kinds(&rx);
+        let capacity = DEFAULT_CAPTURE_PIPE >> 16;
+        assert!(teed >= 1 && teed <= capacity, "{teed} tees of 64 KiB into the capture pipe");
+        assert_eq!(stops, vec![StopReason::PipeFull]);
+        assert_eq!(relay.buffered().unwrap(), chunk.len(), "the relay's bytes stay for the relay");
+        tap.copied(Direction::Down, b"later");
+        tap.fin(Direction::Up);
+        assert_eq!(kinds(&rx), (0, vec![]), "nothing more after the stop");
+    }
+
+    #[test]
+    fn copies_beyond_the_budget_stop_capture() {
+        let (mut tap, rx, stats) = stalled_tap();
+        let chunk = vec![1u8; 1 << 20];
+        let rounds = (DEFAULT_CAPTURE_QUEUE >> 20) as usize;
+        for _ in 0..rounds + 3 {
+            tap.copied(Direction::Down, &chunk);
+        }
+        assert_eq!(kinds(&rx), (rounds, vec![StopReason::QueueFull]));
+        assert_eq!(stats.queued.load(Ordering::Relaxed), DEFAULT_CAPTURE_QUEUE);
+    }
+
+    #[test]
+    fn the_capture_thread_stopping_a_capture_silences_its_tap() {
+        let (mut tap, rx, _) = stalled_tap();
+        tap.stopped.store(true, Ordering::Relaxed);
+        tap.copied(Direction::Up, b"x");
+        assert_eq!(kinds(&rx), (0, vec![]));
+        drop(tap);
+        assert!(matches!(rx.try_recv(), Ok(Msg::Close { .. })), "the file is still finished");
+    }
+}

@@ -8,7 +8,7 @@
 //! ACK of everything the other side has sent; checksums (IPv4 header, TCP with its pseudo
 //! header) are correct, so Wireshark and tcpdump raise no warning.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::session::{Direction, Side};
@@ -347,9 +347,6 @@ pub mod pcapng {
         out
     }
 }
-
-/// The unspecified IPv6 address, for a client whose address was lost.
-pub const UNKNOWN: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 
 #[cfg(test)]
 mod tests {

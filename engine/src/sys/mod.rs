@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 pub mod pipe;
 pub mod socket;
 
-pub use pipe::{splice, tee, Pipe};
+pub use pipe::{splice, tee, write_all_to_pipe, Pipe};
 pub use socket::{
     bind_reuseport, peer_addr, set_linger_zero, set_nodelay, shutdown_write, take_socket_error,
     tcp_socket_for,

@@ -70,6 +70,21 @@ pub fn tee(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     syscall!(tee(from, to, len, libc::SPLICE_F_NONBLOCK)).map(|n| n as usize)
 }
 
+/// Writes as much of `data` into a pipe as it takes now (non-blocking); returns how much.
+pub fn write_all_to_pipe(pipe: &Pipe, data: &[u8]) -> usize {
+    let mut done = 0;
+    while done < data.len() {
+        let rest = &data[done..];
+        // The pipe is borrowed for the call; `rest` is a live slice.
+        match syscall!(write(pipe.write_fd(), rest.as_ptr().cast(), rest.len())) {
+            Ok(n) => done += n as usize,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    done
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
