@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod capture;
 mod cli;
 mod compare;
 mod error;
@@ -104,6 +105,7 @@ fn run(command: Command) -> Result<()> {
             emit(&scenario::idle::run(&params, &target, backend.as_ref())?, &args.output)
         }
         Command::Compare(args) => compare::run(&args),
+        Command::Capture(args) => capture::run(&args),
     }
 }
 

@@ -38,7 +38,11 @@ fn captured(driver: Driver, backend: &Backend, dir: &Path, more: &str) -> Option
 
 /// Waits until the session of `client` has its files with `last` flags on its final
 /// segment (the session's close was written), and returns their segments in order.
-fn wait_for_capture(dir: &Path, client: SocketAddr, done: impl Fn(&[Segment]) -> bool) -> Vec<PathBuf> {
+fn wait_for_capture(
+    dir: &Path,
+    client: SocketAddr,
+    done: impl Fn(&[Segment]) -> bool,
+) -> Vec<PathBuf> {
     let deadline = Instant::now() + WRITTEN;
     loop {
         let files = capture_files(dir, client);
@@ -60,7 +64,13 @@ fn fins(segs: &[Segment]) -> usize {
 
 /// Checks one session's segments from both readers: the handshake first, the streams equal
 /// `up` and `down`.
-fn assert_streams(segs: &[Segment], client: SocketAddr, backend: SocketAddr, up: &[u8], down: &[u8]) {
+fn assert_streams(
+    segs: &[Segment],
+    client: SocketAddr,
+    backend: SocketAddr,
+    up: &[u8],
+    down: &[u8],
+) {
     assert!(segs.len() >= 3, "only {} segments", segs.len());
     assert_eq!((segs[0].src, segs[0].dst, segs[0].flags), (client, backend, SYN));
     assert_eq!((segs[1].src, segs[1].flags & SYN), (backend, SYN));
@@ -214,20 +224,16 @@ fn rotation_and_max_total_are_honoured(driver: Driver) {
     client.shutdown(Shutdown::Write).unwrap();
     let report = sunk.first(Duration::from_secs(20)).expect("sink report");
     assert_eq!((report.bytes, report.sha256), (BIG, Payload::sha256(DOWN_SEED, BIG)));
-    let files = wait_for_capture(dir.path(), big.client, |s| {
-        s.last().is_some_and(|s| s.comment.is_some())
-    });
+    let files =
+        wait_for_capture(dir.path(), big.client, |s| s.last().is_some_and(|s| s.comment.is_some()));
     let segs: Vec<Segment> = files.iter().flat_map(|f| read_pcapng(f)).collect();
     let marker = segs.last().unwrap().comment.clone().unwrap();
     assert!(marker.contains("max_total"), "marker: {marker}");
     let captured = stream(&segs, big.client);
     assert!(captured.len() < BIG as usize, "capture stopped before the end");
     assert_eq!(captured, Payload::bytes(DOWN_SEED, captured.len()), "a prefix of the stream");
-    let total: u64 = std::fs::read_dir(dir.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.metadata().unwrap().len())
-        .sum();
+    let total: u64 =
+        std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum();
     assert!(total <= MAX_TOTAL, "the directory holds {total} bytes");
     let stats = sluice.admin().stats();
     assert_eq!(stats["capture"]["stopped"]["max_total"], 1, "{}", stats["capture"]);

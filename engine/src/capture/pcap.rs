@@ -496,8 +496,7 @@ mod tests {
 
     #[test]
     fn snaplen_cuts_the_frame_but_keeps_its_original_length() {
-        let mut s =
-            TcpSynth::new("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let mut s = TcpSynth::new("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
         let f = s.data(Direction::Up, &[9u8; 1000], at(0)).remove(0);
         let block = pcapng::packet(&f, 64, Some("a note"));
         let blocks = read_blocks(&block);
@@ -508,8 +507,7 @@ mod tests {
 
     #[test]
     fn a_handshake_after_data_leads_to_the_current_sequence_numbers() {
-        let mut s =
-            TcpSynth::new("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let mut s = TcpSynth::new("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
         s.data(Direction::Up, &[1; 10], at(0));
         s.data(Direction::Down, &[1; 20], at(0));
         let hs = s.handshake(at(1));

@@ -304,8 +304,11 @@ fn create(dir: &PathBuf, stem: &str, part: u32) -> io::Result<File> {
     let base = if part <= 1 { stem.to_string() } else { format!("{stem}-{part}") };
     let mut last = None;
     for attempt in 0..NAME_ATTEMPTS {
-        let name =
-            if attempt == 0 { format!("{base}.pcapng") } else { format!("{base}~{attempt}.pcapng") };
+        let name = if attempt == 0 {
+            format!("{base}.pcapng")
+        } else {
+            format!("{base}~{attempt}.pcapng")
+        };
         let opened = OpenOptions::new()
             .write(true)
             .create_new(true)
