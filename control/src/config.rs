@@ -1300,6 +1300,50 @@ mod tests {
     }
 
     #[test]
+    fn captures_take_defaults_and_are_shared_by_equal_settings() {
+        let text = format!(
+            "[[firewall]]\naction = \"allow\"\nfrom = [\"10.0.0.0/8\"]\ncapture = {{ dir = \"/var/cap\", max_file = \"1 MB\", max_total = \"1 GB\", snaplen = 128 }}\n\n{MINIMAL}capture = {{ dir = \"/var/cap\" }}\n\n[[service.rule]]\naction = \"allow\"\ncapture = {{ dir = \"/var/cap\" }}\n"
+        );
+        let c = Config::parse("t.toml", &text).unwrap();
+        assert_eq!(c.captures.len(), 2, "equal settings share one capture");
+        assert_eq!(c.captures[0].max_file, 1_000_000);
+        assert_eq!(c.captures[0].max_total, 1_000_000_000);
+        assert_eq!(c.captures[0].snaplen, 128);
+        let d = &c.captures[1];
+        let defaults = (
+            sluice_engine::capture::DEFAULT_MAX_FILE,
+            sluice_engine::capture::DEFAULT_MAX_TOTAL,
+            sluice_engine::capture::DEFAULT_SNAPLEN,
+        );
+        assert_eq!((d.max_file, d.max_total, d.snaplen), defaults);
+        assert_eq!(c.firewall[0].capture, Some(0));
+        assert_eq!(c.services[0].capture, Some(1));
+        assert_eq!(c.services[0].rules[0].capture, Some(1));
+    }
+
+    #[test]
+    fn every_bad_capture_value_is_reported_with_line_and_key() {
+        let text = format!(
+            "[[firewall]]\naction = \"deny\"\ncapture = {{ dir = \"/c\" }}\n\n{MINIMAL}capture = {{ dir = \"\", max_file = \"2 MB\", max_total = \"1 MB\", snaplen = 10 }}\n\n[[service.rule]]\naction = \"allow\"\ncapture = {{ dir = \"/c\", max_file = \"12 parsecs\" }}\n"
+        );
+        let e = errors(&text);
+        let found: Vec<(usize, &str)> = e.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert!(found.contains(&(3, "firewall[0].capture")), "{e:?}");
+        for key in ["dir", "snaplen", "max_total"] {
+            let key = format!("service[0].capture.{key}");
+            assert!(found.contains(&(9, key.as_str())), "{key}: {e:?}");
+        }
+        assert!(found.contains(&(13, "service[0].rule[0].capture.max_file")), "{e:?}");
+        let e = errors(&format!("{MINIMAL}capture = {{ dir = \"/c\", max_file = \"12 parsecs\" }}\n"));
+        assert_eq!((e[0].line, e[0].key.as_str()), (5, "service[0].capture.max_file"));
+        let e = errors(&format!("{MINIMAL}capture = {{ dir = \"/c\", size = 1 }}\n"));
+        assert_eq!(e[0].line, 5);
+        assert!(e[0].message.contains("size"), "{:?}", e[0]);
+        let e = errors(&format!("{MINIMAL}capture = {{ dir = \"/c\", max_total = 100 }}\n"));
+        assert_eq!(e[0].key, "service[0].capture.max_total");
+    }
+
+    #[test]
     fn firewall_rules_compile_with_pools_and_defaults() {
         let text = format!(
             "[[firewall]]\nname = \"block\"\naction = \"deny\"\nreset = true\nfrom = [\"10.0.0.0/8\", \"192.0.2.1\"]\n\n[[pool]]\nname = \"office\"\nbackends = [\"127.0.0.1:9001\"]\n\n{MINIMAL}default = \"reject\"\n\n[[service.rule]]\naction = \"allow\"\npool = \"office\"\nfrom_port = [22, \"1024-2048\"]\nto = [\":8080\"]\nsni = [\"*.example.com\"]\ntime = [\"Mon-Fri 08:00-18:00\"]\ntimezone = \"UTC\"\n"
