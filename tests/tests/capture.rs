@@ -269,7 +269,68 @@ fn only_matching_sessions_are_captured(driver: Driver) {
     assert_eq!(sluice.admin().stats()["capture"]["sessions"], 1);
 }
 
+/// A session that began under a capture keeps being captured to its end after a reload
+/// removes the capture; sessions that begin after the reload are not captured.
+fn reload_keeps_running_captures_going(driver: Driver) {
+    let dir = ScratchDir::new();
+    let echo = Backend::echo();
+    let Some(sluice) = captured(driver, &echo, dir.path(), "") else { return };
+    let payload = Payload::bytes(UP_SEED, UP as usize);
+    let mut client = connect(sluice.addr("cap"));
+    let key = SessionKey::of(&client);
+    let half = payload.len() / 2;
+    client.write_all(&payload[..half]).unwrap();
+    assert_eq!(read_exactly(&mut client, half), payload[..half]);
+
+    let mut next = sluice.config().expect("config").clone();
+    next.service_mut("cap").extra.clear();
+    sluice.write_config(&next);
+    sluice.reload(Duration::from_secs(5));
+    let after = echo_round_trip(sluice.addr("cap"), UP_SEED, 10_000);
+
+    client.write_all(&payload[half..]).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let rest = drain(&mut client);
+    assert_eq!((rest.bytes, rest.end), ((payload.len() - half) as u64, End::Eof));
+    let files = wait_for_capture(dir.path(), key.client, |s| fins(s) == 2);
+    read_both(&files, |segs| assert_streams(segs, key.client, echo.addr(), &payload, &payload));
+    sluice.wait_for_session(after, Duration::from_secs(5)).expect("session line");
+    assert!(capture_files(dir.path(), after.client).is_empty(), "captured after the reload");
+}
+
+/// 64 MiB each way at once through a captured session: whether the capture keeps up or
+/// stops (then with a marker and a counter), the session relays every byte, and what was
+/// captured is exactly the start of each stream.
+fn a_bulk_capture_never_costs_the_session_a_byte(driver: Driver) {
+    const BULK: u64 = 64 << 20;
+    let dir = ScratchDir::new();
+    let echo = Backend::echo();
+    let Some(sluice) = captured(driver, &echo, dir.path(), "") else { return };
+    let key = echo_round_trip(sluice.addr("cap"), DOWN_SEED, BULK);
+    let files = wait_for_capture(dir.path(), key.client, |s| {
+        fins(s) == 2 || s.last().is_some_and(|s| s.comment.is_some())
+    });
+    let segs: Vec<Segment> = files.iter().flat_map(|f| read_pcapng(f)).collect();
+    for from in [key.client, echo.addr()] {
+        let got = stream(&segs, from);
+        assert!(got == Payload::bytes(DOWN_SEED, got.len()), "{from}: not a prefix");
+    }
+    let stats = sluice.admin().stats();
+    let stopped: u64 = ["queue_full", "pipe_full", "max_total", "write_error"]
+        .iter()
+        .map(|r| stats["capture"]["stopped"][r].as_u64().unwrap())
+        .sum();
+    let marker = segs.last().unwrap().comment.clone();
+    println!("capture: {} files, stopped: {stopped}, marker: {marker:?}", files.len());
+    assert_eq!(stopped, u64::from(marker.is_some()), "a stop is counted and marked");
+    if marker.is_none() {
+        assert_eq!(stream(&segs, key.client).len() as u64, BULK, "a complete capture");
+    }
+}
+
 sluice_tests::for_each_driver!(
+    reload_keeps_running_captures_going,
+    a_bulk_capture_never_costs_the_session_a_byte,
     half_closed_session_reads_back_byte_exact,
     reset_session_ends_with_the_backends_rst,
     rotation_and_max_total_are_honoured,
