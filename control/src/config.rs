@@ -1334,7 +1334,8 @@ mod tests {
             assert!(found.contains(&(9, key.as_str())), "{key}: {e:?}");
         }
         assert!(found.contains(&(13, "service[0].rule[0].capture.max_file")), "{e:?}");
-        let e = errors(&format!("{MINIMAL}capture = {{ dir = \"/c\", max_file = \"12 parsecs\" }}\n"));
+        let e =
+            errors(&format!("{MINIMAL}capture = {{ dir = \"/c\", max_file = \"12 parsecs\" }}\n"));
         assert_eq!((e[0].line, e[0].key.as_str()), (5, "service[0].capture.max_file"));
         let e = errors(&format!("{MINIMAL}capture = {{ dir = \"/c\", size = 1 }}\n"));
         assert_eq!(e[0].line, 5);

@@ -140,6 +140,7 @@ fn capture_json(c: &CaptureStats) -> Value {
         "packets": get(&c.packets),
         "files": get(&c.files),
         "queued_bytes": get(&c.queued),
+        "active": get(&c.active),
         "stopped": stopped,
     })
 }
@@ -167,6 +168,9 @@ fn capture_metrics(f: &mut Family<'_>, c: &CaptureStats) {
     let name = "sluice_capture_queued_bytes";
     f.header(name, "gauge", "Bytes copied for capture, not yet written.");
     f.sample(name, &[], get(&c.queued));
+    let name = "sluice_capture_sessions_active";
+    f.header(name, "gauge", "Sessions being captured now.");
+    f.sample(name, &[], get(&c.active));
 }
 
 fn action_name(action: &Action) -> &'static str {

@@ -316,7 +316,7 @@ fn a_bulk_capture_never_costs_the_session_a_byte(driver: Driver) {
         assert!(got == Payload::bytes(DOWN_SEED, got.len()), "{from}: not a prefix");
     }
     let stats = sluice.admin().stats();
-    let stopped: u64 = ["queue_full", "pipe_full", "max_total", "write_error"]
+    let stopped: u64 = ["queue_full", "pipe_full", "max_total", "write_error", "too_many"]
         .iter()
         .map(|r| stats["capture"]["stopped"][r].as_u64().unwrap())
         .sum();

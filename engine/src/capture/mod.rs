@@ -45,6 +45,10 @@ pub const DEFAULT_CAPTURE_PIPE: usize = 1 << 20;
 pub const DEFAULT_CAPTURE_QUEUE: u64 = 64 << 20;
 /// How often the capture thread flushes files of sessions still running.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Sessions captured at the same time, across the process: each holds an open file and, on
+/// the splice relay, up to two capture pipes. A session beyond it is not captured (and
+/// counted), so that many connections to a captured service cannot exhaust fds or memory.
+pub const DEFAULT_MAX_CAPTURES: u64 = 256;
 /// Room kept under `max_total` for the marker that ends a stopped capture.
 pub const MARKER_RESERVE: u64 = 512;
 
@@ -96,11 +100,18 @@ pub enum StopReason {
     MaxTotal,
     /// A file could not be created or written.
     WriteError,
+    /// [`DEFAULT_MAX_CAPTURES`] sessions were being captured already: not captured at all.
+    TooMany,
 }
 
 impl StopReason {
-    pub const ALL: [StopReason; 4] =
-        [StopReason::QueueFull, StopReason::PipeFull, StopReason::MaxTotal, StopReason::WriteError];
+    pub const ALL: [StopReason; 5] = [
+        StopReason::QueueFull,
+        StopReason::PipeFull,
+        StopReason::MaxTotal,
+        StopReason::WriteError,
+        StopReason::TooMany,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -108,6 +119,7 @@ impl StopReason {
             StopReason::PipeFull => "pipe_full",
             StopReason::MaxTotal => "max_total",
             StopReason::WriteError => "write_error",
+            StopReason::TooMany => "too_many",
         }
     }
 }
@@ -127,6 +139,8 @@ pub struct CaptureStats {
     pub stopped: [AtomicU64; StopReason::ALL.len()],
     /// Bytes copied and not yet written (a gauge).
     pub queued: AtomicU64,
+    /// Sessions being captured now (a gauge).
+    pub active: AtomicU64,
 }
 
 impl CaptureStats {
@@ -270,8 +284,14 @@ impl Tap {
         if self.opened {
             return;
         }
-        self.opened = true;
         let stats = &self.policy.capturer.stats;
+        if stats.active.fetch_add(1, Ordering::Relaxed) >= DEFAULT_MAX_CAPTURES {
+            stats.active.fetch_sub(1, Ordering::Relaxed);
+            stats.count_stop(StopReason::TooMany);
+            self.halted = true;
+            return;
+        }
+        self.opened = true;
         stats.sessions.fetch_add(1, Ordering::Relaxed);
         self.send(Msg::Open {
             id: self.id,
@@ -362,6 +382,7 @@ impl Tap {
         }
         self.opened = false;
         self.pipes = [None, None];
+        self.policy.capturer.stats.active.fetch_sub(1, Ordering::Relaxed);
         self.send(Msg::Close { id: self.id, resets, at: SystemTime::now() });
     }
 
@@ -460,6 +481,25 @@ mod tests {
         }
         assert_eq!(kinds(&rx), (rounds, vec![StopReason::QueueFull]));
         assert_eq!(stats.queued.load(Ordering::Relaxed), DEFAULT_CAPTURE_QUEUE);
+    }
+
+    #[test]
+    fn sessions_beyond_the_limit_are_not_captured_and_counted() {
+        let (tap, rx, stats) = stalled_tap();
+        let mut taps = vec![tap];
+        for _ in 1..DEFAULT_MAX_CAPTURES + 2 {
+            let mut t = Tap::new(taps[0].policy.clone(), "svc".into());
+            t.open("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+            taps.push(t);
+        }
+        let opens = std::iter::from_fn(|| rx.try_recv().ok())
+            .filter(|m| matches!(m, Msg::Open { .. }))
+            .count() as u64;
+        assert_eq!(opens, DEFAULT_MAX_CAPTURES - 1, "the first one was opened before");
+        assert_eq!(stats.stopped(StopReason::TooMany), 2);
+        assert_eq!(stats.active.load(Ordering::Relaxed), DEFAULT_MAX_CAPTURES);
+        taps.clear();
+        assert_eq!(stats.active.load(Ordering::Relaxed), 0, "closing frees the places");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::session::{Direction, Side};
 use crate::sys::{self, Pipe};
 
 /// Buffer of each open capture file.
-const FILE_BUFFER: usize = 256 * 1024;
+const FILE_BUFFER: usize = 64 * 1024;
 /// Suffixes tried when a file name is taken.
 const NAME_ATTEMPTS: usize = 100;
 
