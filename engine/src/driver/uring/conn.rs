@@ -211,10 +211,6 @@ impl Conn {
                     }
                 }
             }
-            if let Some(tap) = self.admission.tap.as_mut() {
-                // The pipe held nothing before this fill: tee copies exactly its bytes.
-                tap.teed(dir, &pipe, lane.buffered);
-            }
             lane.pipe = Some(pipe);
             match outcome {
                 Ok(()) => {}
@@ -225,6 +221,11 @@ impl Conn {
                     }
                 }
                 Err(_) => return Pump::Reset(src_side),
+            }
+            if let (Some(tap), Some(pipe)) = (self.admission.tap.as_mut(), &lane.pipe) {
+                // The pipe held nothing before this fill: tee copies exactly its bytes,
+                // before they are spliced on.
+                tap.teed(dir, pipe, lane.buffered);
             }
         }
         Pump::Budget
