@@ -236,6 +236,15 @@ fn announce(config: &Config, engine: &Engine) {
         log::info!("service {} listen={}", s.name, listen.join(","));
         log::info!("service {} backends={}", s.name, backends.join(","));
     }
+    for c in &config.captures {
+        log::info!(
+            "capture dir={} max_file={} max_total={} snaplen={}",
+            c.dir.display(),
+            c.max_file,
+            c.max_total,
+            c.snaplen
+        );
+    }
 }
 
 /// Opens the configured sinks, or the process log when none is configured.

@@ -12,7 +12,7 @@ use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +27,28 @@ use crate::sys::{self, Pipe};
 const FILE_BUFFER: usize = 64 * 1024;
 /// Suffixes tried when a file name is taken.
 const NAME_ATTEMPTS: usize = 100;
+/// At most one warning per this many seconds about captures stopped at `max_total` or by a
+/// write error.
+const WARN_EVERY_SECS: u64 = 10;
+
+/// Unix second of the last warning about a stopped capture.
+static LAST_WARNING: AtomicU64 = AtomicU64::new(0);
+
+/// Warns that captures stop for `reason`, at most once per [`WARN_EVERY_SECS`].
+fn warn_stopped(reason: StopReason, dir: &std::path::Path) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let last = LAST_WARNING.load(Ordering::Relaxed);
+    if now < last + WARN_EVERY_SECS
+        || LAST_WARNING.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
+    {
+        return;
+    }
+    log::warn!(
+        "capture into {} stopped ({}): sessions go on uncaptured; see sluice_capture_stopped_total",
+        dir.display(),
+        reason.as_str()
+    );
+}
 
 /// One captured session on the capture thread.
 struct Capture {
@@ -255,6 +277,9 @@ impl Capture {
         self.halted = true;
         self.stopped.store(true, Ordering::Relaxed);
         stats.count_stop(reason);
+        if matches!(reason, StopReason::MaxTotal | StopReason::WriteError) {
+            warn_stopped(reason, &self.policy.spec.dir);
+        }
         if self.file.is_some() {
             let text = format!(
                 "sluice: capture stopped ({}); the session went on uncaptured",
