@@ -43,6 +43,9 @@ pub const DEFAULT_CAPTURE_PIPE: usize = 1 << 20;
 /// Bytes copied for capture (copy relays) that may wait for the capture thread, across the
 /// process; a copy beyond it stops capture for its session.
 pub const DEFAULT_CAPTURE_QUEUE: u64 = 64 << 20;
+/// What one copy message counts against [`DEFAULT_CAPTURE_QUEUE`] besides its bytes, so that
+/// a peer sending many tiny chunks cannot queue unbounded message overhead.
+pub const MESSAGE_COST: u64 = 128;
 /// How often the capture thread flushes files of sessions still running.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// Sessions captured at the same time, across the process: each holds an open file and, on
@@ -322,9 +325,9 @@ impl Tap {
             return;
         }
         let stats = &self.policy.capturer.stats;
-        let len = bytes.len() as u64;
-        if stats.queued.fetch_add(len, Ordering::Relaxed) + len > DEFAULT_CAPTURE_QUEUE {
-            stats.queued.fetch_sub(len, Ordering::Relaxed);
+        let cost = bytes.len() as u64 + MESSAGE_COST;
+        if stats.queued.fetch_add(cost, Ordering::Relaxed) + cost > DEFAULT_CAPTURE_QUEUE {
+            stats.queued.fetch_sub(cost, Ordering::Relaxed);
             return self.stop(StopReason::QueueFull);
         }
         let msg = Msg::Data { id: self.id, dir, bytes: bytes.to_vec(), at: SystemTime::now() };
@@ -474,13 +477,23 @@ mod tests {
     #[test]
     fn copies_beyond_the_budget_stop_capture() {
         let (mut tap, rx, stats) = stalled_tap();
-        let chunk = vec![1u8; 1 << 20];
+        let chunk = vec![1u8; (1 << 20) - MESSAGE_COST as usize];
         let rounds = (DEFAULT_CAPTURE_QUEUE >> 20) as usize;
         for _ in 0..rounds + 3 {
             tap.copied(Direction::Down, &chunk);
         }
         assert_eq!(kinds(&rx), (rounds, vec![StopReason::QueueFull]));
         assert_eq!(stats.queued.load(Ordering::Relaxed), DEFAULT_CAPTURE_QUEUE);
+    }
+
+    #[test]
+    fn tiny_copies_count_their_overhead_against_the_budget() {
+        let (mut tap, rx, _) = stalled_tap();
+        let most = DEFAULT_CAPTURE_QUEUE / (1 + MESSAGE_COST);
+        for _ in 0..most + 1 {
+            tap.copied(Direction::Up, b"x");
+        }
+        assert_eq!(kinds(&rx), (most as usize, vec![StopReason::QueueFull]));
     }
 
     #[test]

@@ -19,7 +19,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::pcap::{pcapng, Frame, TcpSynth};
-use super::{CapturePolicy, CaptureStats, Msg, StopReason, FLUSH_INTERVAL, MARKER_RESERVE};
+use super::{
+    CapturePolicy, CaptureStats, Msg, StopReason, FLUSH_INTERVAL, MARKER_RESERVE, MESSAGE_COST,
+};
 use crate::session::{Direction, Side};
 use crate::sys::{self, Pipe};
 
@@ -98,7 +100,8 @@ impl Writer {
                 self.open(id, policy, &service, client, backend, at, stopped)
             }
             Msg::Data { id, dir, bytes, at } => {
-                self.stats.queued.fetch_sub(bytes.len() as u64, Ordering::Relaxed);
+                let cost = bytes.len() as u64 + MESSAGE_COST;
+                self.stats.queued.fetch_sub(cost, Ordering::Relaxed);
                 self.data(id, dir, &bytes, at);
             }
             Msg::Teed { id, dir, pipe, len, at } => {
