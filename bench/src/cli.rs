@@ -40,6 +40,45 @@ pub enum Command {
     /// UDP request/response (datagrams/s and latency), direct and through sluice (or
     /// `--target`), interleaved over rounds in the same run.
     Udp(UdpArgs),
+    /// What capture costs: throughput through sluice without capture, through an
+    /// uncaptured service of a sluice that captures another, and through a captured one.
+    Capture(CaptureArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    /// The sluice binary (default: `sluice` next to this program).
+    #[arg(long, value_name = "PATH", default_value_os_t = crate::capture::default_sluice_bin())]
+    pub sluice_bin: PathBuf,
+    /// `engine.driver`: uring or epoll.
+    #[arg(long, default_value = "uring")]
+    pub driver: String,
+    /// `engine.relay` on the uring driver: copy or splice.
+    #[arg(long, default_value = "copy")]
+    pub relay: String,
+    /// `engine.workers` of each sluice.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Number of parallel streams per measurement.
+    #[arg(long, default_value_t = 1)]
+    pub streams: usize,
+    /// Which way the bytes flow.
+    #[arg(long, value_enum, default_value = "upload")]
+    pub direction: Direction,
+    /// Rounds; each measures the three routes, in a rotating order.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// `max_total` of the capture.
+    #[arg(long, default_value = "2 GB")]
+    pub max_total: String,
+    /// Keep the capture files (printed where).
+    #[arg(long)]
+    pub keep: bool,
+    /// Also print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub timing: TimingArgs,
 }
 
 /// Where the load goes.

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod capture;
 mod cli;
 mod compare;
 mod error;
@@ -105,6 +106,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Compare(args) => compare::run(&args),
         Command::Udp(args) => run_udp(&args),
+        Command::Capture(args) => capture::run(&args),
     }
 }
 

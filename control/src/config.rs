@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sluice_engine::acl::{self, Action, ListenerMatch, NamePattern, Rule, RuleSet, TimeWindow};
 use sluice_engine::balance::{self, Algorithm, Backend, Ejection, HealthCheck, Pool};
+use sluice_engine::capture::{CapturePolicy, CaptureSpec, CaptureStats, Capturer};
 use sluice_engine::events::{BackendState, RecordKind, RecordPolicy, ServiceCounters, Verdict};
 use sluice_engine::proxy;
 use sluice_engine::session::CloseReason;
@@ -60,6 +61,13 @@ pub const MAX_FLOWS: i64 = 1 << 20;
 /// Smallest and largest `engine.udp_max_datagram` accepted, in bytes.
 pub const MIN_UDP_DATAGRAM: u64 = 512;
 pub const MAX_UDP_DATAGRAM: u64 = 65535;
+/// Smallest `max_file` and `max_total` of a capture.
+pub const MIN_CAPTURE_SIZE: u64 = 4096;
+/// Accepted range of a capture's `snaplen` (bytes of each frame kept).
+pub const MIN_SNAPLEN: i64 = 64;
+pub const MAX_SNAPLEN: i64 = 262_144;
+/// How long a stop waits for the capture thread to finish its files.
+pub const CAPTURE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One configuration error, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +200,17 @@ struct RuleSection {
     bandwidth: Option<Spanned<BandwidthSection>>,
     bandwidth_up: Option<Spanned<BandwidthSection>>,
     bandwidth_down: Option<Spanned<BandwidthSection>>,
+    capture: Option<Spanned<CaptureSection>>,
+}
+
+/// `capture = { dir = "...", max_file = "100 MB", max_total = "10 GB", snaplen = 65535 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaptureSection {
+    dir: Spanned<String>,
+    max_file: Option<Spanned<Size>>,
+    max_total: Option<Spanned<Size>>,
+    snaplen: Option<Spanned<i64>>,
 }
 
 /// A port range written as a number (`22`) or text (`"1024-65535"`).
@@ -285,6 +304,7 @@ struct ServiceSection {
     bandwidth_up: Option<Spanned<BandwidthSection>>,
     bandwidth_down: Option<Spanned<BandwidthSection>>,
     limits: Option<LimitsSection>,
+    capture: Option<Spanned<CaptureSection>>,
     #[serde(default, rename = "rule")]
     rules: Vec<RuleSection>,
 }
@@ -331,6 +351,8 @@ pub struct ServiceSpec {
     /// The service's own bandwidth block (empty: none).
     pub bandwidth: BandwidthSpec,
     pub limits: LimitSpec,
+    /// Capture of sessions no rule captures, by index into [`Config::captures`].
+    pub capture: Option<usize>,
 }
 
 /// A validated named pool.
@@ -410,6 +432,8 @@ pub struct Config {
     /// Named pools that rules can send sessions to.
     pub pools: Vec<PoolSpec>,
     pub services: Vec<ServiceSpec>,
+    /// Distinct capture configurations, as rules and services name them by index.
+    pub captures: Vec<CaptureSpec>,
 }
 
 impl Config {
@@ -443,7 +467,7 @@ impl Config {
             let message = e.message().trim().to_string();
             ConfigErrors(vec![locate(file, text, span, None, message)])
         })?;
-        let mut v = Validator { file, text, errors: Vec::new() };
+        let mut v = Validator { file, text, errors: Vec::new(), captures: Vec::new() };
         let config = v.config(raw);
         if v.errors.is_empty() {
             Ok(config)
@@ -474,6 +498,7 @@ impl Config {
                 service.bandwidth = registry.bandwidth(&s.name, "", s.bandwidth);
                 service.protocol = s.protocol;
                 service.udp_idle_timeout = s.udp_idle_timeout;
+                service.capture = s.capture;
                 service
             })
             .collect();
@@ -486,7 +511,11 @@ impl Config {
             })
             .collect();
         let firewall = registry.rules(FIREWALL_SCOPE, &self.firewall, &self.firewall_bandwidth);
-        Tables::new(version, services).with_records(self.records).with_firewall(firewall, pools)
+        let captures = registry.captures(&self.captures);
+        Tables::new(version, services)
+            .with_records(self.records)
+            .with_firewall(firewall, pools)
+            .with_captures(captures)
     }
 }
 
@@ -503,6 +532,11 @@ pub struct Registry {
     /// Bandwidth blocks (their shared buckets) per (scope, rule name; "" for the service's
     /// own), kept while their rates stay the same.
     bandwidth: HashMap<(String, String), Arc<Bandwidth>>,
+    /// Capture counters of the process, and its capture thread once a capture is configured.
+    capture_stats: Arc<CaptureStats>,
+    capturer: Option<Capturer>,
+    /// Bytes held by the capture files of each directory, so `max_total` spans reloads.
+    capture_used: HashMap<PathBuf, Arc<AtomicU64>>,
 }
 
 impl Registry {
@@ -546,6 +580,47 @@ impl Registry {
         Some(entry.clone())
     }
 
+    /// Capture policies for `specs`; the capture thread starts with the first one. Without
+    /// a capture thread (it could not start) sessions are relayed uncaptured.
+    fn captures(&mut self, specs: &[CaptureSpec]) -> Vec<Arc<CapturePolicy>> {
+        if specs.is_empty() {
+            return Vec::new();
+        }
+        if self.capturer.is_none() {
+            match Capturer::start(self.capture_stats.clone()) {
+                Ok(c) => self.capturer = Some(c),
+                Err(e) => {
+                    log::error!("cannot start the capture thread: {e}; capture is off");
+                    return Vec::new();
+                }
+            }
+        }
+        let Some(capturer) = &self.capturer else { return Vec::new() };
+        specs
+            .iter()
+            .map(|spec| {
+                let used = self
+                    .capture_used
+                    .entry(spec.dir.clone())
+                    .or_insert_with(|| Arc::new(AtomicU64::new(captured_bytes(&spec.dir))))
+                    .clone();
+                Arc::new(CapturePolicy::new(spec.clone(), used, capturer.clone()))
+            })
+            .collect()
+    }
+
+    /// Capture counters (zero while nothing is captured).
+    pub fn capture_stats(&self) -> Arc<CaptureStats> {
+        self.capture_stats.clone()
+    }
+
+    /// Finishes every capture file; call once the workers have stopped.
+    pub fn stop_capture(&self) {
+        if let Some(c) = &self.capturer {
+            c.stop(CAPTURE_STOP_TIMEOUT);
+        }
+    }
+
     fn service(&mut self, name: &str) -> Arc<ServiceCounters> {
         self.services.entry(name.to_string()).or_default().clone()
     }
@@ -558,6 +633,7 @@ impl Registry {
     /// Forgets services and backends the configuration no longer has (call once its tables
     /// are in force).
     pub fn retain(&mut self, config: &Config) {
+        self.capture_used.retain(|dir, _| config.captures.iter().any(|c| &c.dir == dir));
         let names: HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
         self.services.retain(|name, _| names.contains(name.as_str()));
         self.limits.retain(|name, _| names.contains(name.as_str()));
@@ -583,6 +659,8 @@ struct Validator<'a> {
     file: &'a str,
     text: &'a str,
     errors: Vec<ConfigError>,
+    /// Distinct capture configurations seen so far.
+    captures: Vec<CaptureSpec>,
 }
 
 impl Validator<'_> {
@@ -642,6 +720,67 @@ impl Validator<'_> {
             firewall_bandwidth,
             pools,
             services,
+            captures: std::mem::take(&mut self.captures),
+        }
+    }
+
+    /// A capture configuration, by index among the distinct ones (equal ones share one).
+    fn capture(&mut self, raw: &Spanned<CaptureSection>, key: &str) -> Option<usize> {
+        let before = self.errors.len();
+        let c = raw.get_ref();
+        let dir = c.dir.get_ref().trim();
+        if dir.is_empty() {
+            self.error(c.dir.span(), &format!("{key}.dir"), "must name a directory");
+        }
+        let mut spec = CaptureSpec::new(PathBuf::from(dir));
+        if let Some(n) = self.capture_size(&c.max_file, &format!("{key}.max_file")) {
+            spec.max_file = n;
+        }
+        if let Some(n) = self.capture_size(&c.max_total, &format!("{key}.max_total")) {
+            spec.max_total = n;
+        }
+        if let Some(s) = &c.snaplen {
+            match *s.get_ref() {
+                n @ MIN_SNAPLEN..=MAX_SNAPLEN => spec.snaplen = n as u32,
+                _ => {
+                    let message = format!("must be between {MIN_SNAPLEN} and {MAX_SNAPLEN} bytes");
+                    self.error(s.span(), &format!("{key}.snaplen"), message);
+                }
+            }
+        }
+        if spec.max_total < spec.max_file {
+            let span = c.max_total.as_ref().map_or(raw.span(), |t| t.span());
+            let message = format!(
+                "max_total ({} bytes) must be at least max_file ({} bytes)",
+                spec.max_total, spec.max_file
+            );
+            self.error(span, &format!("{key}.max_total"), message);
+        }
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(self.captures.iter().position(|c| *c == spec).unwrap_or_else(|| {
+            self.captures.push(spec);
+            self.captures.len() - 1
+        }))
+    }
+
+    fn capture_size(&mut self, value: &Option<Spanned<Size>>, key: &str) -> Option<u64> {
+        let value = value.as_ref()?;
+        let parsed = match value.get_ref() {
+            Size::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_string()),
+            Size::Text(t) => parse_size(t),
+        };
+        match parsed {
+            Ok(n) if n >= MIN_CAPTURE_SIZE => Some(n),
+            Ok(_) => {
+                self.error(value.span(), key, format!("must be at least {MIN_CAPTURE_SIZE} bytes"));
+                None
+            }
+            Err(message) => {
+                self.error(value.span(), key, message);
+                None
+            }
         }
     }
 
@@ -1166,6 +1305,12 @@ impl Validator<'_> {
         rule.not_to = self.list(&raw.not_to, &k("not_to"), ListenerMatch::parse);
         rule.sni = self.list(&raw.sni, &k("sni"), NamePattern::parse);
         rule.not_sni = self.list(&raw.not_sni, &k("not_sni"), NamePattern::parse);
+        if let Some(c) = &raw.capture {
+            if matches!(action, Action::Deny { .. }) {
+                self.error(c.span(), &k("capture"), "a deny rule relays nothing to capture");
+            }
+            rule.capture = self.capture(c, &k("capture"));
+        }
         if !raw.time.is_empty() || !raw.not_time.is_empty() {
             let zone = match &raw.timezone {
                 Some(z) => {
@@ -1343,6 +1488,7 @@ impl Validator<'_> {
                 Action::Allow { pool: None }
             }
         };
+        let capture = raw.capture.as_ref().and_then(|c| self.capture(c, &key("capture")));
         ServiceSpec {
             name,
             listen,
@@ -1357,6 +1503,7 @@ impl Validator<'_> {
             rule_bandwidth,
             bandwidth,
             limits,
+            capture,
         }
     }
 
@@ -1373,6 +1520,19 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// Bytes already held by capture files (`*.pcapng`) in `dir`: they count against
+/// `max_total` from the start.
+fn captured_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pcapng"))
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// Resolves a backend written as `ip:port`, `host:port`, or `admin` (the admin API's TCP
@@ -1659,6 +1819,51 @@ mod tests {
         assert_eq!(e[0].key, "service[0].backends");
         let e = errors(&format!("[admin]\nlisten = \"nowhere\"\n{MINIMAL}"));
         assert_eq!((e[0].line, e[0].key.as_str()), (2, "admin.listen"));
+    }
+
+    #[test]
+    fn captures_take_defaults_and_are_shared_by_equal_settings() {
+        let text = format!(
+            "[[firewall]]\naction = \"allow\"\nfrom = [\"10.0.0.0/8\"]\ncapture = {{ dir = \"/var/cap\", max_file = \"1 MB\", max_total = \"1 GB\", snaplen = 128 }}\n\n{MINIMAL}capture = {{ dir = \"/var/cap\" }}\n\n[[service.rule]]\naction = \"allow\"\ncapture = {{ dir = \"/var/cap\" }}\n"
+        );
+        let c = Config::parse("t.toml", &text).unwrap();
+        assert_eq!(c.captures.len(), 2, "equal settings share one capture");
+        assert_eq!(c.captures[0].max_file, 1_000_000);
+        assert_eq!(c.captures[0].max_total, 1_000_000_000);
+        assert_eq!(c.captures[0].snaplen, 128);
+        let d = &c.captures[1];
+        let defaults = (
+            sluice_engine::capture::DEFAULT_MAX_FILE,
+            sluice_engine::capture::DEFAULT_MAX_TOTAL,
+            sluice_engine::capture::DEFAULT_SNAPLEN,
+        );
+        assert_eq!((d.max_file, d.max_total, d.snaplen), defaults);
+        assert_eq!(c.firewall[0].capture, Some(0));
+        assert_eq!(c.services[0].capture, Some(1));
+        assert_eq!(c.services[0].rules[0].capture, Some(1));
+    }
+
+    #[test]
+    fn every_bad_capture_value_is_reported_with_line_and_key() {
+        let text = format!(
+            "[[firewall]]\naction = \"deny\"\ncapture = {{ dir = \"/c\" }}\n\n{MINIMAL}capture = {{ dir = \"\", max_file = \"2 MB\", max_total = \"1 MB\", snaplen = 10 }}\n\n[[service.rule]]\naction = \"allow\"\ncapture = {{ dir = \"/c\", max_file = \"12 parsecs\" }}\n"
+        );
+        let e = errors(&text);
+        let found: Vec<(usize, &str)> = e.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert!(found.contains(&(3, "firewall[0].capture")), "{e:?}");
+        for key in ["dir", "snaplen", "max_total"] {
+            let key = format!("service[0].capture.{key}");
+            assert!(found.contains(&(9, key.as_str())), "{key}: {e:?}");
+        }
+        assert!(found.contains(&(13, "service[0].rule[0].capture.max_file")), "{e:?}");
+        let e =
+            errors(&format!("{MINIMAL}capture = {{ dir = \"/c\", max_file = \"12 parsecs\" }}\n"));
+        assert_eq!((e[0].line, e[0].key.as_str()), (5, "service[0].capture.max_file"));
+        let e = errors(&format!("{MINIMAL}capture = {{ dir = \"/c\", size = 1 }}\n"));
+        assert_eq!(e[0].line, 5);
+        assert!(e[0].message.contains("size"), "{:?}", e[0]);
+        let e = errors(&format!("{MINIMAL}capture = {{ dir = \"/c\", max_total = 100 }}\n"));
+        assert_eq!(e[0].key, "service[0].capture.max_total");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use serde_json::{json, Value};
 use sluice_engine::acl::Action;
 use sluice_engine::balance::Backend;
+use sluice_engine::capture::{CaptureStats, StopReason};
 use sluice_engine::events::{BackendState, EventSink, ServiceCounters, UdpCounters, WorkerStats};
 use sluice_engine::tables::{Protocol, Rules, Tables};
 use sluice_engine::worker::LiveSession;
@@ -35,6 +36,8 @@ pub struct Shared {
     pub sinks: ArcSwap<Vec<Arc<SinkCounters>>>,
     /// The flow-table bound of each worker's UDP loop.
     pub max_flows: usize,
+    /// Capture counters of the process.
+    pub capture: Arc<CaptureStats>,
 }
 
 fn get(c: &AtomicU64) -> u64 {
@@ -128,6 +131,7 @@ pub fn stats(shared: &Shared) -> Value {
             "written": get(&s.written),
             "dropped": get(&s.dropped),
         })).collect::<Vec<_>>(),
+        "capture": capture_json(&shared.capture),
         "firewall": rules_json(&tables.firewall),
         "pools": tables.pools.iter().map(|p| json!({
             "name": &*p.name,
@@ -267,6 +271,49 @@ fn udp_metrics(f: &mut Family<'_>, tables: &Tables, shared: &Shared) {
         "Flow-table bound of each worker (engine.max_flows).",
     );
     f.sample("sluice_udp_max_flows", &[], shared.max_flows);
+}
+
+fn capture_json(c: &CaptureStats) -> Value {
+    let stopped: serde_json::Map<String, Value> =
+        StopReason::ALL.iter().map(|&r| (r.as_str().to_string(), json!(c.stopped(r)))).collect();
+    json!({
+        "sessions": get(&c.sessions),
+        "payload_bytes": get(&c.payload_bytes),
+        "bytes": get(&c.bytes),
+        "packets": get(&c.packets),
+        "files": get(&c.files),
+        "queued_bytes": get(&c.queued),
+        "active": get(&c.active),
+        "stopped": stopped,
+    })
+}
+
+fn capture_metrics(f: &mut Family<'_>, c: &CaptureStats) {
+    for (name, help, value) in [
+        ("sluice_capture_sessions_total", "Sessions whose capture began.", get(&c.sessions)),
+        (
+            "sluice_capture_payload_bytes_total",
+            "Payload bytes written into capture files.",
+            get(&c.payload_bytes),
+        ),
+        ("sluice_capture_bytes_total", "Bytes written into capture files.", get(&c.bytes)),
+        ("sluice_capture_packets_total", "Packets written into capture files.", get(&c.packets)),
+        ("sluice_capture_files_total", "Capture files created.", get(&c.files)),
+    ] {
+        f.header(name, "counter", help);
+        f.sample(name, &[], value);
+    }
+    let name = "sluice_capture_stopped_total";
+    f.header(name, "counter", "Captures stopped early (the session went on), by reason.");
+    for r in StopReason::ALL {
+        f.sample(name, &[("reason", r.as_str())], c.stopped(r));
+    }
+    let name = "sluice_capture_queued_bytes";
+    f.header(name, "gauge", "Bytes copied for capture, not yet written.");
+    f.sample(name, &[], get(&c.queued));
+    let name = "sluice_capture_sessions_active";
+    f.header(name, "gauge", "Sessions being captured now.");
+    f.sample(name, &[], get(&c.active));
 }
 
 fn action_name(action: &Action) -> &'static str {
@@ -503,6 +550,7 @@ pub fn prometheus(shared: &Shared) -> String {
     for s in sinks.iter() {
         f.sample("sluice_log_dropped_total", &[("sink", &s.name)], get(&s.dropped));
     }
+    capture_metrics(&mut f, &shared.capture);
     f.header("sluice_tables_version", "gauge", "Version of the tables in force.");
     f.sample("sluice_tables_version", &[], tables.version);
     out

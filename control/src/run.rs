@@ -80,6 +80,7 @@ pub fn run(path: Option<PathBuf>, mut config: Config) -> Result<(), RunError> {
         events: sink.clone(),
         sinks: ArcSwap::from_pointee(sink_counters),
         max_flows: config.engine.max_flows,
+        capture: registry.capture_stats(),
     });
     let (requests_tx, requests) = crossbeam_channel::bounded(16);
     let admin = match &config.admin {
@@ -104,12 +105,13 @@ pub fn run(path: Option<PathBuf>, mut config: Config) -> Result<(), RunError> {
     if let Some(admin) = admin {
         admin.stop();
     }
-    let Control { engine, shared, log, .. } = control;
+    let Control { engine, shared, log, registry, .. } = control;
     drop(log);
     let dropped = sink.dropped();
     drop(sink);
     drop(shared);
     let result = engine.join();
+    registry.stop_capture();
     let _ = logger.join();
     if dropped > 0 {
         log::warn!("{dropped} session records were dropped because the log queue was full");
@@ -283,6 +285,15 @@ fn announce(config: &Config, engine: &Engine) {
             None => format!("backends={}", backend_list(&p.backends)),
         };
         log::info!("pool {} algorithm={} {source}", p.name, p.algorithm.as_str());
+    }
+    for c in &config.captures {
+        log::info!(
+            "capture dir={} max_file={} max_total={} snaplen={}",
+            c.dir.display(),
+            c.max_file,
+            c.max_total,
+            c.snaplen
+        );
     }
 }
 

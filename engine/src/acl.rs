@@ -62,6 +62,8 @@ pub struct Rule {
     /// TLS server names, read from the ClientHello.
     pub sni: Vec<NamePattern>,
     pub not_sni: Vec<NamePattern>,
+    /// Capture of the sessions this rule allows: an index into the tables' captures.
+    pub capture: Option<usize>,
 }
 
 impl Rule {
@@ -80,6 +82,7 @@ impl Rule {
             not_time: Vec::new(),
             sni: Vec::new(),
             not_sni: Vec::new(),
+            capture: None,
         }
     }
 

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 
 pub mod acl;
 pub mod balance;
+pub mod capture;
 pub mod driver;
 pub mod events;
 pub mod limits;

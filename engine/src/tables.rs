@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::acl::{Action, Query, RuleSet};
 use crate::balance::Pool;
+use crate::capture::CapturePolicy;
 use crate::events::{RecordPolicy, ServiceCounters};
 use crate::limits::{LimitSpec, LimitState};
 use crate::shape::Bandwidth;
@@ -108,6 +109,7 @@ impl Rules {
             action: rule.action,
             rule: Some(rule.name.clone()),
             bandwidth: self.bandwidth.get(i).cloned().flatten(),
+            capture: rule.capture,
         }
     }
 
@@ -129,6 +131,9 @@ pub struct Decision {
     pub rule: Option<Arc<str>>,
     /// The deciding rule's bandwidth block, if it has one.
     pub bandwidth: Option<Arc<Bandwidth>>,
+    /// The capture of an allowed session (the rule's, else the service's), by index into
+    /// [`Tables::captures`].
+    pub capture: Option<usize>,
 }
 
 /// A named pool of backends that firewall rules can send sessions to.
@@ -168,6 +173,8 @@ pub struct Service {
     /// Clients must open with a PROXY protocol header, and may connect only from these
     /// networks (trusted load balancers); `None`: no header is expected.
     pub accept_proxy: Option<Vec<ipnet::IpNet>>,
+    /// Capture of sessions no rule captures: an index into [`Tables::captures`].
+    pub capture: Option<usize>,
 }
 
 impl Service {
@@ -188,6 +195,7 @@ impl Service {
             limit_state: Arc::default(),
             bandwidth: None,
             accept_proxy: None,
+            capture: None,
         }
     }
 }
@@ -207,6 +215,8 @@ pub struct Tables {
     pub firewall: Rules,
     /// Named pools, by index (as [`Action::Allow`] names them).
     pub pools: Vec<NamedPool>,
+    /// Capture configurations, by index (as rules and services name them).
+    pub captures: Vec<Arc<CapturePolicy>>,
 }
 
 impl Tables {
@@ -231,7 +241,14 @@ impl Tables {
             records: RecordPolicy::default(),
             firewall: Rules::default(),
             pools: Vec::new(),
+            captures: Vec::new(),
         }
+    }
+
+    /// The same tables with capture configurations.
+    pub fn with_captures(mut self, captures: Vec<Arc<CapturePolicy>>) -> Self {
+        self.captures = captures;
+        self
     }
 
     /// The same tables with a global firewall and named pools.
@@ -248,15 +265,19 @@ impl Tables {
 
     /// The firewall's decision: the global rules, then the service's, then its default.
     pub fn judge(&self, service: usize, q: &Query<'_>) -> Decision {
-        if let Some(i) = self.firewall.decide(q) {
-            return self.firewall.decision(i);
-        }
         let s = &self.services[service];
+        let decided = |rules: &Rules, i: usize| Decision {
+            capture: rules.set.rule(i).capture.or(s.capture),
+            ..rules.decision(i)
+        };
+        if let Some(i) = self.firewall.decide(q) {
+            return decided(&self.firewall, i);
+        }
         if let Some(i) = s.rules.decide(q) {
-            return s.rules.decision(i);
+            return decided(&s.rules, i);
         }
         s.default_hits.fetch_add(1, Ordering::Relaxed);
-        Decision { action: s.default, rule: None, bandwidth: None }
+        Decision { action: s.default, rule: None, bandwidth: None, capture: s.capture }
     }
 
     /// The pool a decision sends a new session or flow of `service` to: the rule's named

@@ -16,6 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::acl::{Action, Query};
 use crate::balance::{client_key, Backend, Pick, Pool};
+use crate::capture::Tap;
 use crate::driver::{self, DriverChoice, Selection};
 use crate::events::{EventSink, Record, RecordKind, Verdict, WorkerStats};
 use crate::limits::Ticket;
@@ -190,6 +191,9 @@ pub struct Admission {
     pub ticket: Option<Ticket>,
     /// Bandwidth and byte cap; `None` when neither applies (the common case: one branch).
     pub shaper: Option<Box<Shaper>>,
+    /// This session's capture, when its rule or service asks for one; drivers report to
+    /// it once per direction as bytes move (one branch for sessions not captured).
+    pub tap: Option<Tap>,
 }
 
 /// Why a direction may not read now.
@@ -231,6 +235,7 @@ impl Admission {
             refusal: None,
             ticket: None,
             shaper: None,
+            tap: None,
         })
     }
 
@@ -262,6 +267,9 @@ impl Admission {
             }
         }
         self.shaper = self.shaper_at(at);
+        let policy = self.decision.as_ref().and_then(|d| d.capture);
+        let policy = policy.and_then(|i| self.tables.captures.get(i));
+        self.tap = policy.map(|p| Tap::new(p.clone(), self.service().name.clone()));
         self.pool_start = self.pool().start();
         Ok(())
     }
@@ -317,7 +325,6 @@ impl Admission {
         }
     }
 
-    /// Whether a refused session's client must see a reset rather than a clean close.
     /// The trusted sources of PROXY headers when this session's listener expects one.
     pub fn accept_proxy(&self) -> Option<&[ipnet::IpNet]> {
         self.service().accept_proxy.as_deref()
@@ -330,6 +337,7 @@ impl Admission {
         Some(crate::proxy::encode(version, self.client, self.destination))
     }
 
+    /// Whether a refused session's client must see a reset rather than a clean close.
     pub fn deny_resets(&self) -> bool {
         match self.refusal {
             Some(CloseReason::Limit) => self.service().limits.reset,
@@ -383,8 +391,11 @@ impl Admission {
         }
     }
 
-    /// The backend accepted the connection after `latency`.
-    pub fn connected(&self, latency: Duration) {
+    /// The backend accepted the connection after `latency`; a capture begins.
+    pub fn connected(&mut self, latency: Duration) {
+        if let (Some(tap), Some(b)) = (self.tap.as_mut(), &self.backend) {
+            tap.open(self.client, b.addr);
+        }
         self.service().counters.connect_latency.observe(latency);
         if let Some(b) = &self.backend {
             b.state.connect_succeeded();
@@ -446,14 +457,18 @@ impl Admission {
         }
     }
 
-    /// Accounts for the end of the session and returns its close record.
+    /// Accounts for the end of the session (and of its capture) and returns its close
+    /// record.
     pub fn finish(
-        &self,
+        &mut self,
         worker: usize,
         session: &Session,
         reason: CloseReason,
         now: Instant,
     ) -> Record {
+        if let Some(tap) = self.tap.take() {
+            tap.close(reason);
+        }
         let counters = &self.service().counters;
         counters.active.fetch_sub(1, Ordering::Relaxed);
         WorkerStats::add(&counters.bytes_up, session.up.bytes);

@@ -18,6 +18,7 @@
 
 mod admin;
 mod backend;
+pub mod capture;
 mod client;
 mod dns;
 mod payload;

@@ -13,7 +13,7 @@ pub mod pipe;
 pub mod socket;
 pub mod udp;
 
-pub use pipe::{splice, Pipe};
+pub use pipe::{splice, tee, write_all_to_pipe, Pipe};
 pub use socket::{
     bind_reuseport, peer_addr, set_linger_zero, set_nodelay, shutdown_write, take_socket_error,
     tcp_socket_for,

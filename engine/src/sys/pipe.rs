@@ -60,6 +60,31 @@ pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         .map(|n| n as usize)
 }
 
+/// Duplicates up to `len` bytes at the head of pipe `from` into pipe `to` without consuming
+/// them (tee(2)): the bytes stay in `from` for the relay and are read from `to` by capture.
+/// Non-blocking: `WouldBlock` when `to` is full or `from` empty; fewer bytes than asked when
+/// `to` has less room.
+pub fn tee(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // Both fds are pipes owned by the caller for the duration of the call; tee touches no
+    // user memory.
+    syscall!(tee(from, to, len, libc::SPLICE_F_NONBLOCK)).map(|n| n as usize)
+}
+
+/// Writes as much of `data` into a pipe as it takes now (non-blocking); returns how much.
+pub fn write_all_to_pipe(pipe: &Pipe, data: &[u8]) -> usize {
+    let mut done = 0;
+    while done < data.len() {
+        let rest = &data[done..];
+        // The pipe is borrowed for the call; `rest` is a live slice.
+        match syscall!(write(pipe.write_fd(), rest.as_ptr().cast(), rest.len())) {
+            Ok(n) => done += n as usize,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    done
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +98,24 @@ mod tests {
         let n = syscall!(write(pipe.write_fd(), data.as_ptr().cast(), data.len())).unwrap();
         assert_eq!(n, 100);
         assert_eq!(pipe.buffered().unwrap(), 100);
+    }
+
+    #[test]
+    fn tee_copies_without_consuming_and_stops_at_a_full_pipe() {
+        let relay = Pipe::new(1 << 16).unwrap();
+        let capture = Pipe::new(4096).unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let n = syscall!(write(relay.write_fd(), data.as_ptr().cast(), data.len())).unwrap();
+        assert_eq!(n as usize, data.len());
+        let teed = tee(relay.read_fd(), capture.write_fd(), data.len()).unwrap();
+        assert!(teed > 0 && teed < data.len(), "a 4 KiB pipe takes part of 10,000 bytes");
+        assert_eq!(relay.buffered().unwrap(), data.len(), "tee consumed nothing");
+        let mut out = vec![0u8; teed];
+        let r = syscall!(read(capture.read_fd(), out.as_mut_ptr().cast(), teed)).unwrap();
+        assert_eq!(&out[..r as usize], &data[..r as usize]);
+        let full = Pipe::new(4096).unwrap();
+        let _ = tee(relay.read_fd(), full.write_fd(), data.len()).unwrap();
+        let again = tee(relay.read_fd(), full.write_fd(), data.len());
+        assert_eq!(again.unwrap_err().kind(), io::ErrorKind::WouldBlock);
     }
 }

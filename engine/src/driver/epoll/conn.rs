@@ -79,6 +79,9 @@ impl Conn {
             while !buf.pending().is_empty() {
                 match dst.write(buf.pending()) {
                     Ok(n) if n > 0 => {
+                        if let Some(tap) = self.admission.tap.as_mut() {
+                            tap.copied(dir, &buf.pending()[..n]);
+                        }
                         buf.consume(n);
                         self.session.moved(dir, n, now);
                     }
@@ -96,6 +99,9 @@ impl Conn {
                         return Pump::Reset(dst_side);
                     }
                     self.session.shut(dir, now);
+                    if let Some(tap) = self.admission.tap.as_mut() {
+                        tap.fin(dir);
+                    }
                 }
                 return Pump::Done;
             }

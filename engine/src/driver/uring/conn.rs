@@ -143,6 +143,9 @@ impl Conn {
                 return Some(Pump::Reset(dir.source().other()));
             }
             self.session.shut(dir, now);
+            if let Some(tap) = self.admission.tap.as_mut() {
+                tap.fin(dir);
+            }
         }
         Some(Pump::Done)
     }
@@ -234,6 +237,11 @@ impl Conn {
                 }
                 Err(_) => return Pump::Reset(src_side),
             }
+            if let (Some(tap), Some(pipe)) = (self.admission.tap.as_mut(), &lane.pipe) {
+                // The pipe held nothing before this fill: tee copies exactly its bytes,
+                // before they are spliced on.
+                tap.teed(dir, pipe, lane.buffered);
+            }
         }
         Pump::Budget
     }
@@ -252,6 +260,9 @@ impl Conn {
             while !lane.buffer.pending().is_empty() {
                 match sys::send(dst, lane.buffer.pending()) {
                     Ok(n) if n > 0 => {
+                        if let Some(tap) = self.admission.tap.as_mut() {
+                            tap.copied(dir, &lane.buffer.pending()[..n]);
+                        }
                         lane.buffer.consume(n);
                         self.session.moved(dir, n, now);
                     }
