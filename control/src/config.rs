@@ -49,6 +49,8 @@ pub const MIN_PIPE_SIZE: u64 = 4096;
 pub const MAX_PIPE_SIZE: u64 = 64 << 20;
 /// Most workers accepted.
 pub const MAX_WORKERS: i64 = 1024;
+/// Largest session cap accepted (engine or service).
+pub const MAX_SESSIONS_CAP: u64 = 1 << 32;
 
 /// One configuration error, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +192,7 @@ struct EngineSection {
     buffer_size: Option<Spanned<Size>>,
     relay: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
+    max_sessions: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,6 +220,7 @@ struct ServiceSection {
     fin_timeout: Option<Spanned<String>>,
     sni_timeout: Option<Spanned<String>>,
     default: Option<Spanned<String>>,
+    max_sessions: Option<Spanned<i64>>,
     #[serde(default, rename = "rule")]
     rules: Vec<RuleSection>,
 }
@@ -232,6 +236,8 @@ pub struct ServiceSpec {
     pub rules: Vec<Rule>,
     /// The action when no rule matches.
     pub default: Action,
+    /// Most sessions at once; `None`: no cap of its own.
+    pub max_sessions: Option<u64>,
 }
 
 /// A validated named pool.
@@ -318,6 +324,7 @@ impl Config {
                 service.default = s.default;
                 service.default_hits = registry.hits(&s.name, DEFAULT_RULE);
                 service.counters = registry.service(&s.name);
+                service.max_sessions = s.max_sessions;
                 service
             })
             .collect();
@@ -635,7 +642,23 @@ impl Validator<'_> {
         if let Some(size) = self.size(&raw.buffer_size, "engine.buffer_size") {
             engine.buffer_size = size;
         }
+        engine.max_sessions = self.max_sessions(&raw.max_sessions, "engine.max_sessions");
         engine
+    }
+
+    /// A session cap: a positive number of sessions; absent means no cap.
+    fn max_sessions(&mut self, value: &Option<Spanned<i64>>, key: &str) -> Option<u64> {
+        let value = value.as_ref()?;
+        match u64::try_from(*value.get_ref()) {
+            Ok(n) if (1..=MAX_SESSIONS_CAP).contains(&n) => Some(n),
+            _ => {
+                let message = format!(
+                    "expected a number of sessions from 1 to {MAX_SESSIONS_CAP}; leave it out for no cap"
+                );
+                self.error(value.span(), key, message);
+                None
+            }
+        }
     }
 
     /// A pipe or buffer size within the accepted range.
@@ -880,7 +903,8 @@ impl Validator<'_> {
                 Action::Allow { pool: None }
             }
         };
-        ServiceSpec { name, listen, backends, timeouts, rules, default }
+        let max_sessions = self.max_sessions(&raw.max_sessions, &key("max_sessions"));
+        ServiceSpec { name, listen, backends, timeouts, rules, default, max_sessions }
     }
 
     fn duration(&mut self, value: &Spanned<String>, key: &str) -> Option<Duration> {

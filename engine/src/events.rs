@@ -24,6 +24,12 @@ pub struct WorkerStats {
     pub bytes_down: AtomicU64,
     pub accept_errors: AtomicU64,
     pub connect_errors: AtomicU64,
+    /// Times a listener paused accepting because the process ran out of fds or memory.
+    pub accept_backoffs: AtomicU64,
+    /// Times a listener paused accepting because a session cap was reached.
+    pub accept_paused_full: AtomicU64,
+    /// Sessions closed because no socket for the backend could be created (`no_socket`).
+    pub backend_socket_errors: AtomicU64,
 }
 
 impl WorkerStats {

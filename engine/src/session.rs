@@ -74,13 +74,16 @@ pub enum CloseReason {
     /// The firewall refused the connection.
     Denied,
     Shutdown,
-    /// A local resource ran out (fds, memory) while setting the session up.
+    /// A local resource ran out (fds, memory) while relaying.
     LocalError,
+    /// No socket for the backend could be created (the process is out of fds or memory):
+    /// the client is closed gracefully, nothing was relayed.
+    NoSocket,
 }
 
 impl CloseReason {
     /// Every reason, for validating filters.
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::ClientFin,
         CloseReason::BackendFin,
         CloseReason::ClientRst,
@@ -93,6 +96,7 @@ impl CloseReason {
         CloseReason::Denied,
         CloseReason::Shutdown,
         CloseReason::LocalError,
+        CloseReason::NoSocket,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +113,7 @@ impl CloseReason {
             CloseReason::Denied => "denied",
             CloseReason::Shutdown => "shutdown",
             CloseReason::LocalError => "local_error",
+            CloseReason::NoSocket => "no_socket",
         }
     }
 

@@ -25,6 +25,10 @@ pub const DEFAULT_FIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// SNI; after that it is decided as having none.
 pub const DEFAULT_SNI_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A service has no session cap of its own unless configured: the engine-wide cap (and
+/// the process's fd limit) bound it.
+pub const DEFAULT_SERVICE_MAX_SESSIONS: Option<u64> = None;
+
 /// The timeouts of one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -108,6 +112,9 @@ pub struct Service {
     pub default_hits: Arc<AtomicU64>,
     /// Shared with the admin API; carried over by name when tables are rebuilt.
     pub counters: Arc<ServiceCounters>,
+    /// Most sessions of this service at once, across workers; `None`: no cap. At the cap
+    /// its listeners stop accepting (connections wait in the kernel's backlog).
+    pub max_sessions: Option<u64>,
 }
 
 impl Service {
@@ -122,6 +129,7 @@ impl Service {
             default: Action::Allow { pool: None },
             default_hits: Arc::default(),
             counters: Arc::default(),
+            max_sessions: DEFAULT_SERVICE_MAX_SESSIONS,
         }
     }
 }

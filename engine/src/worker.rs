@@ -23,13 +23,18 @@ use crate::session::{CloseReason, Phase, Session};
 use crate::sys::{self, EventFd};
 use crate::tables::{Decision, Service, Tables};
 use crate::EngineError;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Default capacity of each relay pipe (splice relay), per direction.
 pub const DEFAULT_PIPE_SIZE: usize = 256 * 1024;
 /// Default size of the large relay buffers (copy relay), per direction. Directions start
 /// with 64 KiB and move to this size once a read fills their buffer (bulk streams).
 pub const DEFAULT_BUFFER_SIZE: usize = 1024 * 1024;
+
+/// No engine-wide session cap unless configured: each session holds two fds (four more
+/// while a splice relay moves bytes), so the process's fd limit is the natural bound, and
+/// running out of fds pauses accepting instead of failing (see `driver::schedule`).
+pub const DEFAULT_MAX_SESSIONS: Option<u64> = None;
 
 /// How the engine runs, fixed for the life of the process.
 #[derive(Debug, Clone)]
@@ -45,6 +50,8 @@ pub struct EngineConfig {
     pub buffer_size: usize,
     /// How the io_uring driver moves bytes (the epoll driver always copies).
     pub relay: Relay,
+    /// Most sessions at once across all workers; `None`: no cap.
+    pub max_sessions: Option<u64>,
 }
 
 /// How a driver moves payload from one socket to the other.
@@ -83,8 +90,80 @@ impl Default for EngineConfig {
             pipe_size: DEFAULT_PIPE_SIZE,
             buffer_size: DEFAULT_BUFFER_SIZE,
             relay: Relay::default(),
+            max_sessions: DEFAULT_MAX_SESSIONS,
         }
     }
+}
+
+/// Takes one place on `active` under `limit` (`None`: no limit); false when it is full.
+/// The check and the increment are one atomic step, so workers admitting at the same
+/// moment never overshoot the limit together.
+pub fn reserve(active: &AtomicU64, limit: Option<u64>) -> bool {
+    match limit {
+        None => {
+            active.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Some(limit) => active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+            .is_ok(),
+    }
+}
+
+/// Whether `active` is below `limit` (`None`: no limit).
+fn below(active: &AtomicU64, limit: Option<u64>) -> bool {
+    limit.is_none_or(|limit| active.load(Ordering::Relaxed) < limit)
+}
+
+/// The engine-wide session cap, shared by every worker: a place is taken when a session
+/// is admitted and given back when it finishes.
+#[derive(Debug, Default)]
+pub struct SessionCap {
+    limit: Option<u64>,
+    active: AtomicU64,
+}
+
+impl SessionCap {
+    pub fn new(limit: Option<u64>) -> Self {
+        Self { limit, active: AtomicU64::new(0) }
+    }
+
+    /// The cap; `None`: no cap.
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+
+    /// Sessions holding a place now, across workers.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    fn release(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether a new session on `listener` fits under the engine-wide cap and its service's
+/// cap right now. Drivers ask before accepting; [`Admission::decide`] then takes the places
+/// atomically. A listener no service owns has room (its connections are admitted and
+/// dropped by `decide`).
+pub fn has_room(tables: &Tables, cap: &SessionCap, listener: SocketAddr) -> bool {
+    if !below(&cap.active, cap.limit) {
+        return false;
+    }
+    let Some(service) = tables.service_for(listener) else { return true };
+    let s = &tables.services()[service];
+    below(&s.counters.active, s.max_sessions)
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No service owns the listener any more (removed by a reload): drop the connection.
+    NoService,
+    /// The engine-wide or the service's session cap is reached: keep the connection
+    /// waiting and stop accepting until a place frees up.
+    Full,
 }
 
 /// One worker per CPU this process may run on.
@@ -151,6 +230,8 @@ pub struct WorkerContext {
     pub pipe_size: usize,
     pub buffer_size: usize,
     pub relay: Relay,
+    /// The engine-wide session cap, shared by every worker.
+    pub cap: Arc<SessionCap>,
 }
 
 /// What a session learned when it was accepted: the tables that decide it for its whole
@@ -168,25 +249,34 @@ pub struct Admission {
     pub backend: Option<Backend>,
     /// The firewall's decision, once made.
     pub decision: Option<Decision>,
+    /// The engine-wide cap this session holds a place of until it finishes.
+    cap: Arc<SessionCap>,
 }
 
 impl Admission {
-    /// Admits a freshly accepted connection under the current tables; `None` when no
-    /// service owns the listener any more (removed by a reload). The firewall's decision
-    /// follows with [`judge`](Self::judge).
+    /// Admits a freshly accepted connection under the current tables, taking a place under
+    /// the engine-wide cap and its service's cap. The firewall's decision follows with
+    /// [`judge`](Self::judge).
     pub fn decide(
         tables: &ArcSwap<Tables>,
+        cap: &Arc<SessionCap>,
         listener: SocketAddr,
         client: SocketAddr,
-    ) -> Option<Self> {
+    ) -> Result<Self, Refusal> {
         let tables = tables.load_full();
-        let service = tables.service_for(listener)?;
+        let service = tables.service_for(listener).ok_or(Refusal::NoService)?;
         let s = &tables.services()[service];
+        if !reserve(&cap.active, cap.limit) {
+            return Err(Refusal::Full);
+        }
+        if !reserve(&s.counters.active, s.max_sessions) {
+            cap.release();
+            return Err(Refusal::Full);
+        }
         WorkerStats::add(&s.counters.sessions, 1);
-        WorkerStats::add(&s.counters.active, 1);
         let start_wall = SystemTime::now();
         let (backend, decision) = (None, None);
-        Some(Self {
+        Ok(Self {
             tables,
             service,
             listener,
@@ -195,6 +285,7 @@ impl Admission {
             start_wall,
             backend,
             decision,
+            cap: cap.clone(),
         })
     }
 
@@ -323,6 +414,7 @@ impl Admission {
     ) -> Record {
         let counters = &self.service().counters;
         counters.active.fetch_sub(1, Ordering::Relaxed);
+        self.cap.release();
         WorkerStats::add(&counters.bytes_up, session.up.bytes);
         WorkerStats::add(&counters.bytes_down, session.down.bytes);
         let relayed = session.phase == Phase::Relaying;
@@ -351,6 +443,7 @@ pub struct Engine {
     selection: Selection,
     workers: Vec<WorkerHandle>,
     stats: Vec<Arc<WorkerStats>>,
+    cap: Arc<SessionCap>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -374,6 +467,7 @@ impl Engine {
         let cpus = sys::allowed_cpus();
         let count = config.workers.max(1);
         let mut contexts = Vec::with_capacity(count);
+        let cap = Arc::new(SessionCap::new(config.max_sessions));
         for id in 0..count {
             let listeners = addrs
                 .iter()
@@ -396,10 +490,12 @@ impl Engine {
                 pipe_size: config.pipe_size,
                 buffer_size: config.buffer_size,
                 relay: config.relay,
+                cap: cap.clone(),
             };
             contexts.push((ctx, tx, wake));
         }
-        let mut engine = Engine { tables, selection, workers: Vec::new(), stats: Vec::new() };
+        let mut engine =
+            Engine { tables, selection, workers: Vec::new(), stats: Vec::new(), cap };
         for (ctx, commands, wake) in contexts {
             let id = ctx.id;
             let cpu = config.pin.then(|| cpus.get(id % cpus.len().max(1)).copied()).flatten();
@@ -433,6 +529,11 @@ impl Engine {
 
     pub fn worker_count(&self) -> usize {
         self.workers.len()
+    }
+
+    /// The engine-wide session cap and how many places are taken.
+    pub fn cap(&self) -> &SessionCap {
+        &self.cap
     }
 
     /// Counters of each worker, by worker id.
