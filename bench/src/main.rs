@@ -17,6 +17,7 @@ mod procfs;
 mod report;
 mod scenario;
 mod session;
+mod soak;
 mod slots;
 mod stats;
 mod table;
@@ -104,6 +105,33 @@ fn run(command: Command) -> Result<()> {
             emit(&scenario::idle::run(&params, &target, backend.as_ref())?, &args.output)
         }
         Command::Compare(args) => compare::run(&args),
+        Command::Soak(args) => {
+            let params = soak::SoakParams {
+                sluice: args.sluice,
+                duration: args.duration,
+                warmup: args.warmup,
+                sample_every: args.sample,
+                reload_every: args.reload_every,
+                concurrency: args.concurrency,
+                driver: args.driver,
+                relay: args.relay,
+                out_dir: args.out_dir,
+            };
+            let (samples, verdict) = soak::run(&params)?;
+            println!("soak: {} samples over {:?}", samples.len(), params.duration);
+            println!("{}", verdict.summary());
+            let out = params.out_dir.display();
+            println!("figures: {out}/soak.csv, chart: {out}/soak.svg");
+            if verdict.passed {
+                Ok(())
+            } else {
+                Err(BenchError::Usage(format!(
+                    "soak failed its criteria (drift under {}%/10min, 0 panics, failure rate under {:e})",
+                    soak::DRIFT_LIMIT,
+                    soak::FAILURE_LIMIT
+                )))
+            }
+        }
     }
 }
 
