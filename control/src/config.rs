@@ -951,11 +951,7 @@ pub fn check_untrusted(data: &[u8]) {
 
 /// Resolves a backend written as `ip:port`, `host:port`, or `admin` (the admin API's TCP
 /// address, so that a service with firewall rules can front it).
-fn resolve(
-    text: &str,
-    admin: Option<&AdminAddr>,
-    names: Names,
-) -> Result<Vec<SocketAddr>, String> {
+fn resolve(text: &str, admin: Option<&AdminAddr>, names: Names) -> Result<Vec<SocketAddr>, String> {
     if text == "admin" {
         return match admin {
             Some(AdminAddr::Tcp(addr)) => Ok(vec![*addr]),
@@ -1141,6 +1137,37 @@ mod tests {
         let c = Config::parse("t", text).unwrap();
         assert_eq!(c.services[0].listen.len(), 2);
         assert!(c.services[0].backends.len() >= 2);
+    }
+
+    #[test]
+    fn session_caps_are_read_for_the_engine_and_each_service() {
+        let text = "[engine]\nmax_sessions = 1000\n\n[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\"]\nbackends = [\"127.0.0.1:2\"]\nmax_sessions = 10\n\n[[service]]\nname = \"b\"\nlisten = [\"127.0.0.1:3\"]\nbackends = [\"127.0.0.1:2\"]\n";
+        let c = Config::parse("t", text).unwrap();
+        assert_eq!(c.engine.max_sessions, Some(1000));
+        assert_eq!(c.services[0].max_sessions, Some(10));
+        assert_eq!(c.services[1].max_sessions, None, "no cap unless configured");
+        let tables = c.tables(1, &mut Registry::default());
+        assert_eq!(tables.services()[0].max_sessions, Some(10));
+        assert_eq!(Config::parse("t", MINIMAL).unwrap().engine.max_sessions, None);
+    }
+
+    #[test]
+    fn a_bad_session_cap_names_its_key_and_line() {
+        let e = errors(&format!("[engine]\nmax_sessions = 0\n\n{MINIMAL}max_sessions = -5\n"));
+        let keys: Vec<(usize, &str)> = e.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(keys, [(2, "engine.max_sessions"), (8, "service[0].max_sessions")], "{e:?}");
+        assert!(e[0].message.contains("leave it out for no cap"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn offline_parsing_rejects_host_names_without_resolving_them() {
+        let text =
+            "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\"]\nbackends = [\"localhost:3\"]\n";
+        let e = Config::parse_with("t", text, Names::Offline).unwrap_err().0;
+        assert_eq!(e[0].key, "service[0].backends");
+        assert!(e[0].message.contains("not resolved"), "{}", e[0].message);
+        check_untrusted(text.as_bytes());
+        check_untrusted(b"\xff\xfe not utf-8");
     }
 
     #[test]

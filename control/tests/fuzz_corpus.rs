@@ -31,8 +31,9 @@ fn corpus_dir(target: &str) -> PathBuf {
 /// The corpus of `target`, sorted by name; panics if it is missing or empty.
 fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
     let dir = corpus_dir(target);
-    let entries = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("fuzz target {target}: no seed corpus at {}: {e}", dir.display()));
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| {
+        panic!("fuzz target {target}: no seed corpus at {}: {e}", dir.display())
+    });
     let mut inputs: Vec<(String, Vec<u8>)> = entries
         .map(|e| e.expect("corpus entry").path())
         .filter(|p| p.is_file())
@@ -67,7 +68,9 @@ fn replay(target: &'static str, run: fn(&[u8])) -> (String, Duration) {
         .expect("spawn replay thread");
     match rx.recv_timeout(CORPUS_BOUND) {
         Ok(slowest) => slowest,
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{target}: corpus hung past {CORPUS_BOUND:?}"),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{target}: corpus hung past {CORPUS_BOUND:?}")
+        }
         Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{target}: an input panicked (above)"),
     }
 }

@@ -494,8 +494,7 @@ impl Engine {
             };
             contexts.push((ctx, tx, wake));
         }
-        let mut engine =
-            Engine { tables, selection, workers: Vec::new(), stats: Vec::new(), cap };
+        let mut engine = Engine { tables, selection, workers: Vec::new(), stats: Vec::new(), cap };
         for (ctx, commands, wake) in contexts {
             let id = ctx.id;
             let cpu = config.pin.then(|| cpus.get(id % cpus.len().max(1)).copied()).flatten();
@@ -646,5 +645,81 @@ impl Engine {
             }
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::Backend;
+    use crate::tables::Timeouts;
+
+    fn tables(max_sessions: Option<u64>) -> (Tables, SocketAddr) {
+        let listen: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let pool = Pool::new(vec![Backend::new("127.0.0.1:1".parse().unwrap())]);
+        let mut web = Service::new("web", vec![listen], pool, Timeouts::default());
+        web.max_sessions = max_sessions;
+        (Tables::new(1, vec![web]), listen)
+    }
+
+    #[test]
+    fn reserve_takes_places_up_to_the_limit_and_no_further() {
+        let active = AtomicU64::new(0);
+        assert!((0..3).all(|_| reserve(&active, Some(3))));
+        assert!(!reserve(&active, Some(3)));
+        assert_eq!(active.load(Ordering::Relaxed), 3, "a refusal takes nothing");
+        assert!(reserve(&active, None), "no limit, always room");
+    }
+
+    #[test]
+    fn workers_reserving_at_once_never_overshoot_the_cap() {
+        let active = Arc::new(AtomicU64::new(0));
+        let taken: u64 = (0..4)
+            .map(|_| {
+                let active = active.clone();
+                std::thread::spawn(move || {
+                    (0..1000).filter(|_| reserve(&active, Some(100))).count()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap() as u64)
+            .sum();
+        assert_eq!(taken, 100);
+        assert_eq!(active.load(Ordering::Relaxed), 100);
+    }
+
+    #[test]
+    fn a_session_holds_its_places_until_it_finishes() {
+        let (t, listen) = tables(Some(1));
+        let swap = ArcSwap::from_pointee(t);
+        let cap = Arc::new(SessionCap::new(Some(5)));
+        let client: SocketAddr = "127.0.0.2:9".parse().unwrap();
+        let first = Admission::decide(&swap, &cap, listen, client).unwrap();
+        assert_eq!(cap.active(), 1);
+        assert!(!has_room(&swap.load(), &cap, listen), "the service's cap of 1 is full");
+        let refused = Admission::decide(&swap, &cap, listen, client).unwrap_err();
+        assert_eq!(refused, Refusal::Full);
+        assert_eq!(cap.active(), 1, "a refusal gives back the engine-wide place");
+        let session = Session::new(Instant::now());
+        first.finish(0, &session, CloseReason::ClientFin, Instant::now());
+        assert_eq!(cap.active(), 0);
+        assert!(has_room(&swap.load(), &cap, listen));
+        let other: SocketAddr = "127.0.0.1:81".parse().unwrap();
+        let none = Admission::decide(&swap, &cap, other, client).unwrap_err();
+        assert_eq!(none, Refusal::NoService);
+    }
+
+    #[test]
+    fn the_engine_wide_cap_counts_every_service() {
+        let (t, listen) = tables(None);
+        let swap = ArcSwap::from_pointee(t);
+        let cap = Arc::new(SessionCap::new(Some(2)));
+        let client: SocketAddr = "127.0.0.2:9".parse().unwrap();
+        let _a = Admission::decide(&swap, &cap, listen, client).unwrap();
+        let _b = Admission::decide(&swap, &cap, listen, client).unwrap();
+        assert!(!has_room(&swap.load(), &cap, listen));
+        assert_eq!(Admission::decide(&swap, &cap, listen, client).unwrap_err(), Refusal::Full);
+        assert_eq!(swap.load().services()[0].counters.active.load(Ordering::Relaxed), 2);
     }
 }

@@ -40,8 +40,8 @@ pub use records::{
     wait_for_json_lines,
 };
 pub use sluice::{
-    binary, scratch_dir, Config, PRLIMIT, Reload, ScratchDir, Service, SessionKey, SessionRecord, Sluice,
-    StartError,
+    binary, scratch_dir, Config, Reload, ScratchDir, Service, SessionKey, SessionRecord, Sluice,
+    StartError, PRLIMIT,
 };
 pub use stop::{Stop, StopGuard};
 

@@ -35,7 +35,8 @@ pub fn cpu_time(pid: u32) -> Duration {
     let rest = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
     Duration::from_millis(ticks * 1000 / CLOCK_TICKS)
 }
 

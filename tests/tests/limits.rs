@@ -125,7 +125,9 @@ fn service_cap_holds_the_next_connection_in_the_backlog(driver: Driver) {
     let config = Config::new(driver).workers(2).admin_tcp().service(service);
     let Some(sluice) = Sluice::start(config) else { return };
     let addr = sluice.addr("web");
-    fill_wait_and_resume(&sluice, &[addr], |m| m.get("sluice_sessions_active", &[("service", "web")]));
+    fill_wait_and_resume(&sluice, &[addr], |m| {
+        m.get("sluice_sessions_active", &[("service", "web")])
+    });
 }
 
 /// `engine.max_sessions` counts the sessions of every service on every worker together.

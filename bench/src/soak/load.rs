@@ -160,7 +160,9 @@ fn half_close(target: SocketAddr, buf: &mut [u8]) -> io::Result<()> {
     s.shutdown(Shutdown::Write)?;
     match read_to_end(&mut s, buf)? {
         n if n == HALF_CLOSE_BYTES => Ok(()),
-        n => Err(io::Error::other(format!("{n} of {HALF_CLOSE_BYTES} bytes before the end of stream"))),
+        n => Err(io::Error::other(format!(
+            "{n} of {HALF_CLOSE_BYTES} bytes before the end of stream"
+        ))),
     }
 }
 

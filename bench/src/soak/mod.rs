@@ -74,7 +74,13 @@ fn free_addr() -> Result<SocketAddr> {
     l.local_addr().map_err(io_context("local_addr"))
 }
 
-fn config_text(p: &SoakParams, listen: SocketAddr, admin: SocketAddr, backend: SocketAddr, generation: u64) -> String {
+fn config_text(
+    p: &SoakParams,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    backend: SocketAddr,
+    generation: u64,
+) -> String {
     // Reloads alternate the idle timeout: a real table swap, no change to live traffic.
     let idle = if generation % 2 == 0 { "10m" } else { "11m" };
     format!(
@@ -107,12 +113,18 @@ fn start_proxy(p: &SoakParams, backend: SocketAddr) -> Result<Proxy> {
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .map_err(|e| BenchError::ProxyStart { contender: "sluice".into(), detail: e.to_string() })?;
+        .map_err(|e| BenchError::ProxyStart {
+            contender: "sluice".into(),
+            detail: e.to_string(),
+        })?;
     let proxy = Proxy { child, config, listen, admin };
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(admin).is_err() || TcpStream::connect(listen).is_err() {
         if Instant::now() >= deadline {
-            let detail = format!("not listening on {listen} and {admin} after 10 s; see {}", log_path.display());
+            let detail = format!(
+                "not listening on {listen} and {admin} after 10 s; see {}",
+                log_path.display()
+            );
             return Err(BenchError::ProxyStart { contender: "sluice".into(), detail });
         }
         timeline::pause(Duration::from_millis(50))?;
@@ -148,8 +160,7 @@ pub fn run(p: &SoakParams) -> Result<(Vec<Sample>, Verdict)> {
     let threads = load::start(proxy.listen, p.concurrency, &control, &tally)?;
     let began = Instant::now();
     let mut samples = Vec::new();
-    let (mut next_sample, mut next_reload, mut generation) =
-        (began, began + p.reload_every, 0u64);
+    let (mut next_sample, mut next_reload, mut generation) = (began, began + p.reload_every, 0u64);
     let mut csv = verdict::CsvWriter::create(&p.out_dir.join("soak.csv"))?;
     while began.elapsed() < p.duration {
         let now = Instant::now();

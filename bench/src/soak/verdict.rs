@@ -130,15 +130,8 @@ pub fn judge(samples: &[Sample], warmup: Duration, panics: u64) -> Verdict {
     };
     let drift_judged = window >= DRIFT_WINDOW.as_secs_f64();
     let flat = |d: Option<f64>| !drift_judged || d.is_some_and(|d| d.abs() < DRIFT_LIMIT);
-    let mut v = Verdict {
-        rss_drift,
-        fd_drift,
-        panics,
-        connections,
-        failures,
-        drift_judged,
-        passed: false,
-    };
+    let mut v =
+        Verdict { rss_drift, fd_drift, panics, connections, failures, drift_judged, passed: false };
     v.passed = flat(rss_drift)
         && flat(fd_drift)
         && panics == 0
@@ -210,7 +203,9 @@ fn draw(path: &Path, samples: &[Sample], warmup: Duration) -> std::result::Resul
             .map_err(|e| err(&e))?;
         let shade = RGBColor(230, 230, 230).filled();
         let warm = warmup.as_secs_f64().min(end);
-        chart.draw_series([Rectangle::new([(0.0, 0.0), (warm, top)], shade)]).map_err(|e| err(&e))?;
+        chart
+            .draw_series([Rectangle::new([(0.0, 0.0), (warm, top)], shade)])
+            .map_err(|e| err(&e))?;
         chart
             .draw_series(LineSeries::new(samples.iter().map(|s| (s.seconds, value(s))), colour))
             .map_err(|e| err(&e))?;
@@ -243,7 +238,13 @@ mod tests {
     fn flat_figures_with_noise_pass() {
         // Noise of the load: sessions come and go (two fds each), RSS wobbles.
         let s = samples(|t| 20_000.0 + (t * 7.0) % 300.0, |_| 20.0);
-        let s: Vec<Sample> = s.into_iter().map(|mut x| { x.fds += 2 * x.sessions; x }).collect();
+        let s: Vec<Sample> = s
+            .into_iter()
+            .map(|mut x| {
+                x.fds += 2 * x.sessions;
+                x
+            })
+            .collect();
         let v = judge(&s, Duration::from_secs(60), 0);
         assert!(v.passed, "{}", v.summary());
         assert!(v.fd_drift.unwrap().abs() < 1e-9, "sessions' fds are not drift");

@@ -220,7 +220,8 @@ impl EpollWorker {
             match listener.socket.accept() {
                 Ok((stream, client)) => {
                     let addr = listener.addr;
-                    if let Err(parked) = self.admit(Parked { stream, client, listener: addr, index })
+                    if let Err(parked) =
+                        self.admit(Parked { stream, client, listener: addr, index })
                     {
                         self.parked.push_back(parked);
                     }
@@ -272,7 +273,8 @@ impl EpollWorker {
             }
             match listener.socket.accept() {
                 Ok((stream, client)) => {
-                    if let Err(parked) = self.admit(Parked { stream, client, listener: addr, index })
+                    if let Err(parked) =
+                        self.admit(Parked { stream, client, listener: addr, index })
                     {
                         self.parked.push_back(parked);
                         return self.pause_full(index);
@@ -333,8 +335,7 @@ impl EpollWorker {
         for index in due {
             let Some(Some(listener)) = self.listeners.get(index) else { continue };
             let waiting = self.parked.iter().any(|p| p.index == index);
-            if waiting || !worker::has_room(&self.ctx.tables.load(), &self.ctx.cap, listener.addr)
-            {
+            if waiting || !worker::has_room(&self.ctx.tables.load(), &self.ctx.cap, listener.addr) {
                 self.full.pause(index, self.now);
             } else {
                 self.accept(index);

@@ -499,8 +499,7 @@ impl UringWorker {
                 continue;
             }
             let waiting = self.parked.iter().any(|&(_, i)| i == index);
-            if waiting || !worker::has_room(&self.ctx.tables.load(), &self.ctx.cap, listener.addr)
-            {
+            if waiting || !worker::has_room(&self.ctx.tables.load(), &self.ctx.cap, listener.addr) {
                 self.full.pause(index, self.now);
             } else {
                 self.arm_accept(index);
