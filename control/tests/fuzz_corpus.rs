@@ -11,8 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// What a fuzz target does with one input.
+type Target = fn(&[u8]);
+
 /// What each fuzz target does with one input, by target (corpus folder) name.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Target)] = &[
     ("config", sluice::config::check_untrusted),
     ("sni", |data| {
         let _ = sluice_engine::sni::read_sni(data);
@@ -48,7 +51,7 @@ fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Runs every input of `target` on a thread; returns the slowest input and its time.
-fn replay(target: &'static str, run: fn(&[u8])) -> (String, Duration) {
+fn replay(target: &'static str, run: Target) -> (String, Duration) {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name(format!("replay-{target}"))

@@ -33,8 +33,11 @@ pub struct Tally {
     pub failed: AtomicU64,
 }
 
+/// One connection of a traffic kind, given a scratch buffer.
+type Kind = fn(SocketAddr, &mut [u8]) -> io::Result<()>;
+
 /// The traffic kinds, each a function of one connection.
-const KINDS: [(&str, fn(SocketAddr, &mut [u8]) -> io::Result<()>); 5] = [
+const KINDS: [(&str, Kind); 5] = [
     ("bulk", bulk),
     ("rr", request_response),
     ("churn", churn),
@@ -63,13 +66,7 @@ pub fn start(
     Ok(threads)
 }
 
-fn client_loop(
-    name: &str,
-    kind: fn(SocketAddr, &mut [u8]) -> io::Result<()>,
-    target: SocketAddr,
-    control: &RunControl,
-    tally: &Tally,
-) {
+fn client_loop(name: &str, kind: Kind, target: SocketAddr, control: &RunControl, tally: &Tally) {
     let mut buf = vec![0u8; BULK_CHUNK];
     while !control.stopped() {
         match kind(target, &mut buf) {

@@ -180,7 +180,8 @@ fn draw(path: &Path, samples: &[Sample], warmup: Duration) -> std::result::Resul
     let root = SVGBackend::new(path, (900, 640)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let end = samples.last().map_or(1.0, |s| s.seconds).max(1.0);
-    let series: [(&str, fn(&Sample) -> f64, RGBColor); 3] = [
+    type Series = (&'static str, fn(&Sample) -> f64, RGBColor);
+    let series: [Series; 3] = [
         ("RSS (MiB)", |s| s.rss_kib as f64 / 1024.0, RGBColor(31, 119, 180)),
         ("open fds", |s| s.fds as f64, RGBColor(214, 39, 40)),
         ("live sessions", |s| s.sessions as f64, RGBColor(44, 160, 44)),
@@ -225,7 +226,7 @@ mod tests {
                     seconds: t,
                     rss_kib: rss(t) as u64,
                     fds: fds(t) as u64,
-                    sessions: (i % 5) as u64,
+                    sessions: i % 5,
                     connections: 1_000_000 + i,
                     failures: 0,
                     reloads: i / 2,
