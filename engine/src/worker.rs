@@ -232,6 +232,10 @@ pub struct WorkerContext {
     pub relay: Relay,
     /// The engine-wide session cap, shared by every worker.
     pub cap: Arc<SessionCap>,
+    /// Every worker sets up its driver (ring or poll: fds of its own) before any starts
+    /// accepting, so that no worker's setup can fail for fds the others' first accepts
+    /// took. Each waits here once, whether its setup succeeded or not.
+    pub ready: Arc<std::sync::Barrier>,
 }
 
 /// What a session learned when it was accepted: the tables that decide it for its whole
@@ -468,6 +472,7 @@ impl Engine {
         let count = config.workers.max(1);
         let mut contexts = Vec::with_capacity(count);
         let cap = Arc::new(SessionCap::new(config.max_sessions));
+        let ready = Arc::new(std::sync::Barrier::new(count));
         for id in 0..count {
             let listeners = addrs
                 .iter()
@@ -491,6 +496,7 @@ impl Engine {
                 buffer_size: config.buffer_size,
                 relay: config.relay,
                 cap: cap.clone(),
+                ready: ready.clone(),
             };
             contexts.push((ctx, tx, wake));
         }

@@ -72,7 +72,17 @@ fn survives_running_out_of_fds(driver: Driver) {
         ok
     });
     assert!(served, "service did not resume once fds freed up");
-    let m = sluice.admin().metrics();
+    // The admin API shares the process's fds; once they are back it answers again.
+    let admin = sluice.admin();
+    let m = (0..20)
+        .find_map(|_| {
+            let m = std::panic::catch_unwind(|| admin.metrics()).ok();
+            if m.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            m
+        })
+        .expect("the admin API answers once fds are back");
     let backoffs: f64 = (0..2)
         .map(|w| m.get("sluice_worker_accept_backoffs_total", &[("worker", &w.to_string())]))
         .sum();

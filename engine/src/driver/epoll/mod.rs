@@ -61,7 +61,13 @@ struct Parked {
 }
 
 pub(crate) fn run(ctx: WorkerContext) -> io::Result<()> {
-    EpollWorker::new(ctx)?.run()
+    let (id, ready) = (ctx.id, ctx.ready.clone());
+    let worker = EpollWorker::new(ctx);
+    ready.wait();
+    let worker = worker.inspect_err(|e| {
+        log::error!("worker {id}: cannot set up its poll: {e}");
+    })?;
+    worker.run().inspect_err(|e| log::error!("worker {id}: poll failed: {e}"))
 }
 
 struct EpollWorker {

@@ -39,6 +39,9 @@ const RING_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 8192;
 /// How often sessions are scanned for due interim records.
 const REPORT_SCAN: Duration = Duration::from_secs(1);
+/// How long the worker waits when the kernel refused a submission for want of fds or
+/// memory, before it submits again.
+const SUBMIT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// How the ring runs completion work, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +107,13 @@ pub fn probe() -> Result<String, String> {
 }
 
 pub(crate) fn run(ctx: WorkerContext) -> io::Result<()> {
-    UringWorker::new(ctx)?.run()
+    let (id, ready) = (ctx.id, ctx.ready.clone());
+    let worker = UringWorker::new(ctx);
+    ready.wait();
+    let worker = worker.inspect_err(|e| {
+        log::error!("worker {id}: cannot set up its ring: {e}");
+    })?;
+    worker.run().inspect_err(|e| log::error!("worker {id}: ring wait failed: {e}"))
 }
 
 /// Queues an entry, handing a full submission queue to the kernel first.
@@ -241,6 +250,13 @@ impl UringWorker {
                     Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
                 ) =>
             {
+                Ok(())
+            }
+            // Out of fds or memory, the kernel may fail the submission itself (the entries
+            // stay queued for the next call). Not fatal: pause briefly instead of spinning.
+            Err(e) if is_resource_exhaustion(&e) => {
+                WorkerStats::add(&self.ctx.stats.accept_backoffs, 1);
+                std::thread::sleep(SUBMIT_BACKOFF);
                 Ok(())
             }
             Err(e) => Err(e),
