@@ -43,6 +43,9 @@ pub enum Command {
     /// What capture costs: throughput through sluice without capture, through an
     /// uncaptured service of a sluice that captures another, and through a captured one.
     Capture(CaptureArgs),
+    /// A bounded run of mixed traffic with reloads through a sluice it starts; RSS, fds and
+    /// sessions over time to soak.csv and soak.svg; exit 1 unless it passes.
+    Soak(SoakArgs),
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +82,37 @@ pub struct CaptureArgs {
     pub json: bool,
     #[command(flatten)]
     pub timing: TimingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SoakArgs {
+    /// The sluice binary to run.
+    #[arg(long, value_name = "PATH", default_value = "target/release/sluice")]
+    pub sluice: PathBuf,
+    /// How long to run.
+    #[arg(long, value_parser = parse_duration, default_value = "10m")]
+    pub duration: Duration,
+    /// Samples before this are not judged.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub warmup: Duration,
+    /// How often RSS, fds and sessions are sampled.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub sample: Duration,
+    /// How often the configuration is reloaded (SIGHUP).
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    pub reload_every: Duration,
+    /// Client threads per traffic kind (bulk, rr, churn, half_close, reset).
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// engine.driver of the sluice under test.
+    #[arg(long, default_value = "auto")]
+    pub driver: String,
+    /// engine.relay of the sluice under test.
+    #[arg(long, default_value = "copy")]
+    pub relay: String,
+    /// Where soak.csv, soak.svg, soak.toml and sluice.log go.
+    #[arg(long, value_name = "DIR", default_value = "bench/out/soak")]
+    pub out_dir: PathBuf,
 }
 
 /// Where the load goes.

@@ -19,6 +19,7 @@ mod report;
 mod scenario;
 mod session;
 mod slots;
+mod soak;
 mod stats;
 mod table;
 mod timeline;
@@ -107,6 +108,33 @@ fn run(command: Command) -> Result<()> {
         Command::Compare(args) => compare::run(&args),
         Command::Udp(args) => run_udp(&args),
         Command::Capture(args) => capture::run(&args),
+        Command::Soak(args) => {
+            let params = soak::SoakParams {
+                sluice: args.sluice,
+                duration: args.duration,
+                warmup: args.warmup,
+                sample_every: args.sample,
+                reload_every: args.reload_every,
+                concurrency: args.concurrency,
+                driver: args.driver,
+                relay: args.relay,
+                out_dir: args.out_dir,
+            };
+            let (samples, verdict) = soak::run(&params)?;
+            println!("soak: {} samples over {:?}", samples.len(), params.duration);
+            println!("{}", verdict.summary());
+            let out = params.out_dir.display();
+            println!("figures: {out}/soak.csv, chart: {out}/soak.svg");
+            if verdict.passed {
+                Ok(())
+            } else {
+                Err(BenchError::Usage(format!(
+                    "soak failed its criteria (drift under {}%/10min, 0 panics, failure rate under {:e})",
+                    soak::DRIFT_LIMIT,
+                    soak::FAILURE_LIMIT
+                )))
+            }
+        }
     }
 }
 

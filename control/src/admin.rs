@@ -11,7 +11,8 @@
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -32,6 +33,9 @@ pub const DEFAULT_CONNECTIONS_LIMIT: usize = 100;
 pub const MAX_CONNECTIONS_LIMIT: usize = 100_000;
 /// How long a request waits for the control thread.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the admin API waits before listening again after its accepting failed (the
+/// HTTP server stops accepting on any accept error, such as running out of fds).
+pub const ADMIN_RELISTEN: Duration = Duration::from_millis(200);
 
 /// The admin API's address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,10 +77,66 @@ pub enum ControlRequest {
     Sessions { limit: usize, reply: Sender<Vec<LiveSession>> },
 }
 
-/// The running admin server.
+/// The running admin server. If accepting fails (out of fds), it listens again on the same
+/// address until it can, so the API outlives the overload it is there to observe.
 pub struct Admin {
-    server: Arc<Server>,
+    server: Arc<Mutex<Arc<Server>>>,
+    stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+fn bind(addr: &AdminAddr) -> Result<Server, String> {
+    match addr {
+        AdminAddr::Tcp(a) => Server::http(a),
+        AdminAddr::Unix(path) => {
+            if std::fs::symlink_metadata(path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
+                let _ = std::fs::remove_file(path);
+            }
+            Server::http_unix(path)
+        }
+    }
+    .map_err(|e| format!("admin API cannot listen on {addr}: {e}"))
+}
+
+/// Serves until stopped, listening again whenever the server's accepting ends.
+fn serve(
+    addr: &AdminAddr,
+    current: &Mutex<Arc<Server>>,
+    stopping: &AtomicBool,
+    shared: &Shared,
+    control: &Sender<ControlRequest>,
+) {
+    loop {
+        let serving = current.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        for request in serving.incoming_requests() {
+            handle(request, shared, control);
+        }
+        if stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        log::warn!("admin API stopped accepting on {addr}; listening again");
+        let mut logged = false;
+        loop {
+            std::thread::sleep(ADMIN_RELISTEN);
+            let mut slot = current.lock().unwrap_or_else(PoisonError::into_inner);
+            if stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            match bind(addr) {
+                Ok(server) => {
+                    *slot = Arc::new(server);
+                    break;
+                }
+                Err(e) if !logged => {
+                    logged = true;
+                    log::warn!("{e}; trying again every {ADMIN_RELISTEN:?}");
+                }
+                Err(_) => {}
+            }
+        }
+    }
 }
 
 impl Admin {
@@ -86,34 +146,20 @@ impl Admin {
         shared: Arc<Shared>,
         control: Sender<ControlRequest>,
     ) -> Result<Admin, String> {
-        let server = match addr {
-            AdminAddr::Tcp(a) => Server::http(a),
-            AdminAddr::Unix(path) => {
-                if std::fs::symlink_metadata(path)
-                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-                {
-                    let _ = std::fs::remove_file(path);
-                }
-                Server::http_unix(path)
-            }
-        }
-        .map_err(|e| format!("admin API cannot listen on {addr}: {e}"))?;
-        let server = Arc::new(server);
-        let serving = server.clone();
+        let server = Arc::new(Mutex::new(Arc::new(bind(addr)?)));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (current, stop, addr) = (server.clone(), stopping.clone(), addr.clone());
         let thread = std::thread::Builder::new()
             .name("sluice-admin".into())
-            .spawn(move || {
-                for request in serving.incoming_requests() {
-                    handle(request, &shared, &control);
-                }
-            })
+            .spawn(move || serve(&addr, &current, &stop, &shared, &control))
             .map_err(|e| format!("cannot start the admin thread: {e}"))?;
-        Ok(Admin { server, thread: Some(thread) })
+        Ok(Admin { server, stopping, thread: Some(thread) })
     }
 
     /// Stops serving and waits for the thread.
     pub fn stop(mut self) {
-        self.server.unblock();
+        self.stopping.store(true, Ordering::Relaxed);
+        self.server.lock().unwrap_or_else(PoisonError::into_inner).unblock();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -68,6 +68,8 @@ pub const MIN_SNAPLEN: i64 = 64;
 pub const MAX_SNAPLEN: i64 = 262_144;
 /// How long a stop waits for the capture thread to finish its files.
 pub const CAPTURE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest session cap accepted (engine or service).
+pub const MAX_SESSIONS_CAP: u64 = 1 << 32;
 
 /// One configuration error, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,6 +270,7 @@ struct EngineSection {
     shutdown_timeout: Option<Spanned<String>>,
     max_flows: Option<Spanned<i64>>,
     udp_max_datagram: Option<Spanned<Size>>,
+    max_sessions: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -305,6 +308,7 @@ struct ServiceSection {
     bandwidth_down: Option<Spanned<BandwidthSection>>,
     limits: Option<LimitsSection>,
     capture: Option<Spanned<CaptureSection>>,
+    max_sessions: Option<Spanned<i64>>,
     #[serde(default, rename = "rule")]
     rules: Vec<RuleSection>,
 }
@@ -353,6 +357,8 @@ pub struct ServiceSpec {
     pub limits: LimitSpec,
     /// Capture of sessions no rule captures, by index into [`Config::captures`].
     pub capture: Option<usize>,
+    /// Most sessions at once; `None`: no cap of its own.
+    pub max_sessions: Option<u64>,
 }
 
 /// A validated named pool.
@@ -462,12 +468,17 @@ impl Config {
 
     /// Parses and validates TOML text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse_with(file, text, Names::Resolve)
+    }
+
+    /// Parses and validates TOML text, resolving backend host names as `names` says.
+    pub fn parse_with(file: &str, text: &str, names: Names) -> Result<Config, ConfigErrors> {
         let raw: FileConfig = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             let message = e.message().trim().to_string();
             ConfigErrors(vec![locate(file, text, span, None, message)])
         })?;
-        let mut v = Validator { file, text, errors: Vec::new(), captures: Vec::new() };
+        let mut v = Validator { file, text, errors: Vec::new(), captures: Vec::new(), names };
         let config = v.config(raw);
         if v.errors.is_empty() {
             Ok(config)
@@ -499,6 +510,7 @@ impl Config {
                 service.protocol = s.protocol;
                 service.udp_idle_timeout = s.udp_idle_timeout;
                 service.capture = s.capture;
+                service.max_sessions = s.max_sessions;
                 service
             })
             .collect();
@@ -661,6 +673,17 @@ struct Validator<'a> {
     errors: Vec<ConfigError>,
     /// Distinct capture configurations seen so far.
     captures: Vec<CaptureSpec>,
+    names: Names,
+}
+
+/// How backend host names are turned into addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Names {
+    /// Resolved through the system resolver (DNS), as `run` and `check` do.
+    Resolve,
+    /// Not resolved: a host name is an error. Parsing then does no I/O at all (for
+    /// fuzzing and other untrusted input).
+    Offline,
 }
 
 impl Validator<'_> {
@@ -968,6 +991,7 @@ impl Validator<'_> {
         if let Some(size) = self.size(&raw.buffer_size, "engine.buffer_size") {
             engine.buffer_size = size;
         }
+        engine.max_sessions = self.max_sessions(&raw.max_sessions, "engine.max_sessions");
         self.udp_engine(raw, &mut engine);
         engine
     }
@@ -1045,6 +1069,21 @@ impl Validator<'_> {
             }
         }
         (protocol, idle)
+    }
+
+    /// A session cap: a positive number of sessions; absent means no cap.
+    fn max_sessions(&mut self, value: &Option<Spanned<i64>>, key: &str) -> Option<u64> {
+        let value = value.as_ref()?;
+        match u64::try_from(*value.get_ref()) {
+            Ok(n) if (1..=MAX_SESSIONS_CAP).contains(&n) => Some(n),
+            _ => {
+                let message = format!(
+                    "expected a number of sessions from 1 to {MAX_SESSIONS_CAP}; leave it out for no cap"
+                );
+                self.error(value.span(), key, message);
+                None
+            }
+        }
     }
 
     /// A pipe or buffer size within the accepted range.
@@ -1206,7 +1245,7 @@ impl Validator<'_> {
                     None => continue,
                 },
             };
-            match resolve(text, admin) {
+            match resolve(text, admin, self.names) {
                 Ok(addrs) => out
                     .extend(addrs.into_iter().map(|addr| BackendSpec { addr, ..template.clone() })),
                 Err(message) => self.error(b.span(), key, message),
@@ -1489,6 +1528,7 @@ impl Validator<'_> {
             }
         };
         let capture = raw.capture.as_ref().and_then(|c| self.capture(c, &key("capture")));
+        let max_sessions = self.max_sessions(&raw.max_sessions, &key("max_sessions"));
         ServiceSpec {
             name,
             listen,
@@ -1504,6 +1544,7 @@ impl Validator<'_> {
             bandwidth,
             limits,
             capture,
+            max_sessions,
         }
     }
 
@@ -1535,9 +1576,20 @@ fn captured_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Parses untrusted bytes as a configuration and compiles what validates into tables, with
+/// no I/O (host names are not resolved). What the `config` fuzz target and its corpus
+/// replay run: any input must return, without a panic, in bounded time and memory.
+pub fn check_untrusted(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Ok(config) = Config::parse_with("fuzz.toml", text, Names::Offline) {
+        let tables = config.tables(1, &mut Registry::default());
+        assert_eq!(tables.services().len(), config.services.len());
+    }
+}
+
 /// Resolves a backend written as `ip:port`, `host:port`, or `admin` (the admin API's TCP
 /// address, so that a service with firewall rules can front it).
-fn resolve(text: &str, admin: Option<&AdminAddr>) -> Result<Vec<SocketAddr>, String> {
+fn resolve(text: &str, admin: Option<&AdminAddr>, names: Names) -> Result<Vec<SocketAddr>, String> {
     if text == "admin" {
         return match admin {
             Some(AdminAddr::Tcp(addr)) => Ok(vec![*addr]),
@@ -1553,6 +1605,9 @@ fn resolve(text: &str, admin: Option<&AdminAddr>) -> Result<Vec<SocketAddr>, Str
     }
     if !text.contains(':') {
         return Err(format!("{text:?} has no port; write it as \"host:port\""));
+    }
+    if names == Names::Offline {
+        return Err(format!("{text:?} is a host name, and names are not resolved here"));
     }
     match text.to_socket_addrs() {
         Ok(addrs) => {
@@ -1723,6 +1778,37 @@ mod tests {
         let c = Config::parse("t", text).unwrap();
         assert_eq!(c.services[0].listen.len(), 2);
         assert!(c.services[0].backends.len() >= 2);
+    }
+
+    #[test]
+    fn session_caps_are_read_for_the_engine_and_each_service() {
+        let text = "[engine]\nmax_sessions = 1000\n\n[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\"]\nbackends = [\"127.0.0.1:2\"]\nmax_sessions = 10\n\n[[service]]\nname = \"b\"\nlisten = [\"127.0.0.1:3\"]\nbackends = [\"127.0.0.1:2\"]\n";
+        let c = Config::parse("t", text).unwrap();
+        assert_eq!(c.engine.max_sessions, Some(1000));
+        assert_eq!(c.services[0].max_sessions, Some(10));
+        assert_eq!(c.services[1].max_sessions, None, "no cap unless configured");
+        let tables = c.tables(1, &mut Registry::default());
+        assert_eq!(tables.services()[0].max_sessions, Some(10));
+        assert_eq!(Config::parse("t", MINIMAL).unwrap().engine.max_sessions, None);
+    }
+
+    #[test]
+    fn a_bad_session_cap_names_its_key_and_line() {
+        let e = errors(&format!("[engine]\nmax_sessions = 0\n\n{MINIMAL}max_sessions = -5\n"));
+        let keys: Vec<(usize, &str)> = e.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(keys, [(2, "engine.max_sessions"), (8, "service[0].max_sessions")], "{e:?}");
+        assert!(e[0].message.contains("leave it out for no cap"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn offline_parsing_rejects_host_names_without_resolving_them() {
+        let text =
+            "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.1:1\"]\nbackends = [\"localhost:3\"]\n";
+        let e = Config::parse_with("t", text, Names::Offline).unwrap_err().0;
+        assert_eq!(e[0].key, "service[0].backends");
+        assert!(e[0].message.contains("not resolved"), "{}", e[0].message);
+        check_untrusted(text.as_bytes());
+        check_untrusted(b"\xff\xfe not utf-8");
     }
 
     #[test]

@@ -1,20 +1,6 @@
-//! The `sluice` binary: command line, configuration, signals and the control thread. The
-//! data plane lives in `sluice-engine`; this crate never touches a socket on the relay path.
+//! The `sluice` binary: its command line. Configuration, signals, the control thread and
+//! everything else live in the library (`lib.rs`); the data plane lives in `sluice-engine`.
 #![forbid(unsafe_code)]
-
-mod admin;
-mod config;
-mod demo;
-mod discovery;
-mod dns;
-mod health;
-mod logger;
-mod metrics;
-mod records;
-mod report;
-mod run;
-mod sinks;
-mod zones;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use log::LevelFilter;
 
-use crate::config::Config;
+use sluice::config::{self, Config};
+use sluice::{demo, logger, report, run};
 
 /// A thread-per-core Layer-4 forwarding engine: TCP relay with io_uring and splice.
 #[derive(Debug, Parser)]

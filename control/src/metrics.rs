@@ -114,6 +114,9 @@ pub fn stats(shared: &Shared) -> Value {
                 "connect_errors": get(&w.connect_errors),
                 "udp_flows_active": get(&w.udp_flows_active),
                 "udp_flows_evicted": get(&w.udp_flows_evicted),
+                "accept_backoffs": get(&w.accept_backoffs),
+                "accept_paused_full": get(&w.accept_paused_full),
+                "backend_socket_errors": get(&w.backend_socket_errors),
             })
         })
         .collect();
@@ -505,21 +508,41 @@ pub fn prometheus(shared: &Shared) -> String {
     }
     backend_metrics(&mut f, &tables);
     udp_metrics(&mut f, &tables, shared);
-    f.header("sluice_worker_accepted_total", "counter", "Connections accepted, per worker.");
-    for (id, w) in shared.workers.iter().enumerate() {
-        f.sample("sluice_worker_accepted_total", &[("worker", &id.to_string())], get(&w.accepted));
-    }
-    f.header("sluice_worker_sessions_active", "gauge", "Sessions open now, per worker.");
-    for (id, w) in shared.workers.iter().enumerate() {
-        f.sample("sluice_worker_sessions_active", &[("worker", &id.to_string())], get(&w.active));
-    }
-    f.header("sluice_worker_accept_errors_total", "counter", "Accept failures, per worker.");
-    for (id, w) in shared.workers.iter().enumerate() {
-        f.sample(
-            "sluice_worker_accept_errors_total",
-            &[("worker", &id.to_string())],
-            get(&w.accept_errors),
-        );
+    type WorkerMetric = (&'static str, &'static str, &'static str, fn(&WorkerStats) -> u64);
+    let worker_metrics: [WorkerMetric; 6] = [
+        ("sluice_worker_accepted_total", "counter", "Connections accepted, per worker.", |w| {
+            get(&w.accepted)
+        }),
+        ("sluice_worker_sessions_active", "gauge", "Sessions open now, per worker.", |w| {
+            get(&w.active)
+        }),
+        ("sluice_worker_accept_errors_total", "counter", "Accept failures, per worker.", |w| {
+            get(&w.accept_errors)
+        }),
+        (
+            "sluice_worker_accept_backoffs_total",
+            "counter",
+            "Times accepting paused because the process ran out of fds or memory, per worker.",
+            |w| get(&w.accept_backoffs),
+        ),
+        (
+            "sluice_worker_accept_paused_full_total",
+            "counter",
+            "Times accepting paused because a session cap was reached, per worker.",
+            |w| get(&w.accept_paused_full),
+        ),
+        (
+            "sluice_worker_backend_socket_errors_total",
+            "counter",
+            "Sessions closed (no_socket) because no backend socket could be created, per worker.",
+            |w| get(&w.backend_socket_errors),
+        ),
+    ];
+    for (name, kind, help, value) in worker_metrics {
+        f.header(name, kind, help);
+        for (id, w) in shared.workers.iter().enumerate() {
+            f.sample(name, &[("worker", &id.to_string())], value(w));
+        }
     }
     for (name, help, value) in [
         ("sluice_reloads_total", "Successful configuration reloads.", get(&shared.reloads)),

@@ -29,6 +29,12 @@ pub struct WorkerStats {
     pub udp_flows_active: AtomicU64,
     /// UDP flows this worker evicted to stay within `max_flows`.
     pub udp_flows_evicted: AtomicU64,
+    /// Times a listener paused accepting because the process ran out of fds or memory.
+    pub accept_backoffs: AtomicU64,
+    /// Times a listener paused accepting because a session cap was reached.
+    pub accept_paused_full: AtomicU64,
+    /// Sessions closed because no socket for the backend could be created (`no_socket`).
+    pub backend_socket_errors: AtomicU64,
 }
 
 impl WorkerStats {

@@ -74,7 +74,7 @@ pub enum CloseReason {
     /// The firewall refused the connection.
     Denied,
     Shutdown,
-    /// A local resource ran out (fds, memory) while setting the session up.
+    /// A local resource ran out (fds, memory) while relaying.
     LocalError,
     /// A session limit (per client, per network, new-session rate) refused the session.
     Limit,
@@ -89,6 +89,9 @@ pub enum CloseReason {
     UdpIdleTimeout,
     /// A UDP flow was closed to make room in its worker's full flow table.
     Evicted,
+    /// No socket for the backend could be created (the process is out of fds or memory):
+    /// the client is closed gracefully, nothing was relayed.
+    NoSocket,
 }
 
 impl CloseReason {
@@ -112,6 +115,7 @@ impl CloseReason {
         CloseReason::ProxyError,
         CloseReason::UdpIdleTimeout,
         CloseReason::Evicted,
+        CloseReason::NoSocket,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -134,6 +138,7 @@ impl CloseReason {
             CloseReason::ProxyError => "proxy_error",
             CloseReason::UdpIdleTimeout => "udp_idle_timeout",
             CloseReason::Evicted => "evicted",
+            CloseReason::NoSocket => "no_socket",
         }
     }
 

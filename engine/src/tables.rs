@@ -52,6 +52,9 @@ impl Protocol {
         }
     }
 }
+/// A service has no session cap of its own unless configured: the engine-wide cap (and
+/// the process's fd limit) bound it.
+pub const DEFAULT_SERVICE_MAX_SESSIONS: Option<u64> = None;
 
 /// The timeouts of one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +178,9 @@ pub struct Service {
     pub accept_proxy: Option<Vec<ipnet::IpNet>>,
     /// Capture of sessions no rule captures: an index into [`Tables::captures`].
     pub capture: Option<usize>,
+    /// Most sessions of this service at once, across workers; `None`: no cap. At the cap
+    /// its listeners stop accepting (connections wait in the kernel's backlog).
+    pub max_sessions: Option<u64>,
 }
 
 impl Service {
@@ -196,6 +202,7 @@ impl Service {
             bandwidth: None,
             accept_proxy: None,
             capture: None,
+            max_sessions: DEFAULT_SERVICE_MAX_SESSIONS,
         }
     }
 }

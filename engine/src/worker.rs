@@ -26,13 +26,18 @@ use crate::sys::{self, EventFd};
 use crate::tables::{Decision, Service, Tables};
 use crate::udp::{self, UdpCommand, UdpContext};
 use crate::EngineError;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Default capacity of each relay pipe (splice relay), per direction.
 pub const DEFAULT_PIPE_SIZE: usize = 256 * 1024;
 /// Default size of the large relay buffers (copy relay), per direction. Directions start
 /// with 64 KiB and move to this size once a read fills their buffer (bulk streams).
 pub const DEFAULT_BUFFER_SIZE: usize = 1024 * 1024;
+
+/// No engine-wide session cap unless configured: each session holds two fds (four more
+/// while a splice relay moves bytes), so the process's fd limit is the natural bound, and
+/// running out of fds pauses accepting instead of failing (see `driver::schedule`).
+pub const DEFAULT_MAX_SESSIONS: Option<u64> = None;
 
 /// How the engine runs, fixed for the life of the process.
 #[derive(Debug, Clone)]
@@ -52,6 +57,8 @@ pub struct EngineConfig {
     pub max_flows: usize,
     /// Largest UDP datagram relayed, in bytes; larger ones are dropped and counted.
     pub udp_max_datagram: usize,
+    /// Most sessions at once across all workers; `None`: no cap.
+    pub max_sessions: Option<u64>,
 }
 
 /// How a driver moves payload from one socket to the other.
@@ -92,8 +99,80 @@ impl Default for EngineConfig {
             relay: Relay::default(),
             max_flows: udp::DEFAULT_MAX_FLOWS,
             udp_max_datagram: udp::DEFAULT_MAX_DATAGRAM,
+            max_sessions: DEFAULT_MAX_SESSIONS,
         }
     }
+}
+
+/// Takes one place on `active` under `limit` (`None`: no limit); false when it is full.
+/// The check and the increment are one atomic step, so workers admitting at the same
+/// moment never overshoot the limit together.
+pub fn reserve(active: &AtomicU64, limit: Option<u64>) -> bool {
+    match limit {
+        None => {
+            active.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Some(limit) => active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+            .is_ok(),
+    }
+}
+
+/// Whether `active` is below `limit` (`None`: no limit).
+fn below(active: &AtomicU64, limit: Option<u64>) -> bool {
+    limit.is_none_or(|limit| active.load(Ordering::Relaxed) < limit)
+}
+
+/// The engine-wide session cap, shared by every worker: a place is taken when a session
+/// is admitted and given back when it finishes.
+#[derive(Debug, Default)]
+pub struct SessionCap {
+    limit: Option<u64>,
+    active: AtomicU64,
+}
+
+impl SessionCap {
+    pub fn new(limit: Option<u64>) -> Self {
+        Self { limit, active: AtomicU64::new(0) }
+    }
+
+    /// The cap; `None`: no cap.
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+
+    /// Sessions holding a place now, across workers.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    fn release(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether a new session on `listener` fits under the engine-wide cap and its service's
+/// cap right now. Drivers ask before accepting; [`Admission::decide`] then takes the places
+/// atomically. A listener no service owns has room (its connections are admitted and
+/// dropped by `decide`).
+pub fn has_room(tables: &Tables, cap: &SessionCap, listener: SocketAddr) -> bool {
+    if !below(&cap.active, cap.limit) {
+        return false;
+    }
+    let Some(service) = tables.service_for(listener) else { return true };
+    let s = &tables.services()[service];
+    below(&s.counters.active, s.max_sessions)
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No service owns the listener any more (removed by a reload): drop the connection.
+    NoService,
+    /// The engine-wide or the service's session cap is reached: keep the connection
+    /// waiting and stop accepting until a place frees up.
+    Full,
 }
 
 /// One worker per CPU this process may run on.
@@ -163,6 +242,12 @@ pub struct WorkerContext {
     pub pipe_size: usize,
     pub buffer_size: usize,
     pub relay: Relay,
+    /// The engine-wide session cap, shared by every worker.
+    pub cap: Arc<SessionCap>,
+    /// Every worker sets up its driver (ring or poll: fds of its own) before any starts
+    /// accepting, so that no worker's setup can fail for fds the others' first accepts
+    /// took. Each waits here once, whether its setup succeeded or not.
+    pub ready: Arc<std::sync::Barrier>,
 }
 
 /// What a session learned when it was accepted: the tables that decide it for its whole
@@ -194,6 +279,8 @@ pub struct Admission {
     /// This session's capture, when its rule or service asks for one; drivers report to
     /// it once per direction as bytes move (one branch for sessions not captured).
     pub tap: Option<Tap>,
+    /// The engine-wide cap this session holds a place of until it finishes.
+    cap: Arc<SessionCap>,
 }
 
 /// Why a direction may not read now.
@@ -206,22 +293,29 @@ pub enum Stall {
 }
 
 impl Admission {
-    /// Admits a freshly accepted connection under the current tables; `None` when no
-    /// service owns the listener any more (removed by a reload). The firewall's decision
-    /// follows with [`judge`](Self::judge).
+    /// Admits a freshly accepted connection under the current tables, taking a place under
+    /// the engine-wide cap and its service's cap. The firewall's decision follows with
+    /// [`judge`](Self::judge).
     pub fn decide(
         tables: &ArcSwap<Tables>,
+        cap: &Arc<SessionCap>,
         listener: SocketAddr,
         client: SocketAddr,
-    ) -> Option<Self> {
+    ) -> Result<Self, Refusal> {
         let tables = tables.load_full();
-        let service = tables.service_for(listener)?;
+        let service = tables.service_for(listener).ok_or(Refusal::NoService)?;
         let s = &tables.services()[service];
+        if !reserve(&cap.active, cap.limit) {
+            return Err(Refusal::Full);
+        }
+        if !reserve(&s.counters.active, s.max_sessions) {
+            cap.release();
+            return Err(Refusal::Full);
+        }
         WorkerStats::add(&s.counters.sessions, 1);
-        WorkerStats::add(&s.counters.active, 1);
         let start_wall = SystemTime::now();
         let (backend, decision) = (None, None);
-        Some(Self {
+        Ok(Self {
             tables,
             service,
             listener,
@@ -236,6 +330,7 @@ impl Admission {
             ticket: None,
             shaper: None,
             tap: None,
+            cap: cap.clone(),
         })
     }
 
@@ -471,6 +566,7 @@ impl Admission {
         }
         let counters = &self.service().counters;
         counters.active.fetch_sub(1, Ordering::Relaxed);
+        self.cap.release();
         WorkerStats::add(&counters.bytes_up, session.up.bytes);
         WorkerStats::add(&counters.bytes_down, session.down.bytes);
         let relayed = session.phase == Phase::Relaying;
@@ -559,6 +655,7 @@ pub struct Engine {
     selection: Selection,
     workers: Vec<WorkerHandle>,
     stats: Vec<Arc<WorkerStats>>,
+    cap: Arc<SessionCap>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -584,6 +681,8 @@ impl Engine {
         let count = config.workers.max(1);
         let mut contexts = Vec::with_capacity(count);
         let mut udp_contexts = Vec::with_capacity(count);
+        let cap = Arc::new(SessionCap::new(config.max_sessions));
+        let ready = Arc::new(std::sync::Barrier::new(count));
         for id in 0..count {
             let listeners = bind_all(&addrs, sys::bind_reuseport)?;
             let sockets = bind_all(&udp_addrs, sys::bind_udp_reuseport)?;
@@ -602,6 +701,8 @@ impl Engine {
                 pipe_size: config.pipe_size,
                 buffer_size: config.buffer_size,
                 relay: config.relay,
+                cap: cap.clone(),
+                ready: ready.clone(),
             };
             let (udp_tx, udp_rx) = crossbeam_channel::unbounded();
             let udp_wake = Arc::new(
@@ -623,7 +724,7 @@ impl Engine {
             ));
             contexts.push((ctx, tx, wake));
         }
-        let mut engine = Engine { tables, selection, workers: Vec::new(), stats: Vec::new() };
+        let mut engine = Engine { tables, selection, workers: Vec::new(), stats: Vec::new(), cap };
         for ((ctx, commands, wake), (udp_ctx, udp_commands)) in
             contexts.into_iter().zip(udp_contexts)
         {
@@ -660,6 +761,11 @@ impl Engine {
 
     pub fn worker_count(&self) -> usize {
         self.workers.len()
+    }
+
+    /// The engine-wide session cap and how many places are taken.
+    pub fn cap(&self) -> &SessionCap {
+        &self.cap
     }
 
     /// Counters of each worker, by worker id.
@@ -798,5 +904,81 @@ impl Engine {
             }
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::Backend;
+    use crate::tables::Timeouts;
+
+    fn tables(max_sessions: Option<u64>) -> (Tables, SocketAddr) {
+        let listen: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let pool = Pool::new(vec![Backend::new("127.0.0.1:1".parse().unwrap())]);
+        let mut web = Service::new("web", vec![listen], pool, Timeouts::default());
+        web.max_sessions = max_sessions;
+        (Tables::new(1, vec![web]), listen)
+    }
+
+    #[test]
+    fn reserve_takes_places_up_to_the_limit_and_no_further() {
+        let active = AtomicU64::new(0);
+        assert!((0..3).all(|_| reserve(&active, Some(3))));
+        assert!(!reserve(&active, Some(3)));
+        assert_eq!(active.load(Ordering::Relaxed), 3, "a refusal takes nothing");
+        assert!(reserve(&active, None), "no limit, always room");
+    }
+
+    #[test]
+    fn workers_reserving_at_once_never_overshoot_the_cap() {
+        let active = Arc::new(AtomicU64::new(0));
+        let taken: u64 = (0..4)
+            .map(|_| {
+                let active = active.clone();
+                std::thread::spawn(move || {
+                    (0..1000).filter(|_| reserve(&active, Some(100))).count()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap() as u64)
+            .sum();
+        assert_eq!(taken, 100);
+        assert_eq!(active.load(Ordering::Relaxed), 100);
+    }
+
+    #[test]
+    fn a_session_holds_its_places_until_it_finishes() {
+        let (t, listen) = tables(Some(1));
+        let swap = ArcSwap::from_pointee(t);
+        let cap = Arc::new(SessionCap::new(Some(5)));
+        let client: SocketAddr = "127.0.0.2:9".parse().unwrap();
+        let mut first = Admission::decide(&swap, &cap, listen, client).unwrap();
+        assert_eq!(cap.active(), 1);
+        assert!(!has_room(&swap.load(), &cap, listen), "the service's cap of 1 is full");
+        let refused = Admission::decide(&swap, &cap, listen, client).unwrap_err();
+        assert_eq!(refused, Refusal::Full);
+        assert_eq!(cap.active(), 1, "a refusal gives back the engine-wide place");
+        let session = Session::new(Instant::now());
+        first.finish(0, &session, CloseReason::ClientFin, Instant::now());
+        assert_eq!(cap.active(), 0);
+        assert!(has_room(&swap.load(), &cap, listen));
+        let other: SocketAddr = "127.0.0.1:81".parse().unwrap();
+        let none = Admission::decide(&swap, &cap, other, client).unwrap_err();
+        assert_eq!(none, Refusal::NoService);
+    }
+
+    #[test]
+    fn the_engine_wide_cap_counts_every_service() {
+        let (t, listen) = tables(None);
+        let swap = ArcSwap::from_pointee(t);
+        let cap = Arc::new(SessionCap::new(Some(2)));
+        let client: SocketAddr = "127.0.0.2:9".parse().unwrap();
+        let _a = Admission::decide(&swap, &cap, listen, client).unwrap();
+        let _b = Admission::decide(&swap, &cap, listen, client).unwrap();
+        assert!(!has_room(&swap.load(), &cap, listen));
+        assert_eq!(Admission::decide(&swap, &cap, listen, client).unwrap_err(), Refusal::Full);
+        assert_eq!(swap.load().services()[0].counters.active.load(Ordering::Relaxed), 2);
     }
 }

@@ -70,6 +70,26 @@ impl<T: Clone> Reports<T> {
     }
 }
 
+/// Connections a [`Backend::holds`] keeps open.
+#[derive(Debug, Clone, Default)]
+pub struct Held(Arc<Mutex<Vec<TcpStream>>>);
+
+impl Held {
+    /// Connections held now.
+    pub fn len(&self) -> usize {
+        self.0.lock().expect("held lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes every held connection.
+    pub fn clear(&self) {
+        self.0.lock().expect("held lock").clear();
+    }
+}
+
 /// A loopback server that runs `handler` on its own thread for every accepted connection.
 #[derive(Debug)]
 pub struct Backend {
@@ -151,6 +171,15 @@ impl Backend {
                 let _ = stream.shutdown(Shutdown::Write);
             }
         })
+    }
+
+    /// Keeps every connection open, unread, with no thread left per connection, until
+    /// [`Held::clear`] or the drop of both. For thousands of idle sessions.
+    pub fn holds() -> (Backend, Held) {
+        let held = Held::default();
+        let keep = held.clone();
+        let backend = Backend::spawn(move |stream| keep.0.lock().expect("held lock").push(stream));
+        (backend, held)
     }
 
     /// Reads each connection to its end and reports count and SHA-256, then closes (FIN).

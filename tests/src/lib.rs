@@ -31,7 +31,7 @@ mod udp;
 
 pub use admin::{Admin, AdminAddr, HttpResponse, Metrics};
 
-pub use backend::{Backend, Blackhole, Reports};
+pub use backend::{Backend, Blackhole, Held, Reports};
 pub use client::{
     abort, connect, connect_from, drain, echo_exchange, echo_round_trip, read_exactly,
     set_timeouts, tagged_exchange, tagged_round_trip, try_connect, Drained, End, IO_TIMEOUT,
@@ -40,14 +40,14 @@ pub use dns::{DnsAnswer, DnsServer};
 pub use nix::sys::signal::Signal;
 pub use payload::{hex, Digest, Payload, Verifier};
 pub use ports::{free_addr, free_port, free_udp_addr, refused_addr};
-pub use process::raise_fd_limit;
+pub use process::{cpu_time, raise_fd_limit};
 pub use records::{
     is_record_of, read_json_lines, records_of, rfc3339_ms, wait_for_close_record,
     wait_for_json_lines,
 };
 pub use sluice::{
     binary, scratch_dir, Config, Reload, ScratchDir, Service, SessionKey, SessionRecord, Sluice,
-    StartError,
+    StartError, PRLIMIT,
 };
 pub use stop::{Stop, StopGuard};
 pub use udp::{dns_answer, udp_client, udp_exchange, udp_reply, UdpServer, BIG_REPLY, BIG_REQUEST};

@@ -34,6 +34,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const BIND_ATTEMPTS: usize = 5;
 /// The config file's name in the process's temp dir.
 const CONFIG_FILE: &str = "sluice.toml";
+/// Sets a resource limit and execs a command (util-linux).
+pub const PRLIMIT: &str = "/usr/bin/prlimit";
 /// What sluice says when the configured driver cannot run on this machine.
 const UNAVAILABLE: &str = "driver uring unavailable";
 /// Log lines printed when a test panics while sluice runs.
@@ -87,6 +89,7 @@ pub struct Service {
     /// `protocol = "udp"` when set.
     pub udp: bool,
     pub udp_idle_timeout: Option<String>,
+    pub max_sessions: Option<u64>,
 }
 
 impl Service {
@@ -103,6 +106,7 @@ impl Service {
             keys: Vec::new(),
             udp: false,
             udp_idle_timeout: None,
+            max_sessions: None,
         }
     }
 
@@ -119,6 +123,12 @@ impl Service {
 
     pub fn udp_idle_timeout(mut self, d: &str) -> Self {
         self.udp_idle_timeout = Some(d.to_string());
+        self
+    }
+
+    /// Caps the service's sessions at `n`.
+    pub fn max_sessions(mut self, n: u64) -> Self {
+        self.max_sessions = Some(n);
         self
     }
 
@@ -165,6 +175,10 @@ pub struct Config {
     pub pin: bool,
     pub pipe_size: Option<String>,
     pub shutdown_timeout: Option<String>,
+    /// `engine.max_sessions`.
+    pub max_sessions: Option<u64>,
+    /// RLIMIT_NOFILE (soft and hard) of the sluice process, set through `prlimit`.
+    pub fd_limit: Option<u64>,
     pub services: Vec<Service>,
     /// The `[admin]` section's `listen`, if the config has one.
     pub admin: Option<AdminAddr>,
@@ -184,6 +198,8 @@ impl Config {
             pin: true,
             pipe_size: None,
             shutdown_timeout: None,
+            max_sessions: None,
+            fd_limit: None,
             services: Vec::new(),
             admin: None,
             sections: Vec::new(),
@@ -204,6 +220,18 @@ impl Config {
 
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
+        self
+    }
+
+    /// Caps the sessions of the whole engine at `n`.
+    pub fn max_sessions(mut self, n: u64) -> Self {
+        self.max_sessions = Some(n);
+        self
+    }
+
+    /// Runs sluice with RLIMIT_NOFILE lowered to `n` (through `prlimit`, util-linux).
+    pub fn fd_limit(mut self, n: u64) -> Self {
+        self.fd_limit = Some(n);
         self
     }
 
@@ -260,6 +288,9 @@ impl Config {
             t += line;
             t += "\n";
         }
+        if let Some(n) = self.max_sessions {
+            t += &format!("max_sessions = {n}\n");
+        }
         for s in &self.services {
             t += &format!("\n[[service]]\nname = {:?}\n", s.name);
             t += &format!("listen = {}\n", toml_list(&s.listen));
@@ -283,6 +314,9 @@ impl Config {
                 if let Some(v) = value {
                     t += &format!("{key} = {v:?}\n");
                 }
+            }
+            if let Some(n) = s.max_sessions {
+                t += &format!("max_sessions = {n}\n");
             }
         }
         if let Some(admin) = &self.admin {
@@ -510,7 +544,11 @@ impl Sluice {
         std::fs::write(&path, config.to_toml()).expect("write config");
         let args =
             ["run", "--config", path.to_str().expect("utf-8 temp path"), "--log-level", "info"];
-        let mut sluice = Sluice::spawn_in(dir, &args);
+        let limit = config.fd_limit.map(|n| format!("--nofile={n}:{n}"));
+        let mut sluice = match &limit {
+            Some(limit) => Sluice::spawn_with(dir, Some(&[PRLIMIT, limit, "--"]), &args),
+            None => Sluice::spawn_in(dir, &args),
+        };
         sluice.config = Some(config.clone());
         let services = config.services.len();
         let admin = config.admin.is_some();
@@ -541,13 +579,28 @@ impl Sluice {
     }
 
     fn spawn_in(dir: PathBuf, args: &[&str]) -> Sluice {
-        let mut child = Command::new(binary())
+        Sluice::spawn_with(dir, None, args)
+    }
+
+    /// Runs the binary with `args`, through `wrapper` (a program and its arguments that
+    /// exec the binary, such as `prlimit ... --`) when given.
+    fn spawn_with(dir: PathBuf, wrapper: Option<&[&str]>, args: &[&str]) -> Sluice {
+        let binary = binary();
+        let mut command = match wrapper {
+            Some([program, rest @ ..]) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&binary);
+                c
+            }
+            _ => Command::new(&binary),
+        };
+        let mut child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary().display()));
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
         let log = Arc::new(LogBuffer::default());
         let stderr = child.stderr.take().expect("piped stderr");
         let reader = {

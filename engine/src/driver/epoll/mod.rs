@@ -20,11 +20,11 @@ use self::conn::{Conn, Pump};
 use super::buffers::BufferPool;
 use super::is_connect_failure;
 use super::peek::{self, Peeked, Start};
-use super::schedule::{AcceptBackoff, Deadlines};
+use super::schedule::{AcceptBackoff, Deadlines, FullPause};
 use super::slots::{SlotId, Slots};
 use crate::events::{RecordKind, WorkerStats};
 use crate::session::{CloseReason, Direction, Due, Phase, Side};
-use crate::worker::{Admission, Command, LiveSession, WorkerContext};
+use crate::worker::{self, Admission, Command, LiveSession, Refusal, WorkerContext};
 
 /// Connections accepted per listener per turn before other work gets its turn.
 const ACCEPT_BUDGET: usize = 64;
@@ -51,8 +51,23 @@ struct Listener {
     addr: SocketAddr,
 }
 
+/// A connection accepted while a session cap was full (another worker took the last place
+/// between the check and the accept): it waits here, unread, as it would in the backlog.
+struct Parked {
+    stream: TcpStream,
+    client: SocketAddr,
+    listener: SocketAddr,
+    index: usize,
+}
+
 pub(crate) fn run(ctx: WorkerContext) -> io::Result<()> {
-    EpollWorker::new(ctx)?.run()
+    let (id, ready) = (ctx.id, ctx.ready.clone());
+    let worker = EpollWorker::new(ctx);
+    ready.wait();
+    let worker = worker.inspect_err(|e| {
+        log::error!("worker {id}: cannot set up its poll: {e}");
+    })?;
+    worker.run().inspect_err(|e| log::error!("worker {id}: poll failed: {e}"))
 }
 
 struct EpollWorker {
@@ -64,6 +79,8 @@ struct EpollWorker {
     deadlines: Deadlines,
     pending: Vec<Ready>,
     backoff: AcceptBackoff,
+    full: FullPause,
+    parked: std::collections::VecDeque<Parked>,
     pool: BufferPool,
     /// Where ClientHellos are peeked at.
     scratch: Box<[u8]>,
@@ -98,6 +115,8 @@ impl EpollWorker {
             deadlines: Deadlines::default(),
             pending: Vec::new(),
             backoff: AcceptBackoff::default(),
+            full: FullPause::default(),
+            parked: Default::default(),
             pool,
             scratch: peek::scratch(),
             draining: None,
@@ -125,6 +144,7 @@ impl EpollWorker {
                 self.dispatch(ready);
             }
             self.resume_paused();
+            self.resume_full();
             self.expire_timers();
             self.report_interim();
             self.ctx.events.flush_if_due(self.now);
@@ -141,6 +161,7 @@ impl EpollWorker {
         let next = [
             self.deadlines.next(),
             self.backoff.next(),
+            self.full.next(),
             self.draining,
             Some(self.next_report_scan),
             self.ctx.events.flush_deadline(),
@@ -205,7 +226,11 @@ impl EpollWorker {
             match listener.socket.accept() {
                 Ok((stream, client)) => {
                     let addr = listener.addr;
-                    self.admit(stream, client, addr);
+                    if let Err(parked) =
+                        self.admit(Parked { stream, client, listener: addr, index })
+                    {
+                        self.parked.push_back(parked);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break,
@@ -215,6 +240,7 @@ impl EpollWorker {
             let _ = self.poll.registry().deregister(&mut l.socket);
         }
         self.backoff.forget(index);
+        self.full.forget(index);
     }
 
     fn start_drain(&mut self, deadline: Instant) {
@@ -222,6 +248,8 @@ impl EpollWorker {
             let _ = self.poll.registry().deregister(&mut l.socket);
         }
         self.backoff.clear();
+        self.full.clear();
+        self.parked.clear();
         self.draining = Some(deadline);
     }
 
@@ -236,13 +264,27 @@ impl EpollWorker {
         self.conns.is_empty()
     }
 
+    /// Accepts on a listener, up to a budget, while the session caps have room. A paused
+    /// listener is left alone: its connections wait in the kernel's backlog, and being
+    /// edge-triggered it raises no event until a new one arrives.
     fn accept(&mut self, index: usize) {
+        if self.backoff.is_paused(index) || self.full.is_paused(index) {
+            return;
+        }
         for _ in 0..ACCEPT_BUDGET {
             let Some(Some(listener)) = self.listeners.get(index) else { return };
+            let addr = listener.addr;
+            if !worker::has_room(&self.ctx.tables.load(), &self.ctx.cap, addr) {
+                return self.pause_full(index);
+            }
             match listener.socket.accept() {
                 Ok((stream, client)) => {
-                    let addr = listener.addr;
-                    self.admit(stream, client, addr);
+                    if let Err(parked) =
+                        self.admit(Parked { stream, client, listener: addr, index })
+                    {
+                        self.parked.push_back(parked);
+                        return self.pause_full(index);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if is_resource_exhaustion(&e) => {
@@ -260,9 +302,15 @@ impl EpollWorker {
         });
     }
 
+    fn listener_index(&self, addr: SocketAddr) -> Option<usize> {
+        self.listeners.iter().position(|l| l.as_ref().is_some_and(|l| l.addr == addr))
+    }
+
     fn pause_accept(&mut self, index: usize, error: &io::Error) {
         let Some(Some(listener)) = self.listeners.get(index) else { return };
-        self.backoff.pause(self.ctx.id, index, listener.addr, error, self.now);
+        if self.backoff.pause(self.ctx.id, index, listener.addr, error, self.now) {
+            WorkerStats::add(&self.ctx.stats.accept_backoffs, 1);
+        }
     }
 
     fn resume_paused(&mut self) {
@@ -271,8 +319,48 @@ impl EpollWorker {
         }
     }
 
-    fn admit(&mut self, stream: TcpStream, client: SocketAddr, listener: SocketAddr) {
-        let Some(admission) = Admission::decide(&self.ctx.tables, listener, client) else { return };
+    /// Stops accepting on listener `index` until a session cap has room again.
+    fn pause_full(&mut self, index: usize) {
+        if self.full.pause(index, self.now) {
+            WorkerStats::add(&self.ctx.stats.accept_paused_full, 1);
+        }
+    }
+
+    /// Admits parked connections, then resumes the listeners whose caps have room again.
+    fn resume_full(&mut self) {
+        let due = self.full.due(self.now);
+        if due.is_empty() {
+            return;
+        }
+        while let Some(parked) = self.parked.pop_front() {
+            if let Err(parked) = self.admit(parked) {
+                self.parked.push_front(parked);
+                break;
+            }
+        }
+        for index in due {
+            let Some(Some(listener)) = self.listeners.get(index) else { continue };
+            let waiting = self.parked.iter().any(|p| p.index == index);
+            if waiting || !worker::has_room(&self.ctx.tables.load(), &self.ctx.cap, listener.addr) {
+                self.full.pause(index, self.now);
+            } else {
+                self.accept(index);
+            }
+        }
+    }
+
+    /// Admits an accepted connection; gives it back when a session cap is full.
+    fn admit(&mut self, parked: Parked) -> Result<(), Parked> {
+        let Parked { stream, client, listener, index } = parked;
+        match Admission::decide(&self.ctx.tables, &self.ctx.cap, listener, client) {
+            Ok(admission) => self.start(admission, stream),
+            Err(Refusal::NoService) => {}
+            Err(Refusal::Full) => return Err(Parked { stream, client, listener, index }),
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, admission: Admission, stream: TcpStream) {
         WorkerStats::add(&self.ctx.stats.accepted, 1);
         WorkerStats::add(&self.ctx.stats.active, 1);
         let id = self.conns.insert(Conn::new(admission, stream, self.now));
@@ -349,7 +437,14 @@ impl EpollWorker {
                     return;
                 }
                 Err(e) if is_resource_exhaustion(&e) => {
-                    self.close(id, CloseReason::LocalError);
+                    // Out of fds for the backend: close this client, and let the next
+                    // ones wait in the backlog rather than be accepted only to be closed.
+                    WorkerStats::add(&self.ctx.stats.backend_socket_errors, 1);
+                    let listener = conn.admission.listener;
+                    self.close(id, CloseReason::NoSocket);
+                    if let Some(index) = self.listener_index(listener) {
+                        self.pause_accept(index, &e);
+                    }
                     return;
                 }
                 Err(_) => {
@@ -534,6 +629,7 @@ impl EpollWorker {
         WorkerStats::add(&stats.bytes_down, conn.session.down.bytes);
         let record = conn.admission.finish(self.ctx.id, &conn.session, reason, self.now);
         self.ctx.events.send(record);
+        self.full.poke(self.now);
     }
 }
 

@@ -26,12 +26,12 @@ use super::buffers::BufferPool;
 use super::epoll::is_resource_exhaustion;
 use super::is_connect_failure;
 use super::peek::{self, Peeked, Start};
-use super::schedule::{AcceptBackoff, Deadlines};
+use super::schedule::{AcceptBackoff, Deadlines, FullPause};
 use super::slots::{SlotId, Slots};
 use crate::events::{RecordKind, WorkerStats};
 use crate::session::{CloseReason, Direction, Due, Phase};
 use crate::sys;
-use crate::worker::{Admission, Command, LiveSession, WorkerContext};
+use crate::worker::{self, Admission, Command, LiveSession, Refusal, WorkerContext};
 
 /// Submission queue entries per ring.
 const RING_ENTRIES: u32 = 1024;
@@ -39,6 +39,9 @@ const RING_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 8192;
 /// How often sessions are scanned for due interim records.
 const REPORT_SCAN: Duration = Duration::from_secs(1);
+/// How long the worker waits when the kernel refused a submission for want of fds or
+/// memory, before it submits again.
+const SUBMIT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// How the ring runs completion work, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +107,13 @@ pub fn probe() -> Result<String, String> {
 }
 
 pub(crate) fn run(ctx: WorkerContext) -> io::Result<()> {
-    UringWorker::new(ctx)?.run()
+    let (id, ready) = (ctx.id, ctx.ready.clone());
+    let worker = UringWorker::new(ctx);
+    ready.wait();
+    let worker = worker.inspect_err(|e| {
+        log::error!("worker {id}: cannot set up its ring: {e}");
+    })?;
+    worker.run().inspect_err(|e| log::error!("worker {id}: ring wait failed: {e}"))
 }
 
 /// Queues an entry, handing a full submission queue to the kernel first.
@@ -138,6 +147,10 @@ struct UringWorker {
     deadlines: Deadlines,
     pending: Vec<SlotId>,
     backoff: AcceptBackoff,
+    full: FullPause,
+    /// Connections accepted while a session cap was full (completions of a multishot accept
+    /// that was being cancelled), by listener index: they wait here, unread, for a place.
+    parked: std::collections::VecDeque<(OwnedFd, usize)>,
     pools: RelayPools,
     /// Where ClientHellos are peeked at.
     scratch: Box<[u8]>,
@@ -177,6 +190,8 @@ impl UringWorker {
             deadlines: Deadlines::default(),
             pending: Vec::new(),
             backoff: AcceptBackoff::default(),
+            full: FullPause::default(),
+            parked: Default::default(),
             pools,
             scratch: peek::scratch(),
             completions: Vec::with_capacity(CQ_ENTRIES as usize),
@@ -201,6 +216,7 @@ impl UringWorker {
                 self.pump(id, [Direction::Up, Direction::Down]);
             }
             self.resume_paused();
+            self.resume_full();
             self.expire_timers();
             self.report_interim();
             self.ctx.events.flush_if_due(self.now);
@@ -236,6 +252,13 @@ impl UringWorker {
             {
                 Ok(())
             }
+            // Out of fds or memory, the kernel may fail the submission itself (the entries
+            // stay queued for the next call). Not fatal: pause briefly instead of spinning.
+            Err(e) if is_resource_exhaustion(&e) => {
+                WorkerStats::add(&self.ctx.stats.accept_backoffs, 1);
+                std::thread::sleep(SUBMIT_BACKOFF);
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -244,6 +267,7 @@ impl UringWorker {
         let next = [
             self.deadlines.next(),
             self.backoff.next(),
+            self.full.next(),
             self.draining,
             Some(self.next_report_scan),
             self.ctx.events.flush_deadline(),
@@ -332,11 +356,14 @@ impl UringWorker {
     /// Admits the connections already queued on a retiring listener, then closes it.
     fn retire_listener(&mut self, index: usize) {
         self.backoff.forget(index);
+        self.full.forget(index);
         while let Some(socket) = &self.listeners[index].socket {
             match socket.accept() {
                 Ok((stream, _)) => {
                     if stream.set_nonblocking(true).is_ok() {
-                        self.admit(stream.into(), index);
+                        if let Err(fd) = self.admit(stream.into(), index) {
+                            self.parked.push_back((fd, index));
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -349,6 +376,8 @@ impl UringWorker {
     fn start_drain(&mut self, deadline: Instant) {
         self.draining = Some(deadline);
         self.backoff.clear();
+        self.full.clear();
+        self.parked.clear();
         for index in 0..self.listeners.len() {
             if self.listeners[index].armed {
                 let entry = ops::cancel(ops::pack(Op::Accept, index as u32, Direction::Up));
@@ -369,9 +398,21 @@ impl UringWorker {
         self.conns.is_empty()
     }
 
+    /// Puts a multishot accept on listener `index`, unless one is there or the listener is
+    /// paused; a listener whose session cap is full is paused instead.
     fn arm_accept(&mut self, index: usize) {
+        if self.full.is_paused(index) || self.backoff.is_paused(index) {
+            return;
+        }
+        let addr = self.listeners[index].addr;
+        if !worker::has_room(&self.ctx.tables.load(), &self.ctx.cap, addr) {
+            return self.pause_full(index);
+        }
         let listener = &mut self.listeners[index];
         let Some(socket) = &listener.socket else { return };
+        if listener.armed {
+            return;
+        }
         let entry = ops::accept_multi(socket.as_raw_fd(), index as u32);
         listener.armed = true;
         push(&mut self.ring, &entry);
@@ -386,7 +427,10 @@ impl UringWorker {
             // SAFETY: a successful accept completion carries a new fd that nothing else owns.
             let fd = unsafe { OwnedFd::from_raw_fd(result) };
             if self.draining.is_none() {
-                self.admit(fd, index);
+                if let Err(fd) = self.admit(fd, index) {
+                    self.parked.push_back((fd, index));
+                    self.pause_full(index);
+                }
             }
         } else {
             let error = io::Error::from_raw_os_error(-result);
@@ -417,9 +461,66 @@ impl UringWorker {
         }
     }
 
+    /// Pauses the live listener on `addr` after running out of fds or memory: its multishot
+    /// accept is cancelled and re-armed when the back-off ends.
+    fn pause_listener_at(&mut self, addr: SocketAddr, error: &io::Error) {
+        let found = self.listeners.iter().position(|l| l.addr == addr && l.socket.is_some());
+        let Some(index) = found.filter(|&i| !self.listeners[i].retiring) else { return };
+        if self.backoff.is_paused(index) {
+            return;
+        }
+        self.pause_accept(index, error);
+        if self.listeners[index].armed {
+            let entry = ops::cancel(ops::pack(Op::Accept, index as u32, Direction::Up));
+            push(&mut self.ring, &entry);
+        }
+    }
+
     fn pause_accept(&mut self, index: usize, error: &io::Error) {
         let addr = self.listeners[index].addr;
-        self.backoff.pause(self.ctx.id, index, addr, error, self.now);
+        if self.backoff.pause(self.ctx.id, index, addr, error, self.now) {
+            WorkerStats::add(&self.ctx.stats.accept_backoffs, 1);
+        }
+    }
+
+    /// Stops accepting on listener `index` until a session cap has room again: its
+    /// multishot accept is cancelled (connections it still completes are parked) and not
+    /// re-armed while paused.
+    fn pause_full(&mut self, index: usize) {
+        if !self.full.pause(index, self.now) {
+            return;
+        }
+        WorkerStats::add(&self.ctx.stats.accept_paused_full, 1);
+        if self.listeners[index].armed {
+            let entry = ops::cancel(ops::pack(Op::Accept, index as u32, Direction::Up));
+            push(&mut self.ring, &entry);
+        }
+    }
+
+    /// Admits parked connections, then re-arms the listeners whose caps have room again.
+    fn resume_full(&mut self) {
+        let due = self.full.due(self.now);
+        if due.is_empty() {
+            return;
+        }
+        while let Some((fd, index)) = self.parked.pop_front() {
+            if let Err(fd) = self.admit(fd, index) {
+                self.parked.push_front((fd, index));
+                break;
+            }
+        }
+        for index in due {
+            let listener = &self.listeners[index];
+            if listener.socket.is_none() || listener.retiring || self.draining.is_some() {
+                continue;
+            }
+            let waiting = self.parked.iter().any(|&(_, i)| i == index);
+            if waiting || !worker::has_room(&self.ctx.tables.load(), &self.ctx.cap, listener.addr) {
+                self.full.pause(index, self.now);
+            } else {
+                self.arm_accept(index);
+            }
+        }
     }
 
     fn resume_paused(&mut self) {
@@ -431,17 +532,27 @@ impl UringWorker {
         }
     }
 
-    fn admit(&mut self, fd: OwnedFd, index: usize) {
+    /// Admits an accepted connection; gives it back when a session cap is full.
+    fn admit(&mut self, fd: OwnedFd, index: usize) -> Result<(), OwnedFd> {
         let listener = self.listeners[index].addr;
         // Multishot accept carries no address: a client that reset before this point has
         // none left to read, and is recorded as a reset from an unknown address.
         let peer = sys::peer_addr(fd.as_raw_fd());
         let client = peer.as_ref().map_or_else(|_| unspecified_like(listener), |&a| a);
-        let Some(admission) = Admission::decide(&self.ctx.tables, listener, client) else { return };
+        match Admission::decide(&self.ctx.tables, &self.ctx.cap, listener, client) {
+            Ok(admission) => self.start(admission, fd, peer.is_ok()),
+            Err(Refusal::NoService) => {}
+            Err(Refusal::Full) => return Err(fd),
+        }
+        Ok(())
+    }
+
+    /// Starts a session for an admitted connection (`has_peer`: its address could be read).
+    fn start(&mut self, admission: Admission, fd: OwnedFd, has_peer: bool) {
         WorkerStats::add(&self.ctx.stats.accepted, 1);
         WorkerStats::add(&self.ctx.stats.active, 1);
         let id = self.conns.insert(Conn::new(admission, fd, self.now));
-        if peer.is_err() {
+        if !has_peer {
             return self.close(id, CloseReason::ClientRst);
         }
         let conn = self.conns.get_mut(id).expect("just inserted");
@@ -528,7 +639,12 @@ impl UringWorker {
                     return;
                 }
                 Err(e) if is_resource_exhaustion(&e) => {
-                    return self.close(id, CloseReason::LocalError)
+                    // Out of fds for the backend: close this client, and let the next
+                    // ones wait in the backlog rather than be accepted only to be closed.
+                    WorkerStats::add(&self.ctx.stats.backend_socket_errors, 1);
+                    let listener = conn.admission.listener;
+                    self.close(id, CloseReason::NoSocket);
+                    return self.pause_listener_at(listener, &e);
                 }
                 Err(_) => {
                     WorkerStats::add(&self.ctx.stats.connect_errors, 1);
@@ -741,6 +857,7 @@ impl UringWorker {
         let record = conn.admission.finish(self.ctx.id, &conn.session, reason, self.now);
         self.ctx.events.send(record);
         let inflight = conn.inflight;
+        self.full.poke(self.now);
         for (op, dir) in SESSION_OPS {
             if inflight & bit(op, dir) != 0 {
                 push(&mut self.ring, &ops::cancel(ops::pack(op, id.index, dir)));

@@ -1,0 +1,57 @@
+//! The soak (RELIABILITY.md scenario 18) in miniature, so every test run exercises it:
+//! `sluice-bench soak` for 20 s on each driver, with mixed traffic and a reload every
+//! second. It must finish with no failed connection, no panic, and write its CSV and SVG.
+//! (Drift is judged only by full-length runs: `scripts/soak`.)
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use sluice_tests::{binary, Driver, ScratchDir};
+
+/// `sluice-bench`, next to the `sluice` binary under test.
+fn bench_binary() -> Option<PathBuf> {
+    let path = binary().parent()?.join("sluice-bench");
+    path.is_file().then_some(path)
+}
+
+fn short_soak_has_no_failure_and_writes_its_figures(driver: Driver) {
+    let Some(bench) = bench_binary() else {
+        println!("skipped: sluice-bench is not built (cargo build --workspace --bins)");
+        return;
+    };
+    let scratch = ScratchDir::new();
+    let out = scratch.path();
+    let output = Command::new(bench)
+        .arg("soak")
+        .arg("--sluice")
+        .arg(binary())
+        .args(["--duration", "20s", "--warmup", "4s", "--sample", "1s", "--reload-every", "1s"])
+        .args(["--driver", driver.as_str(), "--relay", driver.relay().unwrap_or("copy")])
+        .arg("--out-dir")
+        .arg(out)
+        .output()
+        .expect("run sluice-bench soak");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let log = std::fs::read_to_string(out.join("sluice.log")).unwrap_or_default();
+    if log.contains("driver uring unavailable") {
+        println!("skipped: {}", log.lines().next().unwrap_or_default());
+        return;
+    }
+    assert!(output.status.success(), "soak failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("PASS") && stdout.contains("failures 0"), "{stdout}");
+    assert!(stdout.contains("panics 0"), "{stdout}");
+    let csv = std::fs::read_to_string(out.join("soak.csv")).expect("soak.csv");
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert!(rows.len() >= 15, "one sample a second: {} rows", rows.len());
+    let last: Vec<u64> =
+        rows.last().unwrap().split(',').skip(1).map(|v| v.parse().expect("number")).collect();
+    let (connections, failures, reloads) = (last[3], last[4], last[5]);
+    assert!(connections > 1000, "{connections} connections in 20 s");
+    assert_eq!(failures, 0);
+    assert!(reloads >= 10, "a reload a second was applied: {reloads}");
+    let svg = std::fs::read_to_string(out.join("soak.svg")).expect("soak.svg");
+    assert!(svg.contains("<svg") && svg.contains("polyline"), "the chart has its lines");
+}
+
+sluice_tests::for_each_driver!(short_soak_has_no_failure_and_writes_its_figures);
