@@ -20,6 +20,9 @@ const TARGETS: &[(&str, Target)] = &[
     ("sni", |data| {
         let _ = sluice_engine::sni::read_sni(data);
     }),
+    ("proxy_header", |data| {
+        let _ = sluice_engine::proxy::parse(data);
+    }),
 ];
 
 /// Longest a whole corpus may take (a hang fails here instead of blocking the suite).
