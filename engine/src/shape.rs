@@ -243,6 +243,8 @@ struct Lane {
     reserved: u64,
     /// When the reservation may be used.
     due: u64,
+    /// What the last [`Allowance::Bytes`] allowed.
+    granted: u64,
 }
 
 /// What a direction may read now.
@@ -306,29 +308,37 @@ impl Shaper {
             return Allowance::Bytes(want as usize);
         }
         if lane.reserved == 0 {
-            let n = want.min(lane.quantum).max(1);
+            // Always a whole quantum, whatever this read could take: turns are equal in
+            // bytes, so sessions that read into smaller buffers get the same share.
+            let n = match self.byte_cap {
+                Some(cap) => lane.quantum.min(cap - self.read),
+                None => lane.quantum,
+            };
             lane.due = lane.meters.iter().map(|m| m.bucket().reserve(now, n)).max().unwrap_or(0);
             lane.reserved = n;
         }
         if lane.due > now {
             return Allowance::Wait(lane.due);
         }
-        Allowance::Bytes(lane.reserved.min(want) as usize)
+        lane.granted = lane.reserved.min(want);
+        Allowance::Bytes(lane.granted as usize)
     }
 
-    /// `dir` read `got` bytes under its last [`Allowance::Bytes`]; what was reserved and not
-    /// read goes back to the buckets.
+    /// `dir` read `got` bytes under its last [`Allowance::Bytes`]. The rest of the
+    /// reservation stays for the next read; after a short read (the source is drained, or
+    /// ended) it goes back to the buckets.
     pub fn used(&mut self, dir: Direction, got: usize) {
         let got = got as u64;
         self.read += got;
         let lane = &mut self.lanes[index(dir)];
-        let unused = lane.reserved.saturating_sub(got);
-        if unused > 0 {
+        lane.reserved = lane.reserved.saturating_sub(got);
+        if got < lane.granted && lane.reserved > 0 {
             for m in &lane.meters {
-                m.bucket().refund(unused);
+                m.bucket().refund(lane.reserved);
             }
+            lane.reserved = 0;
         }
-        lane.reserved = 0;
+        lane.granted = 0;
     }
 }
 
@@ -434,7 +444,8 @@ mod tests {
             if now >= end {
                 break;
             }
-            match shapers[i].allowance(Direction::Down, now, 64 * 1024) {
+            // Sessions read into buffers of different sizes: shares are equal all the same.
+            match shapers[i].allowance(Direction::Down, now, 16 * 1024 * (i + 1)) {
                 Allowance::Bytes(n) => {
                     shapers[i].used(Direction::Down, n);
                     got[i] += n as u64;
