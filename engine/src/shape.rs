@@ -245,6 +245,8 @@ struct Lane {
     due: u64,
     /// What the last [`Allowance::Bytes`] allowed.
     granted: u64,
+    /// The size of the current reservation.
+    size: u64,
 }
 
 /// What a direction may read now.
@@ -270,7 +272,9 @@ pub struct Shaper {
 impl Shaper {
     /// A shaper with a byte cap only.
     pub fn with_byte_cap(cap: Option<u64>) -> Self {
-        Self { byte_cap: cap, ..Self::default() }
+        let mut shaper = Self::default();
+        shaper.byte_cap = cap;
+        shaper
     }
 
     fn add(&mut self, dir: Direction, meter: Meter) {
@@ -314,8 +318,7 @@ impl Shaper {
                 Some(cap) => lane.quantum.min(cap - self.read),
                 None => lane.quantum,
             };
-            lane.due = lane.meters.iter().map(|m| m.bucket().reserve(now, n)).max().unwrap_or(0);
-            lane.reserved = n;
+            lane.reserve(now, n);
         }
         if lane.due > now {
             return Allowance::Wait(lane.due);
@@ -324,21 +327,54 @@ impl Shaper {
         Allowance::Bytes(lane.granted as usize)
     }
 
-    /// `dir` read `got` bytes under its last [`Allowance::Bytes`]. The rest of the
-    /// reservation stays for the next read; after a short read (the source is drained, or
-    /// ended) it goes back to the buckets.
-    pub fn used(&mut self, dir: Direction, got: usize) {
+    /// `dir` read `got` bytes at `now` under its last [`Allowance::Bytes`]. The rest of the
+    /// reservation stays for the next read; a reservation nothing could be read under goes
+    /// back to the buckets. A reservation used up is renewed at once, so a
+    /// busy direction keeps its place in the buckets' queue even while its destination is
+    /// slow to take what it read: turns go round the sessions whatever their write timing.
+    pub fn used(&mut self, dir: Direction, got: usize, now: u64) {
         let got = got as u64;
         self.read += got;
         let lane = &mut self.lanes[index(dir)];
         lane.reserved = lane.reserved.saturating_sub(got);
-        if got < lane.granted && lane.reserved > 0 {
-            for m in &lane.meters {
-                m.bucket().refund(lane.reserved);
-            }
-            lane.reserved = 0;
-        }
+        // A read that found nothing at all gives the untouched reservation back; one that
+        // found part of it keeps the rest for when more arrives (the socket's buffer may hold
+        // less than a quantum), so that it does not lose its turn.
+        let nothing = got == 0 && lane.granted > 0 && lane.reserved == lane.size;
         lane.granted = 0;
+        if nothing {
+            lane.give_back();
+        } else if lane.reserved == 0 && !lane.meters.is_empty() {
+            let left = self.byte_cap.map_or(u64::MAX, |cap| cap.saturating_sub(self.read));
+            if left > 0 {
+                lane.reserve(now, lane.quantum.min(left));
+            }
+        }
+    }
+}
+
+impl Lane {
+    fn reserve(&mut self, now: u64, n: u64) {
+        self.due = self.meters.iter().map(|m| m.bucket().reserve(now, n)).max().unwrap_or(0);
+        self.reserved = n;
+        self.size = n;
+    }
+
+    /// Returns what is reserved and unused to the buckets.
+    fn give_back(&mut self) {
+        if self.reserved > 0 {
+            for m in &self.meters {
+                m.bucket().refund(self.reserved);
+            }
+        }
+        self.reserved = 0;
+    }
+}
+
+impl Drop for Shaper {
+    /// A session that ends gives back what it had reserved and not read.
+    fn drop(&mut self) {
+        self.lanes.iter_mut().for_each(Lane::give_back);
     }
 }
 
@@ -393,7 +429,7 @@ mod tests {
         while now < end {
             match shaper.allowance(dir, now, want) {
                 Allowance::Bytes(n) => {
-                    shaper.used(dir, n);
+                    shaper.used(dir, n, now);
                     total += n as u64;
                 }
                 Allowance::Wait(t) => now = t,
@@ -444,11 +480,14 @@ mod tests {
             if now >= end {
                 break;
             }
-            // Sessions read into buffers of different sizes: shares are equal all the same.
+            // Sessions read into buffers of different sizes, and after each read are busy
+            // writing for different times (their clients drain at different moments):
+            // shares are equal all the same.
             match shapers[i].allowance(Direction::Down, now, 16 * 1024 * (i + 1)) {
                 Allowance::Bytes(n) => {
-                    shapers[i].used(Direction::Down, n);
+                    shapers[i].used(Direction::Down, n, now);
                     got[i] += n as u64;
+                    due[i] = now + [0, 10, 30, 50][i] * MS;
                 }
                 Allowance::Wait(t) => due[i] = t,
                 Allowance::Capped => unreachable!(),
@@ -482,7 +521,7 @@ mod tests {
         // A read that finds less than it reserved returns the rest.
         let t = 10 * SEC;
         let Allowance::Bytes(n) = a.allowance(Direction::Up, t, 65_536) else { panic!() };
-        a.used(Direction::Up, 0);
+        a.used(Direction::Up, 0, t);
         assert_eq!(a.allowance(Direction::Up, t, 65_536), Allowance::Bytes(n));
     }
 
@@ -491,9 +530,9 @@ mod tests {
         let mut s = Shaper::with_byte_cap(Some(1000));
         assert!(s.is_active());
         assert_eq!(s.allowance(Direction::Up, 0, 600), Allowance::Bytes(600));
-        s.used(Direction::Up, 600);
+        s.used(Direction::Up, 600, 0);
         assert_eq!(s.allowance(Direction::Down, 0, 600), Allowance::Bytes(400));
-        s.used(Direction::Down, 400);
+        s.used(Direction::Down, 400, 0);
         assert_eq!(s.allowance(Direction::Down, 0, 600), Allowance::Capped);
         assert_eq!(s.bytes_read(), 1000);
         assert!(!Shaper::default().is_active());

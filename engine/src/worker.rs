@@ -411,12 +411,12 @@ impl Admission {
         }
     }
 
-    /// `dir` read `got` bytes (0 for nothing, an error or the end of stream) under its last
-    /// allowance.
+    /// `dir` read `got` bytes at `now` (0 for nothing, an error or the end of stream) under
+    /// its last allowance.
     #[inline]
-    pub fn used(&mut self, dir: Direction, got: usize) {
+    pub fn used(&mut self, dir: Direction, got: usize, now: Instant) {
         if let Some(shaper) = self.shaper.as_mut() {
-            shaper.used(dir, got);
+            shaper.used(dir, got, shape::nanos(now));
         }
     }
 

@@ -1,6 +1,6 @@
 //! Traffic shaping and session limits, end to end on every driver: shaped streams move at
-//! their configured rate (each direction on its own; equal shares of a shared budget are in
-//! shaping_fairness.rs), limits per client address, per client network and per time refuse the
+//! their configured rate (each direction on its own), sessions under a shared budget get
+//! equal shares, limits per client address, per client network and per time refuse the
 //! next session with reason `limit` (counted in /metrics), the byte cap and the maximum
 //! duration cut sessions with their own reasons, and a reload changes limits for new
 //! sessions while the counts of open ones carry over.
@@ -114,6 +114,25 @@ fn shaped_streams_move_at_their_configured_rate(driver: Driver) {
     assert_near("8 MB/s download", fast.join().unwrap(), 8_000_000.0, 0.05);
     let up_rate = uploaded.load(Ordering::Relaxed) as f64 / WINDOW.as_secs_f64();
     assert_near("2 MB/s upload", up_rate, 2_000_000.0, 0.05);
+}
+
+/// Four sessions under one service-wide budget, spread over two workers, each get a quarter
+/// of it (within 10%), and together the budget (within 5%).
+fn sessions_under_a_shared_budget_get_equal_shares(driver: Driver) {
+    let source = firehose();
+    let config = Config::new(driver).service(
+        Service::new("shared", &[source.addr()]).key(r#"bandwidth_down = { total = "4 MB/s" }"#),
+    );
+    let Some(sluice) = Sluice::start(config) else { return };
+    let addr = sluice.addr("shared");
+    let readers: Vec<_> =
+        (0..4).map(|_| std::thread::spawn(move || measure_download(connect(addr)))).collect();
+    let rates: Vec<f64> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    let total: f64 = rates.iter().sum();
+    assert_near("shared total", total, 4_000_000.0, 0.05);
+    for (i, &rate) in rates.iter().enumerate() {
+        assert_near(&format!("session {i} of 4 ({rates:?})"), rate, 1_000_000.0, 0.10);
+    }
 }
 
 /// Opens a session from `ip` and proves it reached the backend (a tagged backend's first
@@ -273,6 +292,7 @@ fn a_reload_changes_limits_for_new_sessions(driver: Driver) {
 
 sluice_tests::for_each_driver!(
     shaped_streams_move_at_their_configured_rate,
+    sessions_under_a_shared_budget_get_equal_shares,
     sessions_per_client_and_per_network_are_capped,
     new_sessions_per_client_are_throttled,
     byte_cap_and_maximum_duration_cut_sessions,

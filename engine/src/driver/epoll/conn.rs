@@ -114,7 +114,7 @@ impl Conn {
                 }
             };
             let read = src.read(&mut space[..allowed]);
-            self.admission.used(dir, *read.as_ref().unwrap_or(&0));
+            self.admission.used(dir, *read.as_ref().unwrap_or(&0), now);
             match read {
                 Ok(0) => {
                     buf.release(pool);

@@ -199,7 +199,7 @@ impl Conn {
                 None => match pools.pipes.take() {
                     Ok(p) => p,
                     Err(_) => {
-                        self.admission.used(dir, 0);
+                        self.admission.used(dir, 0, now);
                         return Pump::NoPipe;
                     }
                 },
@@ -225,7 +225,7 @@ impl Conn {
                     }
                 }
             }
-            self.admission.used(dir, lane.buffered);
+            self.admission.used(dir, lane.buffered, now);
             lane.pipe = Some(pipe);
             match outcome {
                 Ok(()) => {}
@@ -290,7 +290,7 @@ impl Conn {
                 }
             };
             let read = sys::read(src, &mut space[..want]);
-            self.admission.used(dir, *read.as_ref().unwrap_or(&0));
+            self.admission.used(dir, *read.as_ref().unwrap_or(&0), now);
             match read {
                 Ok(0) => {
                     lane.buffer.release(&mut pools.buffers);
