@@ -526,6 +526,21 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_read_keeps_the_rest_of_its_turn() {
+        let bw = Bandwidth::new(BandwidthSpec {
+            total: [Some(rate(1_000_000, 100_000)), None],
+            ..BandwidthSpec::default()
+        });
+        let mut s = Shaper::default();
+        bw.attach(&mut s, [127, 0, 0, 1].into(), 0);
+        let t = SEC;
+        let Allowance::Bytes(n) = s.allowance(Direction::Up, t, 1 << 20) else { panic!() };
+        // The socket held only part of the turn: the rest is still this session's.
+        s.used(Direction::Up, n / 2, t);
+        assert_eq!(s.allowance(Direction::Up, t, 1 << 20), Allowance::Bytes(n - n / 2));
+    }
+
+    #[test]
     fn the_byte_cap_counts_both_directions() {
         let mut s = Shaper::with_byte_cap(Some(1000));
         assert!(s.is_active());
