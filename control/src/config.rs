@@ -287,6 +287,16 @@ enum Size {
     Text(String),
 }
 
+impl Size {
+    /// The size in bytes: a number as given, or text such as "64 KiB" (see [`parse_size`]).
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            Size::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_string()),
+            Size::Text(t) => parse_size(t),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ServiceSection {
@@ -790,10 +800,7 @@ impl Validator<'_> {
 
     fn capture_size(&mut self, value: &Option<Spanned<Size>>, key: &str) -> Option<u64> {
         let value = value.as_ref()?;
-        let parsed = match value.get_ref() {
-            Size::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_string()),
-            Size::Text(t) => parse_size(t),
-        };
+        let parsed = value.get_ref().bytes();
         match parsed {
             Ok(n) if n >= MIN_CAPTURE_SIZE => Some(n),
             Ok(_) => {
@@ -1009,10 +1016,7 @@ impl Validator<'_> {
             }
         }
         let Some(value) = &raw.udp_max_datagram else { return };
-        let parsed = match value.get_ref() {
-            Size::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_string()),
-            Size::Text(t) => parse_size(t),
-        };
+        let parsed = value.get_ref().bytes();
         match parsed {
             Ok(n) if (MIN_UDP_DATAGRAM..=MAX_UDP_DATAGRAM).contains(&n) => {
                 engine.udp_max_datagram = n as usize;
@@ -1089,10 +1093,7 @@ impl Validator<'_> {
     /// A pipe or buffer size within the accepted range.
     fn size(&mut self, value: &Option<Spanned<Size>>, key: &str) -> Option<usize> {
         let value = value.as_ref()?;
-        let parsed = match value.get_ref() {
-            Size::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_string()),
-            Size::Text(t) => parse_size(t),
-        };
+        let parsed = value.get_ref().bytes();
         match parsed {
             Ok(n) if (MIN_PIPE_SIZE..=MAX_PIPE_SIZE).contains(&n) => Some(n as usize),
             Ok(_) => {

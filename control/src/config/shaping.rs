@@ -164,10 +164,7 @@ impl Validator<'_> {
     }
 
     fn byte_count(&mut self, value: &Spanned<Size>, key: &str) -> Option<u64> {
-        let parsed = match value.get_ref() {
-            Size::Bytes(n) => u64::try_from(*n).map_err(|_| "must not be negative".to_string()),
-            Size::Text(t) => parse_size(t),
-        };
+        let parsed = value.get_ref().bytes();
         match parsed {
             Ok(0) => {
                 self.error(value.span(), key, "must be greater than zero");
