@@ -129,7 +129,7 @@ fn run(command: Command) -> Result<()> {
                 Ok(())
             } else {
                 Err(BenchError::Usage(format!(
-                    "soak failed its criteria (drift under {}%/10min, 0 panics, failure rate under {:e})",
+                    "soak failed its criteria (RSS drift under {}%/10min, no fd held beyond warm-up, 0 panics, failure rate under {:e})",
                     soak::DRIFT_LIMIT,
                     soak::FAILURE_LIMIT
                 )))

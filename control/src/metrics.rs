@@ -117,6 +117,7 @@ pub fn stats(shared: &Shared) -> Value {
                 "accept_backoffs": get(&w.accept_backoffs),
                 "accept_paused_full": get(&w.accept_paused_full),
                 "backend_socket_errors": get(&w.backend_socket_errors),
+                "spare_pipes": get(&w.spare_pipes),
             })
         })
         .collect();
@@ -509,7 +510,7 @@ pub fn prometheus(shared: &Shared) -> String {
     backend_metrics(&mut f, &tables);
     udp_metrics(&mut f, &tables, shared);
     type WorkerMetric = (&'static str, &'static str, &'static str, fn(&WorkerStats) -> u64);
-    let worker_metrics: [WorkerMetric; 6] = [
+    let worker_metrics: [WorkerMetric; 7] = [
         ("sluice_worker_accepted_total", "counter", "Connections accepted, per worker.", |w| {
             get(&w.accepted)
         }),
@@ -536,6 +537,12 @@ pub fn prometheus(shared: &Shared) -> String {
             "counter",
             "Sessions closed (no_socket) because no backend socket could be created, per worker.",
             |w| get(&w.backend_socket_errors),
+        ),
+        (
+            "sluice_worker_spare_pipes",
+            "gauge",
+            "Pipes the splice relay keeps empty for reuse (two fds each), per worker.",
+            |w| get(&w.spare_pipes),
         ),
     ];
     for (name, kind, help, value) in worker_metrics {

@@ -200,6 +200,43 @@ pub struct Pick<'a> {
     pub now: Instant,
 }
 
+/// The backends (indices) one session has tried, in order. A pool allows at most
+/// [`DEFAULT_CONNECT_ATTEMPTS`] attempts, so they are kept inline: picking a backend
+/// allocates nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tried {
+    len: usize,
+    at: [usize; DEFAULT_CONNECT_ATTEMPTS],
+}
+
+impl Tried {
+    /// Records an attempt on backend `i`. [`Pool::pick`] never gives more than the
+    /// attempts allow, so there is always room.
+    pub fn push(&mut self, i: usize) {
+        debug_assert!(self.len < self.at.len(), "more attempts than a pool allows");
+        if let Some(slot) = self.at.get_mut(self.len) {
+            *slot = i;
+            self.len += 1;
+        }
+    }
+
+    pub fn as_slice(&self) -> &[usize] {
+        &self.at[..self.len]
+    }
+
+    pub fn last(&self) -> Option<usize> {
+        self.as_slice().last().copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl Pool {
     /// A round-robin pool.
     pub fn new(backends: Vec<Backend>) -> Self {
@@ -273,31 +310,33 @@ impl Pool {
         // already been refused by every one that is.
         let primary_open = (0..self.backends.len()).any(|i| !self.backends[i].backup && open(i));
         let tier = usize::from(!primary_open);
-        let candidates: Vec<usize> =
-            (0..self.backends.len()).filter(|&i| self.backends[i].backup == (tier == 1)).collect();
-        if !candidates.iter().any(|&i| open(i)) {
+        // No allocation per session: the tier's candidates and the open ones among them are
+        // walked as often as needed instead of collected (pools are small; a walk is cheap).
+        let candidates =
+            || (0..self.backends.len()).filter(move |&i| self.backends[i].backup == (tier == 1));
+        let open_ones = || candidates().filter(|&i| open(i));
+        let n_open = open_ones().count();
+        if n_open == 0 {
             return None;
         }
         match self.algorithm {
-            Algorithm::RoundRobin => {
-                // Turns go round the backends that can take the session, so a backend that
-                // is out does not hand its share to its neighbour alone.
-                let open: Vec<usize> = candidates.into_iter().filter(|&i| open(i)).collect();
-                Some(open[p.start % open.len()])
-            }
+            // Turns go round the backends that can take the session, so a backend that is
+            // out does not hand its share to its neighbour alone.
+            Algorithm::RoundRobin => open_ones().nth(p.start % n_open),
             Algorithm::Weighted => walk(&self.schedule[tier], p.start, open),
             Algorithm::LeastSessions => {
-                let n = candidates.len();
-                (0..n)
-                    .map(|k| candidates[p.start.wrapping_add(k) % n])
+                // From the session's own place in the tier, so ties spread evenly.
+                let from = p.start % candidates().count();
+                candidates()
+                    .skip(from)
+                    .chain(candidates().take(from))
                     .filter(|&i| open(i))
                     .min_by_key(|&i| self.backends[i].load())
             }
             Algorithm::TwoChoices => {
-                let open: Vec<usize> = candidates.into_iter().filter(|&i| open(i)).collect();
                 let seed = mix(p.start as u64 ^ 0x9e37_79b9_7f4a_7c15);
-                let a = open[(seed % open.len() as u64) as usize];
-                let b = open[(mix(seed) % open.len() as u64) as usize];
+                let a = open_ones().nth((seed % n_open as u64) as usize)?;
+                let b = open_ones().nth((mix(seed) % n_open as u64) as usize)?;
                 let w = |i: usize| (self.backends[i].load(), self.backends[i].weight);
                 Some(if w(b).0 < w(a).0 { b } else { a })
             }
@@ -589,17 +628,18 @@ mod tests {
         let p = pool(5);
         let now = Instant::now();
         let start = p.start();
-        let mut tried = Vec::new();
-        while let Some(i) = p.pick(&Pick { start, key: 0, tried: &tried, now }) {
+        let mut tried = Tried::default();
+        while let Some(i) = p.pick(&Pick { start, key: 0, tried: tried.as_slice(), now }) {
             tried.push(i);
         }
-        assert_eq!(tried, vec![0, 1, 2]);
+        assert_eq!(tried.as_slice(), [0, 1, 2]);
+        assert_eq!(tried.last(), Some(2));
         let small = pool(2);
-        let mut tried = Vec::new();
-        while let Some(i) = small.pick(&Pick { start: 1, key: 0, tried: &tried, now }) {
+        let mut tried = Tried::default();
+        while let Some(i) = small.pick(&Pick { start: 1, key: 0, tried: tried.as_slice(), now }) {
             tried.push(i);
         }
-        assert_eq!(tried, vec![1, 0]);
+        assert_eq!(tried.as_slice(), [1, 0]);
         assert!(Pool::new(Vec::new()).pick(&Pick { start: 0, key: 0, tried: &[], now }).is_none());
     }
 

@@ -35,6 +35,8 @@ pub struct WorkerStats {
     pub accept_paused_full: AtomicU64,
     /// Sessions closed because no socket for the backend could be created (`no_socket`).
     pub backend_socket_errors: AtomicU64,
+    /// Pipes (two fds each) the splice relay keeps empty for reuse now; a gauge.
+    pub spare_pipes: AtomicU64,
 }
 
 impl WorkerStats {
@@ -432,7 +434,10 @@ impl EventSink {
             return;
         }
         self.oldest = None;
-        let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(16));
+        // The next batch is sized like this one, so that a busy worker allocates once per
+        // batch rather than growing the vector record by record.
+        let room = self.pending.len().next_power_of_two().clamp(16, MAX_BATCH);
+        let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(room));
         let n = batch.len() as u64;
         match self.tx.try_send(batch) {
             Ok(()) => {}

@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::acl::{Action, Query};
-use crate::balance::{client_key, Backend, Pick, Pool};
+use crate::balance::{client_key, Backend, Pick, Pool, Tried};
 use crate::capture::Tap;
 use crate::driver::{self, DriverChoice, Selection};
 use crate::events::{EventSink, Record, RecordKind, Verdict, WorkerStats};
@@ -264,7 +264,7 @@ pub struct Admission {
     pub destination: SocketAddr,
     pub pool_start: usize,
     /// Backends (pool indices) this session has tried, in order.
-    pub tried: Vec<usize>,
+    pub tried: Tried,
     pub start_wall: SystemTime,
     /// The backend of the current connect attempt, then of the relay.
     pub backend: Option<Backend>,
@@ -322,7 +322,7 @@ impl Admission {
             client,
             destination: listener,
             pool_start: 0,
-            tried: Vec::new(),
+            tried: Tried::default(),
             start_wall,
             backend,
             decision,
@@ -464,7 +464,7 @@ impl Admission {
         let pick = Pick {
             start: self.pool_start,
             key: client_key(self.client),
-            tried: &self.tried,
+            tried: self.tried.as_slice(),
             now: Instant::now(),
         };
         let i = self.pool().pick(&pick)?;
@@ -481,7 +481,7 @@ impl Admission {
         WorkerStats::add(&self.service().counters.connect_errors, 1);
         let Some(b) = &self.backend else { return };
         WorkerStats::add(&b.state.connect_errors, 1);
-        if let Some(&i) = self.tried.last() {
+        if let Some(i) = self.tried.last() {
             self.pool().connect_failed(i, Instant::now());
         }
     }

@@ -1,7 +1,8 @@
 //! The soak (RELIABILITY.md scenario 18) in miniature, so every test run exercises it:
 //! `sluice-bench soak` for 20 s on each driver, with mixed traffic and a reload every
-//! second. It must finish with no failed connection, no panic, and write its CSV and SVG.
-//! (Drift is judged only by full-length runs: `scripts/soak`.)
+//! second. It must finish with no failed connection, no panic, no fd held beyond warm-up
+//! (counted with no session open, which is exact even in a short run), and write its CSV and
+//! SVG. (RSS drift is judged only by full-length runs: `scripts/soak`.)
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -41,6 +42,13 @@ fn short_soak_has_no_failure_and_writes_its_figures(driver: Driver) {
     assert!(output.status.success(), "soak failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("PASS") && stdout.contains("failures 0"), "{stdout}");
     assert!(stdout.contains("panics 0"), "{stdout}");
+    // The fds held with no session open, after warm-up and after the run: measured, and
+    // no higher after (a leaked fd would still be held).
+    let quiet = stdout.split("quiet fds ").nth(1).expect("quiet fd counts reported");
+    let mut counts = quiet.split([' ', ',', '(']).filter_map(|w| w.parse::<u64>().ok());
+    let (before, after) = (counts.next(), counts.next());
+    assert!(before.is_some() && after.is_some(), "both quiet counts taken: {stdout}");
+    assert!(after <= before, "an fd held beyond warm-up: {stdout}");
     let csv = std::fs::read_to_string(out.join("soak.csv")).expect("soak.csv");
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert!(rows.len() >= 15, "one sample a second: {} rows", rows.len());

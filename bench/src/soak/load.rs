@@ -4,7 +4,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -33,6 +33,30 @@ pub struct Tally {
     pub failed: AtomicU64,
 }
 
+/// Holds the clients between connections, so that sluice can be seen with no session open.
+#[derive(Debug, Default)]
+pub struct Gate {
+    held: AtomicBool,
+}
+
+impl Gate {
+    /// Clients finish the connection they are on and start no other until released.
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::Relaxed);
+    }
+
+    pub fn release(&self) {
+        self.held.store(false, Ordering::Relaxed);
+    }
+
+    fn held(&self) -> bool {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// How often a held client looks at its gate.
+const HELD_POLL: Duration = Duration::from_millis(10);
+
 /// One connection of a traffic kind, given a scratch buffer.
 type Kind = fn(SocketAddr, &mut [u8]) -> io::Result<()>;
 
@@ -45,20 +69,22 @@ const KINDS: [(&str, Kind); 5] = [
     ("reset", reset),
 ];
 
-/// Starts `concurrency` threads per kind against `target`; they stop with `control`.
+/// Starts `concurrency` threads per kind against `target`; they stop with `control` and
+/// pause while `gate` is held.
 pub fn start(
     target: SocketAddr,
     concurrency: usize,
     control: &Arc<RunControl>,
+    gate: &Arc<Gate>,
     tally: &Arc<Tally>,
 ) -> Result<Vec<JoinHandle<()>>> {
     let mut threads = Vec::new();
     for (name, kind) in KINDS {
         for i in 0..concurrency.max(1) {
-            let (control, tally) = (control.clone(), tally.clone());
+            let (control, gate, tally) = (control.clone(), gate.clone(), tally.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("soak-{name}-{i}"))
-                .spawn(move || client_loop(name, kind, target, &control, &tally))
+                .spawn(move || client_loop(name, kind, target, &control, &gate, &tally))
                 .map_err(io_context("spawn soak client"))?;
             threads.push(thread);
         }
@@ -66,9 +92,20 @@ pub fn start(
     Ok(threads)
 }
 
-fn client_loop(name: &str, kind: Kind, target: SocketAddr, control: &RunControl, tally: &Tally) {
+fn client_loop(
+    name: &str,
+    kind: Kind,
+    target: SocketAddr,
+    control: &RunControl,
+    gate: &Gate,
+    tally: &Tally,
+) {
     let mut buf = vec![0u8; BULK_CHUNK];
     while !control.stopped() {
+        if gate.held() {
+            std::thread::sleep(HELD_POLL);
+            continue;
+        }
         match kind(target, &mut buf) {
             Ok(()) => {
                 tally.ok.fetch_add(1, Ordering::Relaxed);

@@ -3,10 +3,11 @@
 //! against an in-process echo backend while its configuration is reloaded (SIGHUP) every few
 //! seconds; its RSS, fd count and live sessions are sampled to a CSV and drawn to an SVG.
 //!
-//! Pass criteria, judged after the warm-up ([`judge`], pure): RSS and fds flat (drift under
-//! 1% per 10 minutes), no panic in sluice's log, failed-connection rate under 1e-6. The fd
-//! figure is the process's fds less two per live session, so that the figure tracks what
-//! sluice holds beyond its sessions (the load itself moves the session count).
+//! Pass criteria, judged after the warm-up ([`judge`], pure): RSS flat (drift under 1% per
+//! 10 minutes), fds flat (with the load held until no session is open, the count after the
+//! run is no higher than at the end of warm-up), no panic in sluice's log, failed-connection
+//! rate under 1e-6. The sampled fd figure (the process's fds less two per live session) is
+//! charted and reported, not judged: the load moves it by several fds either way.
 
 mod load;
 mod verdict;
@@ -28,8 +29,8 @@ use crate::error::{io_context, BenchError, Result};
 use crate::procfs;
 use crate::timeline::{self, RunControl};
 
-pub use self::load::Tally;
-pub use self::verdict::{judge, Sample, Verdict, DRIFT_LIMIT, FAILURE_LIMIT};
+pub use self::load::{Gate, Tally};
+pub use self::verdict::{judge, QuietFds, Sample, Verdict, DRIFT_LIMIT, FAILURE_LIMIT};
 
 /// What a soak run does.
 #[derive(Debug, Clone)]
@@ -132,8 +133,16 @@ fn start_proxy(p: &SoakParams, backend: SocketAddr) -> Result<Proxy> {
     Ok(proxy)
 }
 
-/// Live sessions and reloads applied, from the admin API's Prometheus text.
-fn admin_figures(admin: SocketAddr) -> Option<(u64, u64)> {
+/// What the admin API's Prometheus text says: live sessions, reloads applied and spare
+/// pipes (the splice relay's pool).
+#[derive(Debug, Clone, Copy)]
+struct AdminFigures {
+    sessions: u64,
+    reloads: u64,
+    spare_pipes: u64,
+}
+
+fn admin_figures(admin: SocketAddr) -> Option<AdminFigures> {
     let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n").ok()?;
@@ -145,7 +154,11 @@ fn admin_figures(admin: SocketAddr) -> Option<(u64, u64)> {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     };
-    Some((sum("sluice_worker_sessions_active{"), sum("sluice_reloads_total ")))
+    Some(AdminFigures {
+        sessions: sum("sluice_worker_sessions_active{"),
+        reloads: sum("sluice_reloads_total "),
+        spare_pipes: sum("sluice_worker_spare_pipes{"),
+    })
 }
 
 /// Runs the soak; returns the samples and the verdict, after writing soak.csv and soak.svg.
@@ -157,8 +170,11 @@ pub fn run(p: &SoakParams) -> Result<(Vec<Sample>, Verdict)> {
     let pid = proxy.child.id();
     let control = RunControl::new();
     let tally = Arc::new(Tally::default());
-    let threads = load::start(proxy.listen, p.concurrency, &control, &tally)?;
+    let gate = Arc::new(Gate::default());
+    let threads = load::start(proxy.listen, p.concurrency, &control, &gate, &tally)?;
     let began = Instant::now();
+    let mut quiet = QuietFds::default();
+    let mut warmed = false;
     let mut samples = Vec::new();
     let (mut next_sample, mut next_reload, mut generation) = (began, began + p.reload_every, 0u64);
     let mut csv = verdict::CsvWriter::create(&p.out_dir.join("soak.csv"))?;
@@ -171,6 +187,13 @@ pub fn run(p: &SoakParams) -> Result<(Vec<Sample>, Verdict)> {
                 .map_err(|source| BenchError::File { path: proxy.config.clone(), source })?;
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
             next_reload += p.reload_every;
+        }
+        if !warmed && began.elapsed() >= p.warmup && began.elapsed() + QUIET_WAIT < p.duration {
+            warmed = true;
+            gate.hold();
+            quiet.before = quiet_fds(pid, proxy.admin)?;
+            gate.release();
+            eprintln!("[soak] fds with no session open after warm-up: {:?}", quiet.before);
         }
         if now >= next_sample {
             let sample = take_sample(pid, proxy.admin, began, &tally)?;
@@ -185,19 +208,50 @@ pub fn run(p: &SoakParams) -> Result<(Vec<Sample>, Verdict)> {
     for t in threads {
         let _ = t.join();
     }
+    if quiet.before.is_some() {
+        quiet.after = quiet_fds(pid, proxy.admin)?;
+        eprintln!("[soak] fds with no session open after the run: {:?}", quiet.after);
+    }
     let log = fs::read_to_string(p.out_dir.join("sluice.log")).unwrap_or_default();
     let panics = log.lines().filter(|l| l.contains("panicked")).count() as u64;
     drop(proxy);
-    let verdict = judge(&samples, p.warmup, panics);
+    let verdict = judge(&samples, p.warmup, quiet, panics);
     let applied = samples.last().map_or(0, |s| s.reloads);
     eprintln!("[soak] reloads sent {generation}, applied {applied} (at the last sample)");
     verdict::chart(&p.out_dir.join("soak.svg"), &samples, p.warmup)?;
     Ok((samples, verdict))
 }
 
+/// How long the load may take to drain before sluice's quiet fd count is taken.
+const QUIET_WAIT: Duration = Duration::from_secs(15);
+/// Readings of a quiet fd count, the least of which counts: a reload's brief file reads,
+/// or a session whose last operation is still completing, would add one or two.
+const QUIET_READINGS: usize = 5;
+
+/// sluice's fd count once no session is open (the load must be held or stopped), less the
+/// spare pipes its splice relay keeps (a bounded pool, not a leak): the least of a few
+/// readings; `None` if sessions are still open after [`QUIET_WAIT`].
+fn quiet_fds(pid: u32, admin: SocketAddr) -> Result<Option<u64>> {
+    let deadline = Instant::now() + QUIET_WAIT;
+    while admin_figures(admin).is_none_or(|f| f.sessions > 0) {
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        timeline::pause(Duration::from_millis(50))?;
+    }
+    let mut least = u64::MAX;
+    for _ in 0..QUIET_READINGS {
+        timeline::pause(Duration::from_millis(100))?;
+        let fds = procfs::footprint(pid)?.fds;
+        let Some(f) = admin_figures(admin) else { continue };
+        least = least.min(fds.saturating_sub(2 * f.spare_pipes));
+    }
+    Ok((least != u64::MAX).then_some(least))
+}
+
 fn take_sample(pid: u32, admin: SocketAddr, began: Instant, tally: &Tally) -> Result<Sample> {
     let fp = procfs::footprint(pid)?;
-    let (sessions, reloads) = admin_figures(admin).unwrap_or((0, 0));
+    let (sessions, reloads) = admin_figures(admin).map_or((0, 0), |f| (f.sessions, f.reloads));
     Ok(Sample {
         seconds: began.elapsed().as_secs_f64(),
         rss_kib: fp.rss_kib,

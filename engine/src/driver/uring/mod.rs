@@ -139,6 +139,38 @@ struct Listener {
     retiring: bool,
 }
 
+/// Boxed addresses for connect operations, kept for reuse. A connect's address must stay put
+/// until its completion (the session table may move), and a fresh box per session would
+/// churn the allocator on every new connection.
+#[derive(Default)]
+struct AddrPool {
+    // The boxes are the point: each is handed to a connect whose address must not move.
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<socket2::SockAddr>>,
+}
+
+/// Spare connect addresses kept at most: more than a worker has connects in flight at once
+/// under any sane load, and only a few KiB.
+const MAX_SPARE_ADDRS: usize = 256;
+
+impl AddrPool {
+    fn take(&mut self, addr: SocketAddr) -> Box<socket2::SockAddr> {
+        match self.spare.pop() {
+            Some(mut target) => {
+                *target = socket2::SockAddr::from(addr);
+                target
+            }
+            None => Box::new(socket2::SockAddr::from(addr)),
+        }
+    }
+
+    fn give(&mut self, target: Box<socket2::SockAddr>) {
+        if self.spare.len() < MAX_SPARE_ADDRS {
+            self.spare.push(target);
+        }
+    }
+}
+
 struct UringWorker {
     ctx: WorkerContext,
     ring: IoUring,
@@ -152,6 +184,7 @@ struct UringWorker {
     /// that was being cancelled), by listener index: they wait here, unread, for a place.
     parked: std::collections::VecDeque<(OwnedFd, usize)>,
     pools: RelayPools,
+    addrs: AddrPool,
     /// Where ClientHellos are peeked at.
     scratch: Box<[u8]>,
     completions: Vec<(u64, i32, u32)>,
@@ -179,7 +212,7 @@ impl UringWorker {
             .collect::<io::Result<Vec<_>>>()?;
         let pools = RelayPools {
             relay: ctx.relay,
-            pipes: PipePool::new(ctx.pipe_size),
+            pipes: PipePool::new(ctx.pipe_size, ctx.stats.clone()),
             buffers: BufferPool::new(ctx.buffer_size),
         };
         let mut worker = Self {
@@ -193,6 +226,7 @@ impl UringWorker {
             full: FullPause::default(),
             parked: Default::default(),
             pools,
+            addrs: AddrPool::default(),
             scratch: peek::scratch(),
             completions: Vec::with_capacity(CQ_ENTRIES as usize),
             draining: None,
@@ -626,10 +660,10 @@ impl UringWorker {
             match sys::tcp_socket_for(addr) {
                 Ok(socket) => {
                     let _ = socket.set_tcp_nodelay(true);
-                    let target = Box::new(socket2::SockAddr::from(addr));
+                    let target = self.addrs.take(addr);
                     let fd: OwnedFd = socket.into();
                     // SAFETY: `target` is boxed and kept in `conn.connect_addr` until the
-                    // connect completion arrives (cleared in on_session_op).
+                    // connect completion arrives (taken back in on_session_op).
                     let entry = unsafe { ops::connect(fd.as_raw_fd(), &target, id.index) };
                     conn.backend = Some(fd);
                     conn.connect_addr = Some(target);
@@ -659,6 +693,11 @@ impl UringWorker {
     fn on_session_op(&mut self, op: Op, index: u32, dir: Direction, result: i32) {
         let Some((id, conn)) = self.conns.at_mut(index) else { return };
         conn.inflight &= !bit(op, dir);
+        if op == Op::Connect {
+            if let Some(target) = conn.connect_addr.take() {
+                self.addrs.give(target);
+            }
+        }
         if conn.closing.is_some() {
             if conn.inflight == 0 {
                 self.conns.remove(id);
@@ -667,7 +706,6 @@ impl UringWorker {
         }
         match op {
             Op::Connect => {
-                conn.connect_addr = None;
                 if result == 0 {
                     let backend = conn.backend.as_ref().map(|fd| fd.as_raw_fd());
                     let sent = backend.map(|fd| peek::send_proxy_header(&conn.admission, fd));

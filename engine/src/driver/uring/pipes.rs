@@ -4,7 +4,10 @@
 //! session instead.
 
 use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
+use crate::events::WorkerStats;
 use crate::sys::Pipe;
 
 /// Spare pipes kept per worker (each holds two fds).
@@ -14,15 +17,18 @@ pub const SPARE_PIPES: usize = 64;
 pub(super) struct PipePool {
     size: usize,
     spare: Vec<Pipe>,
+    /// Where the number of spare pipes is published (`spare_pipes`).
+    stats: Arc<WorkerStats>,
 }
 
 impl PipePool {
-    pub fn new(size: usize) -> Self {
-        Self { size, spare: Vec::new() }
+    pub fn new(size: usize, stats: Arc<WorkerStats>) -> Self {
+        Self { size, spare: Vec::new(), stats }
     }
 
     pub fn take(&mut self) -> io::Result<Pipe> {
         if let Some(p) = self.spare.pop() {
+            self.publish();
             return Ok(p);
         }
         Pipe::new(self.size)
@@ -38,7 +44,12 @@ impl PipePool {
                 "a pipe with bytes went back to the pool"
             );
             self.spare.push(pipe);
+            self.publish();
         }
+    }
+
+    fn publish(&self) {
+        self.stats.spare_pipes.store(self.spare.len() as u64, Ordering::Relaxed);
     }
 
     /// Bytes each pipe is asked to hold (the kernel may round up).

@@ -1,0 +1,129 @@
+//! A session allocates nothing in the worker: accepting, deciding, picking a backend,
+//! connecting, relaying and closing reuse what the worker already holds. Allocation churn per
+//! connection is what slowly fragments a long-running worker's heap (the soak's RSS drift),
+//! and it costs connections per second. Runs on every driver.
+//!
+//! Allocations are counted for the whole process while sessions run one after another. The
+//! test's own client and backend allocate nothing per connection, so what is counted is the
+//! engine's: its record batches (one allocation per batch of many records) and nothing per
+//! session.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use sluice_engine::balance::{Backend, Pool};
+use sluice_engine::events::EventSink;
+use sluice_engine::sys::alloc::{all_allocations, CountingAlloc};
+use sluice_engine::tables::{Service, Tables, Timeouts};
+use sluice_engine::worker::Relay;
+use sluice_engine::{DriverChoice, Engine, EngineConfig, EngineError};
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+const WARM_UP: usize = 300;
+const SESSIONS: usize = 3_000;
+/// Allocations allowed per session, on average: record batches only.
+const PER_SESSION: f64 = 0.05;
+
+/// An echo backend serving one connection at a time on one thread (a thread per connection
+/// would allocate).
+fn echo_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        for mut s in listener.incoming().flatten() {
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    addr
+}
+
+/// Retries what a signal interrupted: the engine's rings share this process, and their
+/// teardown can interrupt a blocking call of another thread.
+fn again<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+fn one_session(target: SocketAddr) {
+    let mut s = again(|| TcpStream::connect(target)).expect("connect through the engine");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (ping, mut back) = ([7u8; 64], [0u8; 64]);
+    s.write_all(&ping).unwrap();
+    s.read_exact(&mut back).expect("echo through the engine");
+    assert_eq!(back, ping);
+    again(|| s.shutdown(Shutdown::Write)).unwrap();
+    assert_eq!(again(|| s.read(&mut back)).unwrap(), 0, "the session closes after the backend");
+}
+
+/// The count is process-wide: the drivers' tests take turns.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn sessions_allocate_nothing(driver: DriverChoice, relay: Relay) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let listen = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let service = Service::new(
+        "allocs",
+        vec![listen],
+        Pool::new(vec![Backend::new(echo_backend())]),
+        Timeouts::default(),
+    );
+    let published = Arc::new(ArcSwap::from_pointee(Tables::new(1, vec![service])));
+    let (sink, records) = EventSink::bounded(1 << 16);
+    // Records are drained (and their batches freed) as they come; receiving allocates nothing.
+    thread::spawn(move || while records.recv().is_ok() {});
+    let config = EngineConfig { workers: 1, pin: false, driver, relay, ..EngineConfig::default() };
+    let engine = match Engine::start(&config, published, sink) {
+        Ok(e) => e,
+        Err(EngineError::DriverUnavailable { reason, .. }) => {
+            eprintln!("skipped: {driver:?} unavailable: {reason}");
+            return;
+        }
+        Err(e) => panic!("engine did not start: {e}"),
+    };
+    for _ in 0..WARM_UP {
+        one_session(listen);
+    }
+    let before = all_allocations();
+    for _ in 0..SESSIONS {
+        one_session(listen);
+    }
+    let made = all_allocations() - before;
+    let per_session = made as f64 / SESSIONS as f64;
+    eprintln!("{driver:?}/{relay:?}: {made} allocations over {SESSIONS} sessions");
+    assert!(
+        per_session <= PER_SESSION,
+        "{driver:?}/{relay:?}: {per_session:.3} allocations per session ({made} in {SESSIONS})"
+    );
+    engine.drain(Duration::from_secs(2));
+    engine.join().unwrap();
+}
+
+#[test]
+fn sessions_allocate_nothing_epoll() {
+    sessions_allocate_nothing(DriverChoice::Epoll, Relay::Copy);
+}
+
+#[test]
+fn sessions_allocate_nothing_uring() {
+    sessions_allocate_nothing(DriverChoice::Uring, Relay::Copy);
+}
+
+#[test]
+fn sessions_allocate_nothing_uring_splice() {
+    sessions_allocate_nothing(DriverChoice::Uring, Relay::Splice);
+}
