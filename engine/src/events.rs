@@ -370,32 +370,56 @@ pub struct RecordPolicy {
 
 /// Records sent at once: a worker collects its records and sends them as one message when
 /// the batch is full or [`FLUSH_INTERVAL`] has passed, so the log thread is woken a few
-/// times a second under load, not once per session.
-pub type Batch = Vec<Record>;
+/// times a second under load, not once per session. Read it as a slice; when the receiver
+/// drops it, its vector goes back to the worker that sent it, so that a busy worker reuses a
+/// few vectors instead of allocating one per batch (fresh allocations of varying sizes,
+/// freed on another thread, slowly fragment a long-running process's heap).
+#[derive(Debug)]
+pub struct Batch {
+    records: Vec<Record>,
+    home: Sender<Vec<Record>>,
+}
+
+impl std::ops::Deref for Batch {
+    type Target = [Record];
+
+    fn deref(&self) -> &[Record] {
+        &self.records
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let mut records = std::mem::take(&mut self.records);
+        records.clear();
+        // A worker that is gone, or holds enough spares, lets this one go.
+        let _ = self.home.try_send(records);
+    }
+}
 
 /// Most records a worker holds before sending them.
 pub const MAX_BATCH: usize = 256;
 /// Longest a record waits in a worker before it is sent.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+/// Emptied batch vectors a worker keeps for reuse: enough for the batches in flight to the
+/// log thread at a steady rate; under a backlog, more are allocated and later let go.
+const SPARE_BATCHES: usize = 8;
 
-/// The sending half held by each worker (each clone has its own pending batch).
+/// The sending half held by each worker (each clone has its own pending batch and spares).
 #[derive(Debug)]
 pub struct EventSink {
     tx: Sender<Batch>,
     dropped: Arc<AtomicU64>,
-    pending: Batch,
+    pending: Vec<Record>,
     /// When the oldest pending record was queued.
     oldest: Option<Instant>,
+    /// Where receivers return emptied vectors, and where they are taken from.
+    spare: (Sender<Vec<Record>>, Receiver<Vec<Record>>),
 }
 
 impl Clone for EventSink {
     fn clone(&self) -> Self {
-        Self {
-            tx: self.tx.clone(),
-            dropped: self.dropped.clone(),
-            pending: Vec::new(),
-            oldest: None,
-        }
+        Self::new(self.tx.clone(), self.dropped.clone())
     }
 }
 
@@ -403,11 +427,20 @@ impl EventSink {
     /// A bounded channel of `capacity` batches; the receiver goes to the control thread.
     pub fn bounded(capacity: usize) -> (EventSink, Receiver<Batch>) {
         let (tx, rx) = crossbeam_channel::bounded(capacity);
-        (EventSink { tx, dropped: Arc::default(), pending: Vec::new(), oldest: None }, rx)
+        (EventSink::new(tx, Arc::default()), rx)
+    }
+
+    fn new(tx: Sender<Batch>, dropped: Arc<AtomicU64>) -> Self {
+        let spare = crossbeam_channel::bounded(SPARE_BATCHES);
+        Self { tx, dropped, pending: Vec::new(), oldest: None, spare }
     }
 
     /// Queues a record; it leaves with the next [`flush`](Self::flush).
     pub fn send(&mut self, record: Record) {
+        if self.pending.capacity() == 0 {
+            self.pending =
+                self.spare.1.try_recv().unwrap_or_else(|_| Vec::with_capacity(MAX_BATCH));
+        }
         self.pending.push(record);
         self.oldest.get_or_insert_with(Instant::now);
         if self.pending.len() >= MAX_BATCH {
@@ -434,11 +467,9 @@ impl EventSink {
             return;
         }
         self.oldest = None;
-        // The next batch is sized like this one, so that a busy worker allocates once per
-        // batch rather than growing the vector record by record.
-        let room = self.pending.len().next_power_of_two().clamp(16, MAX_BATCH);
-        let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(room));
-        let n = batch.len() as u64;
+        let records = std::mem::take(&mut self.pending);
+        let n = records.len() as u64;
+        let batch = Batch { records, home: self.spare.0.clone() };
         match self.tx.try_send(batch) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
@@ -536,5 +567,20 @@ mod tests {
             sink.send(record());
         }
         assert_eq!(rx.try_recv().unwrap().len(), MAX_BATCH, "a full batch leaves at once");
+    }
+
+    #[test]
+    fn a_received_batch_comes_back_to_its_worker_for_reuse() {
+        let (mut sink, rx) = EventSink::bounded(8);
+        sink.send(record());
+        sink.flush();
+        let batch = rx.try_recv().unwrap();
+        let vector = batch.as_ptr();
+        assert_eq!(batch.len(), 1);
+        drop(batch);
+        sink.send(record());
+        sink.flush();
+        let again = rx.try_recv().unwrap();
+        assert_eq!((again.as_ptr(), again.len()), (vector, 1), "the same vector, refilled");
     }
 }

@@ -5,8 +5,8 @@
 //!
 //! Allocations are counted for the whole process while sessions run one after another. The
 //! test's own client and backend allocate nothing per connection, so what is counted is the
-//! engine's: its record batches (one allocation per batch of many records) and nothing per
-//! session.
+//! engine's; even its record batches are reused (a received batch goes back to its worker),
+//! so after warm-up the count is zero. A handful is allowed for one-time growth.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -27,8 +27,8 @@ static GLOBAL: CountingAlloc = CountingAlloc;
 
 const WARM_UP: usize = 300;
 const SESSIONS: usize = 3_000;
-/// Allocations allowed per session, on average: record batches only.
-const PER_SESSION: f64 = 0.05;
+/// Allocations allowed over all the measured sessions: one-time growth only, none per session.
+const ALLOWED: u64 = 10;
 
 /// An echo backend serving one connection at a time on one thread (a thread per connection
 /// would allocate).
@@ -103,12 +103,8 @@ fn sessions_allocate_nothing(driver: DriverChoice, relay: Relay) {
         one_session(listen);
     }
     let made = all_allocations() - before;
-    let per_session = made as f64 / SESSIONS as f64;
     eprintln!("{driver:?}/{relay:?}: {made} allocations over {SESSIONS} sessions");
-    assert!(
-        per_session <= PER_SESSION,
-        "{driver:?}/{relay:?}: {per_session:.3} allocations per session ({made} in {SESSIONS})"
-    );
+    assert!(made <= ALLOWED, "{driver:?}/{relay:?}: {made} allocations over {SESSIONS} sessions");
     engine.drain(Duration::from_secs(2));
     engine.join().unwrap();
 }

@@ -112,7 +112,7 @@ fn swap_race(driver: DriverChoice, relay: Relay) {
     engine.drain(Duration::from_secs(2));
     engine.join().unwrap();
     let mut checked = 0;
-    for r in records.try_iter().flatten() {
+    for r in records.try_iter().flat_map(|batch| batch.to_vec()) {
         assert_eq!(
             r.backend,
             Some(backend_for(r.tables_version)),

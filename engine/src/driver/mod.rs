@@ -11,8 +11,10 @@
 
 use std::fmt;
 use std::io;
+use std::os::fd::RawFd;
 use std::str::FromStr;
 
+use crate::sys;
 use crate::worker::WorkerContext;
 use crate::EngineError;
 
@@ -118,6 +120,29 @@ pub(crate) fn is_connect_failure(errno: i32) -> bool {
             | libc::EADDRNOTAVAIL
             | libc::ECANCELED
     )
+}
+
+/// Reads what socket `src` holds into `buf`: `(bytes, reached the end of stream)`. With
+/// `read_on`, a short read is followed by another until the socket would block or its end is
+/// read, so that an end of stream right behind the bytes is known before they are sent on
+/// (and its FIN can leave with them, see [`sys::Then`]). A reset found that way loses the
+/// bytes read before it, as a reset does anyway.
+pub(crate) fn read_burst(src: RawFd, buf: &mut [u8], read_on: bool) -> io::Result<(usize, bool)> {
+    let mut got = 0;
+    loop {
+        match sys::read(src, &mut buf[got..]) {
+            Ok(0) => return Ok((got, true)),
+            Ok(n) => {
+                got += n;
+                if !read_on || got == buf.len() {
+                    return Ok((got, false));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if got > 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok((got, false)),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Runs one worker's loop on the chosen driver until it is drained.

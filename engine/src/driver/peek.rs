@@ -130,7 +130,7 @@ pub(crate) fn send_proxy_header(admission: &Admission, fd: RawFd) -> Result<(), 
     let Some(header) = admission.proxy_header() else { return Ok(()) };
     let mut sent = 0;
     while sent < header.len() {
-        match sys::send(fd, &header[sent..]) {
+        match sys::send(fd, &header[sent..], sys::Then::Wait) {
             Ok(n) if n > 0 => sent += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(CloseReason::LocalError),

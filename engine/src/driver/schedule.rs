@@ -1,14 +1,12 @@
-//! What both drivers schedule: session deadlines (a heap with one live entry per session,
-//! moved lazily), listeners paused after the process ran out of fds or memory (with one
-//! rate-limited warning per process), and listeners paused on a full session cap
-//! (re-checked on a short timer, since another worker may free the place).
+//! What both drivers schedule: session deadlines (a heap with one entry per session, moved
+//! lazily and removed with the session), listeners paused after the process ran out of fds
+//! or memory (with one rate-limited warning per process), and listeners paused on a full
+//! session cap (re-checked on a short timer, since another worker may free the place).
 //!
 //! Invariant: a paused listener is never accepted on (epoll: `accept` is not called; io_uring:
 //! its multishot accept is cancelled and not re-armed), so a paused listener costs no CPU
 //! and accepts no connection it would have to close.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,13 +48,25 @@ fn may_warn(now: Instant) -> bool {
         .is_ok()
 }
 
-/// Session deadlines. A session records the deadline of its live entry (`armed`); an entry
-/// whose time no longer matches is stale and skipped, so deadlines that move later cost
-/// nothing until they are reached.
+/// Session deadlines: a binary min-heap with at most one entry per session slot, indexed by
+/// slot so that a session's entry is moved in place and removed when the session is freed.
+/// Memory and work follow the sessions alive, not the connection rate: an entry left behind
+/// by every closed session would stay until its time (a connect timeout, seconds later),
+/// and at thousands of connections a second that is a heap of tens of thousands of stale
+/// entries, each costing a pop.
+///
+/// A session also records its entry's time (`armed`). Deadlines move lazily: a later one
+/// leaves the entry where it is (nothing to do on every byte relayed), and the expired
+/// entry is re-set to the real deadline when it is reached; an earlier one moves it at once.
 #[derive(Debug, Default)]
 pub(crate) struct Deadlines {
-    heap: BinaryHeap<Reverse<(Instant, SlotId)>>,
+    heap: Vec<(Instant, SlotId)>,
+    /// Where each slot index's entry sits in `heap`, or [`NO_ENTRY`].
+    at: Vec<u32>,
 }
+
+/// A slot with no entry in the heap.
+const NO_ENTRY: u32 = u32::MAX;
 
 impl Deadlines {
     /// Makes sure an entry at or before `deadline` exists for `id`.
@@ -66,26 +76,107 @@ impl Deadlines {
         }
     }
 
-    /// Schedules `id` at `deadline` (after its entry was taken).
+    /// Schedules `id` at `deadline`, in place of any entry its slot has.
     pub fn set(&mut self, id: SlotId, armed: &mut Option<Instant>, deadline: Instant) {
         *armed = Some(deadline);
-        self.heap.push(Reverse((deadline, id)));
+        let slot = id.index as usize;
+        if slot >= self.at.len() {
+            self.at.resize(slot + 1, NO_ENTRY);
+        }
+        let pos = self.at[slot];
+        if pos == NO_ENTRY {
+            self.heap.push((deadline, id));
+            let last = self.heap.len() - 1;
+            self.at[slot] = last as u32;
+            self.sift_up(last);
+        } else {
+            let pos = pos as usize;
+            let earlier = deadline < self.heap[pos].0;
+            self.heap[pos] = (deadline, id);
+            if earlier {
+                self.sift_up(pos);
+            } else {
+                self.sift_down(pos);
+            }
+        }
+    }
+
+    /// Drops the entry of `id`'s slot, if it has one (the session is being freed).
+    pub fn remove(&mut self, id: SlotId) {
+        let Some(&pos) = self.at.get(id.index as usize) else { return };
+        if pos != NO_ENTRY {
+            self.take(pos as usize);
+        }
     }
 
     /// The earliest entry's time.
     pub fn next(&self) -> Option<Instant> {
-        self.heap.peek().map(|Reverse((t, _))| *t)
+        self.heap.first().map(|&(t, _)| t)
     }
 
     /// Takes the next entry due at `now`; the caller checks it against the session's
-    /// `armed` time to skip stale ones.
+    /// `armed` time.
     pub fn pop_due(&mut self, now: Instant) -> Option<(Instant, SlotId)> {
-        let &Reverse((at, id)) = self.heap.peek()?;
+        let &(at, _) = self.heap.first()?;
         if at > now {
             return None;
         }
-        self.heap.pop();
-        Some((at, id))
+        Some(self.take(0))
+    }
+
+    /// Entries in the heap.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// Removes the entry at `pos`, moving the last entry into its place.
+    fn take(&mut self, pos: usize) -> (Instant, SlotId) {
+        let entry = self.heap.swap_remove(pos);
+        self.at[entry.1.index as usize] = NO_ENTRY;
+        if pos < self.heap.len() {
+            self.at[self.heap[pos].1.index as usize] = pos as u32;
+            self.sift_up(pos);
+            self.sift_down(pos);
+        }
+        entry
+    }
+
+    fn sift_up(&mut self, mut pos: usize) {
+        while pos > 0 {
+            let parent = (pos - 1) / 2;
+            if self.heap[parent].0 <= self.heap[pos].0 {
+                break;
+            }
+            self.swap(pos, parent);
+            pos = parent;
+        }
+    }
+
+    fn sift_down(&mut self, mut pos: usize) {
+        loop {
+            let left = 2 * pos + 1;
+            if left >= self.heap.len() {
+                break;
+            }
+            let right = left + 1;
+            let child = if right < self.heap.len() && self.heap[right].0 < self.heap[left].0 {
+                right
+            } else {
+                left
+            };
+            if self.heap[pos].0 <= self.heap[child].0 {
+                break;
+            }
+            self.swap(pos, child);
+            pos = child;
+        }
+    }
+
+    fn swap(&mut self, a: usize, b: usize) {
+        self.heap.swap(a, b);
+        self.at[self.heap[a].1.index as usize] = a as u32;
+        self.at[self.heap[b].1.index as usize] = b as u32;
     }
 }
 
@@ -231,6 +322,94 @@ mod tests {
             Some((t0 + Duration::from_secs(5), id(1)))
         );
         assert_eq!(d.pop_due(t0 + Duration::from_secs(9)), None);
+        assert_eq!(d.len(), 0, "one entry per session: moving it earlier left nothing behind");
+    }
+
+    #[test]
+    fn a_freed_session_leaves_no_entry_behind() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::default();
+        let mut armed = [None; 3];
+        for (i, armed) in armed.iter_mut().enumerate() {
+            d.arm(id(i as u32), armed, t0 + Duration::from_secs(5 + i as u64));
+        }
+        d.remove(id(0));
+        d.remove(id(0));
+        assert_eq!((d.len(), d.next()), (2, Some(t0 + Duration::from_secs(6))));
+        d.remove(id(2));
+        d.remove(id(7));
+        assert_eq!(
+            d.pop_due(t0 + Duration::from_secs(60)),
+            Some((t0 + Duration::from_secs(6), id(1)))
+        );
+        assert_eq!((d.len(), d.next()), (0, None));
+    }
+
+    #[test]
+    fn a_reused_slot_replaces_the_entry_of_its_last_session() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::default();
+        let (mut old, mut new) = (None, None);
+        d.arm(id(4), &mut old, t0 + Duration::from_secs(5));
+        let reused = SlotId { index: 4, gen: 1 };
+        d.set(reused, &mut new, t0 + Duration::from_secs(9));
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            d.pop_due(t0 + Duration::from_secs(9)),
+            Some((t0 + Duration::from_secs(9), reused))
+        );
+    }
+
+    /// Random arms, sets, removals and pops against a plain list of (slot, time): the heap
+    /// always yields the earliest entry and holds exactly one entry per scheduled slot.
+    #[test]
+    fn the_heap_agrees_with_a_plain_model_over_random_operations() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::default();
+        let mut armed: Vec<Option<Instant>> = vec![None; 64];
+        let mut model: Vec<Option<Instant>> = vec![None; 64];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let mut now = t0;
+        for _ in 0..20_000 {
+            let slot = next(64) as usize;
+            let at = now + Duration::from_millis(next(1_000));
+            match next(4) {
+                0 => {
+                    d.arm(id(slot as u32), &mut armed[slot], at);
+                    if model[slot].is_none_or(|m| at < m) {
+                        model[slot] = Some(at);
+                    }
+                }
+                1 => {
+                    d.set(id(slot as u32), &mut armed[slot], at);
+                    model[slot] = Some(at);
+                }
+                2 => {
+                    d.remove(id(slot as u32));
+                    armed[slot] = None;
+                    model[slot] = None;
+                }
+                _ => {
+                    now += Duration::from_millis(next(50));
+                    while let Some((at, got)) = d.pop_due(now) {
+                        let slot = got.index as usize;
+                        assert_eq!(model[slot], Some(at), "popped what the model holds");
+                        let earliest = model.iter().flatten().min().copied();
+                        assert_eq!(earliest, Some(at), "popped the earliest entry");
+                        model[slot] = None;
+                        armed[slot] = None;
+                    }
+                }
+            }
+            assert_eq!(d.len(), model.iter().flatten().count());
+            assert_eq!(d.next(), model.iter().flatten().min().copied());
+        }
     }
 
     #[test]

@@ -16,8 +16,8 @@ pub mod udp;
 
 pub use pipe::{splice, tee, write_all_to_pipe, Pipe};
 pub use socket::{
-    bind_reuseport, peer_addr, set_linger_zero, set_nodelay, shutdown_write, take_socket_error,
-    tcp_socket_for,
+    bind_reuseport, peer_addr, segments_in, set_linger_zero, set_nodelay, shutdown_write,
+    take_socket_error, tcp_socket_for,
 };
 pub use udp::{bind_udp_reuseport, connect_udp, send_batch, Datagram, Outgoing, RecvBatch};
 
@@ -72,10 +72,24 @@ pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     syscall!(read(fd, buf.as_mut_ptr().cast(), buf.len())).map(|n| n as usize)
 }
 
+/// What follows a write to a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    /// Nothing known: the bytes go out at once (the sockets run with TCP_NODELAY).
+    Wait,
+    /// The write side is shut down right after: the last bytes are held (MSG_MORE) so that
+    /// the shutdown's FIN leaves in the same segment, one packet where there would be two.
+    Fin,
+}
+
 /// Sends `buf` on a non-blocking socket without raising SIGPIPE on a reset peer.
-pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+pub fn send(fd: RawFd, buf: &[u8], then: Then) -> io::Result<usize> {
+    let flags = match then {
+        Then::Wait => libc::MSG_NOSIGNAL,
+        Then::Fin => libc::MSG_NOSIGNAL | libc::MSG_MORE,
+    };
     // The caller owns `fd`; `buf` is borrowed for the call.
-    syscall!(send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)).map(|n| n as usize)
+    syscall!(send(fd, buf.as_ptr().cast(), buf.len(), flags)).map(|n| n as usize)
 }
 
 /// Copies up to `buf.len()` bytes of what a socket has received, without consuming them.

@@ -5,7 +5,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use super::syscall;
+use super::{syscall, Then};
 
 /// One kernel pipe: bytes written to `write` end are read from `read` end.
 #[derive(Debug)]
@@ -52,9 +52,13 @@ impl Pipe {
 
 /// Moves up to `len` bytes from `from` to `to` (one of them must be a pipe) without a copy
 /// through user space. Returns the bytes moved; `Ok(0)` from a socket means end of stream.
-/// Non-blocking: `WouldBlock` when nothing can move now.
-pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+/// Non-blocking: `WouldBlock` when nothing can move now. `then` says what follows a splice
+/// into a socket (see [`Then`]).
+pub fn splice(from: RawFd, to: RawFd, len: usize, then: Then) -> io::Result<usize> {
+    let mut flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    if then == Then::Fin {
+        flags |= libc::SPLICE_F_MORE;
+    }
     // Null offsets: both fds are streams (socket or pipe), read at their current position.
     syscall!(splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, flags))
         .map(|n| n as usize)

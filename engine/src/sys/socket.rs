@@ -7,6 +7,8 @@ use std::os::fd::{FromRawFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::syscall;
+
 /// Accept backlog for every listener (the kernel caps it at net.core.somaxconn).
 pub const LISTEN_BACKLOG: i32 = 4096;
 
@@ -69,6 +71,24 @@ pub fn tcp_socket_for(addr: SocketAddr) -> io::Result<Socket> {
     )
 }
 
+/// Segments the socket has received so far (TCP_INFO `tcpi_segs_in`, Linux 4.2+): how many
+/// packets a stream took, for checking that the relay does not split what could go as one.
+pub fn segments_in(fd: RawFd) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain old data, all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // `info` and `len` live on the stack for the duration of the call and `len` is their
+    // size; the kernel writes at most `len` bytes. The caller owns `fd`.
+    syscall!(getsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_INFO,
+        (&mut info as *mut libc::tcp_info).cast(),
+        &mut len,
+    ))?;
+    Ok(info.tcpi_segs_in)
+}
+
 fn with_socket<T>(fd: RawFd, f: impl FnOnce(&Socket) -> io::Result<T>) -> io::Result<T> {
     // SAFETY: the caller owns `fd` and keeps it open for this call; ManuallyDrop ensures
     // this temporary view never closes it.
@@ -88,5 +108,29 @@ mod tests {
         listener.set_nonblocking(false).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    /// Segments the receiver of 64 bytes and an end of stream gets, sent with `then`.
+    fn segments_for_64_bytes_and_fin(then: crate::sys::Then) -> u32 {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let listener = bind_reuseport("127.0.0.1:0".parse().unwrap()).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let mut receiver = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (sender, _) = listener.accept().unwrap();
+        let before = segments_in(receiver.as_raw_fd()).unwrap();
+        assert_eq!(crate::sys::send(sender.as_raw_fd(), &[1; 64], then).unwrap(), 64);
+        shutdown_write(sender.as_raw_fd()).unwrap();
+        let mut got = Vec::new();
+        receiver.read_to_end(&mut got).unwrap();
+        assert_eq!(got, [1; 64]);
+        segments_in(receiver.as_raw_fd()).unwrap() - before
+    }
+
+    #[test]
+    fn bytes_sent_before_a_fin_leave_with_it_in_one_segment() {
+        use crate::sys::Then;
+        assert_eq!(segments_for_64_bytes_and_fin(Then::Wait), 2, "at once, then the FIN");
+        assert_eq!(segments_for_64_bytes_and_fin(Then::Fin), 1, "held for the FIN");
     }
 }

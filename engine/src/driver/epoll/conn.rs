@@ -6,16 +6,17 @@
 //! idle; the end of stream is forwarded (shutdown for writing) only after the buffer has
 //! been written out.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use mio::net::TcpStream;
 
+use crate::driver;
 use crate::driver::buffers::{Buffer, BufferPool};
 use crate::session::{CloseReason, Direction, Session, Side};
-use crate::sys;
+use crate::sys::{self, Then};
 use crate::worker::{Admission, Stall};
 
 /// Reads per pump call before yielding to other sessions (bounds one turn's work).
@@ -75,9 +76,14 @@ impl Conn {
             Direction::Down => (backend, &mut self.client, &mut self.down),
         };
         let (src_side, dst_side) = (dir.source(), dir.source().other());
+        let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+        // The source was read until it would block: what is left is to send, then wait.
+        let mut drained = false;
         for _ in 0..PUMP_ROUNDS {
+            let flow = *self.session.flow(dir);
+            let then = if flow.eof { Then::Fin } else { Then::Wait };
             while !buf.pending().is_empty() {
-                match dst.write(buf.pending()) {
+                match sys::send(dst_fd, buf.pending(), then) {
                     Ok(n) if n > 0 => {
                         if let Some(tap) = self.admission.tap.as_mut() {
                             tap.copied(dir, &buf.pending()[..n]);
@@ -92,7 +98,6 @@ impl Conn {
                 }
             }
             buf.release(pool);
-            let flow = *self.session.flow(dir);
             if flow.eof {
                 if !flow.shut {
                     if dst.shutdown(Shutdown::Write).is_err() {
@@ -105,6 +110,9 @@ impl Conn {
                 }
                 return Pump::Done;
             }
+            if drained {
+                return Pump::Idle;
+            }
             let space = buf.space(pool);
             let allowed = match self.admission.allowance(&mut self.session, dir, now, space.len()) {
                 Ok(n) => n,
@@ -113,14 +121,23 @@ impl Conn {
                     return stalled(stall);
                 }
             };
-            let read = src.read(&mut space[..allowed]);
-            self.admission.used(dir, *read.as_ref().unwrap_or(&0), now);
+            // Edge-triggered: a short read is followed by another until the socket would
+            // block, before the bytes are sent, so that an end of stream right behind them
+            // is known in time for its FIN to leave with them.
+            let read = driver::read_burst(src_fd, &mut space[..allowed], true);
+            self.admission.used(dir, read.as_ref().map_or(0, |&(n, _)| n), now);
             match read {
-                Ok(0) => {
+                Ok((0, _)) => {
                     buf.release(pool);
                     self.session.source_eof(dir, now);
                 }
-                Ok(n) => buf.filled(n),
+                Ok((n, ended)) => {
+                    buf.filled(n);
+                    drained = n < allowed && !ended;
+                    if ended {
+                        self.session.source_eof(dir, now);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     buf.release(pool);
                     return Pump::Idle;

@@ -616,6 +616,7 @@ impl EpollWorker {
 
     fn close(&mut self, id: SlotId, reason: CloseReason) {
         let Some(mut conn) = self.conns.remove(id) else { return };
+        self.deadlines.remove(id);
         conn.prepare_close(reason, &mut self.pool);
         let registry = self.poll.registry();
         let _ = registry.deregister(&mut conn.client);

@@ -12,9 +12,10 @@ use std::time::Instant;
 
 use super::ops::Inflight;
 use super::pipes::PipePool;
+use crate::driver;
 use crate::driver::buffers::{Buffer, BufferPool};
 use crate::session::{CloseReason, Direction, Session, Side};
-use crate::sys::{self, Pipe};
+use crate::sys::{self, Pipe, Then};
 use crate::worker::{Admission, Relay, Stall};
 
 /// Splice rounds per pump call before yielding to other sessions.
@@ -27,6 +28,9 @@ pub(super) struct Lane {
     pipe: Option<Pipe>,
     buffered: usize,
     buffer: Buffer,
+    /// The source has signalled its end of stream (a poll saw POLLRDHUP): a short read is
+    /// followed by one that reaches the end, so that the last bytes leave with the FIN.
+    ended: bool,
 }
 
 impl Lane {
@@ -124,6 +128,20 @@ impl Conn {
         lane_of(&mut self.up, &mut self.down, dir)
     }
 
+    /// Notes that the source of `dir` has ended its stream (its poll reported POLLRDHUP).
+    pub fn source_ended(&mut self, dir: Direction) {
+        self.lane(dir).ended = true;
+    }
+
+    /// What follows the bytes sent in `dir` now: the FIN, once the source has ended.
+    fn then(&self, dir: Direction) -> Then {
+        if self.session.flow(dir).eof {
+            Then::Fin
+        } else {
+            Then::Wait
+        }
+    }
+
     /// Forwards the end of stream once the lane is empty; `Some` when the direction is done
     /// (or failed).
     fn finish_if_eof(
@@ -160,10 +178,11 @@ impl Conn {
         let (src_side, dst_side) = (dir.source(), dir.source().other());
         let mut drained = false;
         for _ in 0..PUMP_ROUNDS {
+            let then = self.then(dir);
             let lane = lane_of(&mut self.up, &mut self.down, dir);
             if let Some(pipe) = &lane.pipe {
                 while lane.buffered > 0 {
-                    match sys::splice(pipe.read_fd(), dst, lane.buffered) {
+                    match sys::splice(pipe.read_fd(), dst, lane.buffered, then) {
                         Ok(n) => {
                             lane.buffered -= n;
                             self.session.moved(dir, n, now);
@@ -207,11 +226,13 @@ impl Conn {
             let mut outcome = Ok(());
             while lane.buffered < allowed {
                 let want = allowed - lane.buffered;
-                match sys::splice(src, pipe.write_fd(), want) {
+                match sys::splice(src, pipe.write_fd(), want, Then::Wait) {
                     Ok(0) => {
                         self.session.source_eof(dir, now);
                         break;
                     }
+                    // The source has ended: read on to its end of stream.
+                    Ok(n) if n < want && lane.ended => lane.buffered += n,
                     Ok(n) if n < want => {
                         lane.buffered += n;
                         drained = true;
@@ -256,9 +277,10 @@ impl Conn {
         let (src_side, dst_side) = (dir.source(), dir.source().other());
         let mut drained = false;
         for _ in 0..PUMP_ROUNDS {
+            let then = self.then(dir);
             let lane = lane_of(&mut self.up, &mut self.down, dir);
             while !lane.buffer.pending().is_empty() {
-                match sys::send(dst, lane.buffer.pending()) {
+                match sys::send(dst, lane.buffer.pending(), then) {
                     Ok(n) if n > 0 => {
                         if let Some(tap) = self.admission.tap.as_mut() {
                             tap.copied(dir, &lane.buffer.pending()[..n]);
@@ -289,16 +311,19 @@ impl Conn {
                     return stalled(stall);
                 }
             };
-            let read = sys::read(src, &mut space[..want]);
-            self.admission.used(dir, *read.as_ref().unwrap_or(&0), now);
+            let read = driver::read_burst(src, &mut space[..want], lane.ended);
+            self.admission.used(dir, read.as_ref().map_or(0, |&(n, _)| n), now);
             match read {
-                Ok(0) => {
+                Ok((0, _)) => {
                     lane.buffer.release(&mut pools.buffers);
                     self.session.source_eof(dir, now);
                 }
-                Ok(n) => {
-                    drained = n < want;
+                Ok((n, ended)) => {
+                    drained = n < want && !ended;
                     lane.buffer.filled(n);
+                    if ended {
+                        self.session.source_eof(dir, now);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     lane.buffer.release(&mut pools.buffers);

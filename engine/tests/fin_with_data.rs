@@ -1,0 +1,97 @@
+//! The last bytes of a stream and its end leave in one segment: when a backend's reply and
+//! its FIN arrive together, the client receives them together too, not as the bytes and
+//! then a lone FIN (one packet more per connection, on both hosts). Runs on every driver.
+//!
+//! The backend speaks first and sends its reply and FIN as one segment; the client sends
+//! nothing, so every segment it receives after its handshake comes from the relay.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use sluice_engine::balance::{Backend, Pool};
+use sluice_engine::events::EventSink;
+use sluice_engine::sys::{self, Then};
+use sluice_engine::tables::{Service, Tables, Timeouts};
+use sluice_engine::worker::Relay;
+use sluice_engine::{DriverChoice, Engine, EngineConfig, EngineError};
+
+const SESSIONS: usize = 20;
+const REPLY: [u8; 64] = [5; 64];
+
+/// A backend that greets each connection with REPLY and its FIN in one segment, then waits
+/// for the other side's end.
+fn greeting_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            if !matches!(sys::send(s.as_raw_fd(), &REPLY, Then::Fin), Ok(n) if n == REPLY.len()) {
+                continue;
+            }
+            let _ = sys::shutdown_write(s.as_raw_fd());
+            let _ = s.read(&mut [0u8; 16]);
+        }
+    });
+    addr
+}
+
+/// Segments the client received for the reply and its end.
+fn one_session(target: SocketAddr) -> u32 {
+    let mut s = TcpStream::connect(target).expect("connect through the engine");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("the reply and its end");
+    assert_eq!(got, REPLY);
+    // The handshake brought one segment (the SYN-ACK); the reply may arrive before this
+    // side looks, so the count is taken once, at the end.
+    sys::segments_in(s.as_raw_fd()).unwrap() - 1
+}
+
+fn fin_leaves_with_the_last_bytes(driver: DriverChoice, relay: Relay) {
+    let listen = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let service = Service::new(
+        "greeting",
+        vec![listen],
+        Pool::new(vec![Backend::new(greeting_backend())]),
+        Timeouts::default(),
+    );
+    let published = Arc::new(ArcSwap::from_pointee(Tables::new(1, vec![service])));
+    let (sink, records) = EventSink::bounded(1 << 10);
+    thread::spawn(move || while records.recv().is_ok() {});
+    let config = EngineConfig { workers: 1, pin: false, driver, relay, ..EngineConfig::default() };
+    let engine = match Engine::start(&config, published, sink) {
+        Ok(e) => e,
+        Err(EngineError::DriverUnavailable { reason, .. }) => {
+            eprintln!("skipped: {driver:?} unavailable: {reason}");
+            return;
+        }
+        Err(e) => panic!("engine did not start: {e}"),
+    };
+    let segments: Vec<u32> = (0..SESSIONS).map(|_| one_session(listen)).collect();
+    engine.drain(Duration::from_secs(2));
+    engine.join().unwrap();
+    assert!(
+        segments.iter().all(|&n| n == 1),
+        "{driver:?}/{relay:?}: segments per reply and FIN: {segments:?}"
+    );
+}
+
+#[test]
+fn fin_leaves_with_the_last_bytes_epoll() {
+    fin_leaves_with_the_last_bytes(DriverChoice::Epoll, Relay::Copy);
+}
+
+#[test]
+fn fin_leaves_with_the_last_bytes_uring() {
+    fin_leaves_with_the_last_bytes(DriverChoice::Uring, Relay::Copy);
+}
+
+#[test]
+fn fin_leaves_with_the_last_bytes_uring_splice() {
+    fin_leaves_with_the_last_bytes(DriverChoice::Uring, Relay::Splice);
+}
