@@ -8,17 +8,14 @@
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use sluice_engine::balance::{Backend, Pool};
-use sluice_engine::events::EventSink;
 use sluice_engine::sys::{self, Then};
-use sluice_engine::tables::{Service, Tables, Timeouts};
 use sluice_engine::worker::Relay;
-use sluice_engine::{DriverChoice, Engine, EngineConfig, EngineError};
+use sluice_engine::DriverChoice;
+
+mod common;
 
 const SESSIONS: usize = 20;
 const REPLY: [u8; 64] = [5; 64];
@@ -53,24 +50,9 @@ fn one_session(target: SocketAddr) -> u32 {
 }
 
 fn fin_leaves_with_the_last_bytes(driver: DriverChoice, relay: Relay) {
-    let listen = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let service = Service::new(
-        "greeting",
-        vec![listen],
-        Pool::new(vec![Backend::new(greeting_backend())]),
-        Timeouts::default(),
-    );
-    let published = Arc::new(ArcSwap::from_pointee(Tables::new(1, vec![service])));
-    let (sink, records) = EventSink::bounded(1 << 10);
-    thread::spawn(move || while records.recv().is_ok() {});
-    let config = EngineConfig { workers: 1, pin: false, driver, relay, ..EngineConfig::default() };
-    let engine = match Engine::start(&config, published, sink) {
-        Ok(e) => e,
-        Err(EngineError::DriverUnavailable { reason, .. }) => {
-            eprintln!("skipped: {driver:?} unavailable: {reason}");
-            return;
-        }
-        Err(e) => panic!("engine did not start: {e}"),
+    let Some((engine, listen)) = common::one_service("greeting", greeting_backend(), driver, relay)
+    else {
+        return;
     };
     let segments: Vec<u32> = (0..SESSIONS).map(|_| one_session(listen)).collect();
     engine.drain(Duration::from_secs(2));

@@ -10,17 +10,15 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::thread;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use sluice_engine::balance::{Backend, Pool};
-use sluice_engine::events::EventSink;
 use sluice_engine::sys::alloc::{all_allocations, CountingAlloc};
-use sluice_engine::tables::{Service, Tables, Timeouts};
 use sluice_engine::worker::Relay;
-use sluice_engine::{DriverChoice, Engine, EngineConfig, EngineError};
+use sluice_engine::DriverChoice;
+
+mod common;
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
@@ -75,25 +73,9 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn sessions_allocate_nothing(driver: DriverChoice, relay: Relay) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let listen = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let service = Service::new(
-        "allocs",
-        vec![listen],
-        Pool::new(vec![Backend::new(echo_backend())]),
-        Timeouts::default(),
-    );
-    let published = Arc::new(ArcSwap::from_pointee(Tables::new(1, vec![service])));
-    let (sink, records) = EventSink::bounded(1 << 16);
-    // Records are drained (and their batches freed) as they come; receiving allocates nothing.
-    thread::spawn(move || while records.recv().is_ok() {});
-    let config = EngineConfig { workers: 1, pin: false, driver, relay, ..EngineConfig::default() };
-    let engine = match Engine::start(&config, published, sink) {
-        Ok(e) => e,
-        Err(EngineError::DriverUnavailable { reason, .. }) => {
-            eprintln!("skipped: {driver:?} unavailable: {reason}");
-            return;
-        }
-        Err(e) => panic!("engine did not start: {e}"),
+    let Some((engine, listen)) = common::one_service("allocs", echo_backend(), driver, relay)
+    else {
+        return;
     };
     for _ in 0..WARM_UP {
         one_session(listen);
