@@ -632,6 +632,7 @@ fn spawn_udp(
 ) -> Result<UdpHandle, EngineError> {
     let id = ctx.id;
     let wake = ctx.wake.clone();
+    let (started, setup) = crossbeam_channel::bounded(1);
     let thread = std::thread::Builder::new()
         .name(format!("sluice-u{id}"))
         .spawn(move || {
@@ -643,9 +644,11 @@ fn spawn_udp(
                     log::warn!("udp worker {id}: cannot pin to cpu {cpu}: {e}");
                 }
             }
-            udp::run(ctx)
+            udp::run(ctx, started).inspect_err(|e| log::error!("udp worker {id}: poll failed: {e}"))
         })
         .map_err(|source| EngineError::Spawn { worker: id, source })?;
+    let setup = setup.recv().unwrap_or_else(|_| Err(io::Error::other("udp worker exited")));
+    setup.map_err(|source| EngineError::Spawn { worker: id, source })?;
     Ok(UdpHandle { thread, commands, wake })
 }
 

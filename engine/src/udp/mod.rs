@@ -69,7 +69,17 @@ pub struct UdpContext {
     pub max_datagram: usize,
 }
 
-/// Runs one worker's UDP loop until it is drained.
-pub fn run(ctx: UdpContext) -> io::Result<()> {
-    relay::UdpLoop::new(ctx)?.run()
+/// Runs one worker's UDP loop until it is drained. `started` hears whether the loop could
+/// be set up (its poller and listeners) before it runs: the caller waits for that, so a
+/// loop that cannot get its fds fails the start instead of its thread failing later alone.
+pub fn run(ctx: UdpContext, started: Sender<io::Result<()>>) -> io::Result<()> {
+    let udp = match relay::UdpLoop::new(ctx) {
+        Ok(udp) => udp,
+        Err(e) => {
+            let _ = started.send(Err(e));
+            return Ok(());
+        }
+    };
+    let _ = started.send(Ok(()));
+    udp.run()
 }
