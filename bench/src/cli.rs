@@ -333,12 +333,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let value: f64 =
-        number.parse().map_err(|_| format!("{text:?}: expected a number with s, ms or m"))?;
+        number.parse().map_err(|_| format!("{text:?}: expected a number with ms, s, m or h"))?;
     let seconds = match unit.trim() {
         "" | "s" => value,
         "ms" => value / 1_000.0,
         "m" | "min" => value * 60.0,
-        other => return Err(format!("{text:?}: unknown unit {other:?} (use ms, s or m)")),
+        "h" => value * 3_600.0,
+        other => return Err(format!("{text:?}: unknown unit {other:?} (use ms, s, m or h)")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
@@ -353,9 +354,10 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("2.5s"), Ok(Duration::from_millis(2500)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("5d").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("-1s").is_err());
     }
