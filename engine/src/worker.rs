@@ -244,10 +244,36 @@ pub struct WorkerContext {
     pub relay: Relay,
     /// The engine-wide session cap, shared by every worker.
     pub cap: Arc<SessionCap>,
-    /// Every worker sets up its driver (ring or poll: fds of its own) before any starts
-    /// accepting, so that no worker's setup can fail for fds the others' first accepts
-    /// took. Each waits here once, whether its setup succeeded or not.
-    pub ready: Arc<std::sync::Barrier>,
+    /// How the worker reports its setup and waits for the engine's go.
+    pub startup: Startup,
+}
+
+/// A worker's part in starting the engine. Every worker sets up its driver (ring or poll:
+/// fds of its own) and reports the outcome; none accepts until all have succeeded, so that
+/// no setup can fail for fds that other workers' first accepts took, and `Engine::start`
+/// returns only an engine whose every loop is up (or the first setup error).
+#[derive(Debug, Clone)]
+pub struct Startup {
+    id: usize,
+    report: Sender<(usize, io::Result<()>)>,
+    go: Receiver<bool>,
+}
+
+impl Startup {
+    /// Reports `setup`; a worker that set up waits for the engine's go and gets its driver
+    /// back to run, or `None` when the engine does not start (another worker failed).
+    pub fn settle<T>(&self, setup: io::Result<T>) -> Option<T> {
+        match setup {
+            Ok(driver) => {
+                let _ = self.report.send((self.id, Ok(())));
+                (self.go.recv() == Ok(true)).then_some(driver)
+            }
+            Err(e) => {
+                let _ = self.report.send((self.id, Err(e)));
+                None
+            }
+        }
+    }
 }
 
 /// What a session learned when it was accepted: the tables that decide it for its whole
@@ -685,7 +711,8 @@ impl Engine {
         let mut contexts = Vec::with_capacity(count);
         let mut udp_contexts = Vec::with_capacity(count);
         let cap = Arc::new(SessionCap::new(config.max_sessions));
-        let ready = Arc::new(std::sync::Barrier::new(count));
+        let (report, reports) = crossbeam_channel::unbounded();
+        let mut gos = Vec::with_capacity(count);
         for id in 0..count {
             let listeners = bind_all(&addrs, sys::bind_reuseport)?;
             let sockets = bind_all(&udp_addrs, sys::bind_udp_reuseport)?;
@@ -693,6 +720,8 @@ impl Engine {
             let wake = Arc::new(
                 EventFd::new().map_err(|source| EngineError::Spawn { worker: id, source })?,
             );
+            let (go, go_rx) = crossbeam_channel::bounded(1);
+            gos.push(go);
             let ctx = WorkerContext {
                 id,
                 listeners,
@@ -705,7 +734,7 @@ impl Engine {
                 buffer_size: config.buffer_size,
                 relay: config.relay,
                 cap: cap.clone(),
-                ready: ready.clone(),
+                startup: Startup { id, report: report.clone(), go: go_rx },
             };
             let (udp_tx, udp_rx) = crossbeam_channel::unbounded();
             let udp_wake = Arc::new(
@@ -727,18 +756,46 @@ impl Engine {
             ));
             contexts.push((ctx, tx, wake));
         }
+        // Only the workers' copies are left: a worker that dies before it reports is seen.
+        drop(report);
         let mut engine = Engine { tables, selection, workers: Vec::new(), stats: Vec::new(), cap };
+        let started = engine
+            .spawn_workers(config, contexts, udp_contexts, &cpus)
+            .and_then(|()| engine.await_setup(&reports));
+        match started {
+            Ok(()) => {
+                for go in &gos {
+                    let _ = go.send(true);
+                }
+                Ok(engine)
+            }
+            Err(e) => {
+                // Workers waiting for the go see it will not come and exit.
+                drop(gos);
+                engine.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts each worker's UDP loop (set up before it returns) and TCP worker thread.
+    fn spawn_workers(
+        &mut self,
+        config: &EngineConfig,
+        contexts: Vec<(WorkerContext, Sender<Command>, Arc<EventFd>)>,
+        udp_contexts: Vec<(UdpContext, Sender<UdpCommand>)>,
+        cpus: &[usize],
+    ) -> Result<(), EngineError> {
         for ((ctx, commands, wake), (udp_ctx, udp_commands)) in
             contexts.into_iter().zip(udp_contexts)
         {
             let id = ctx.id;
             let cpu = config.pin.then(|| cpus.get(id % cpus.len().max(1)).copied()).flatten();
             let udp = spawn_udp(udp_ctx, udp_commands, cpu)?;
-            engine.stats.push(ctx.stats.clone());
-            let kind = engine.selection.kind;
-            let thread = std::thread::Builder::new()
-                .name(format!("sluice-w{id}"))
-                .spawn(move || {
+            let stats = ctx.stats.clone();
+            let kind = self.selection.kind;
+            let thread =
+                std::thread::Builder::new().name(format!("sluice-w{id}")).spawn(move || {
                     // Signals belong to the control thread; a worker never runs a handler
                     // (nor sees EINTR on its ring wait for one).
                     if let Err(e) = sys::block_signals(&CONTROL_SIGNALS) {
@@ -750,11 +807,56 @@ impl Engine {
                         }
                     }
                     driver::run(kind, ctx)
-                })
-                .map_err(|source| EngineError::Spawn { worker: id, source })?;
-            engine.workers.push(WorkerHandle { thread, commands, wake, udp });
+                });
+            let thread = match thread {
+                Ok(thread) => thread,
+                Err(source) => {
+                    udp.send(UdpCommand::Drain);
+                    let _ = udp.thread.join();
+                    return Err(EngineError::Spawn { worker: id, source });
+                }
+            };
+            self.stats.push(stats);
+            self.workers.push(WorkerHandle { thread, commands, wake, udp });
         }
-        Ok(engine)
+        Ok(())
+    }
+
+    /// Waits until every worker has reported its setup; the first failure is returned. A
+    /// worker that ends without reporting (a panic) fails the start too.
+    fn await_setup(&self, reports: &Receiver<(usize, io::Result<()>)>) -> Result<(), EngineError> {
+        let mut reported = vec![false; self.workers.len()];
+        let mut first = Ok(());
+        while reported.contains(&false) {
+            match reports.recv_timeout(Duration::from_millis(50)) {
+                Ok((worker, outcome)) => {
+                    reported[worker] = true;
+                    if let (Err(source), true) = (outcome, first.is_ok()) {
+                        first = Err(EngineError::Spawn { worker, source });
+                    }
+                }
+                Err(_) => {
+                    let gone = self
+                        .workers
+                        .iter()
+                        .enumerate()
+                        .find(|&(i, w)| !reported[i] && w.thread.is_finished());
+                    if let Some((worker, _)) = gone {
+                        return Err(EngineError::Panicked { worker });
+                    }
+                }
+            }
+        }
+        first
+    }
+
+    /// Stops and joins the workers of an engine that did not start.
+    fn abort(self) {
+        for w in self.workers {
+            w.udp.send(UdpCommand::Drain);
+            let _ = w.thread.join();
+            let _ = w.udp.thread.join();
+        }
     }
 
     /// The driver in use and why.

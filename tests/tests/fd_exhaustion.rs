@@ -56,6 +56,8 @@ fn survives_running_out_of_fds(driver: Driver) {
     assert!(sluice.wait_exit(Duration::ZERO).is_none(), "sluice exited out of fds");
     let warnings: Vec<String> = sluice.logs().into_iter().filter(|l| l.contains(PAUSED)).collect();
     assert_eq!(warnings.len(), 1, "one rate-limited warning: {warnings:#?}");
+    // "(open fds: 253 of 256; ..." or, with no fd free to count them, "limit 256; ...".
+    assert!(warnings[0].contains(&format!(" {FD_LIMIT};")), "the fd limit is named: {warnings:?}");
     // Free everything: the clients, and the backend (stopped first, so that it holds no
     // session that sluice opened meanwhile).
     drop(clients);

@@ -204,7 +204,7 @@ impl AcceptBackoff {
         if may_warn(now) {
             log::warn!(
                 "worker {worker}: accept paused for {ACCEPT_BACKOFF:?} on {addr}: {error} (open fds: {}; further pauses for {WARN_INTERVAL:?} are only counted)",
-                sys::open_fds()
+                sys::fd_usage()
             );
         }
         true

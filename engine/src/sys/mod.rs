@@ -160,9 +160,28 @@ pub fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
     }
 }
 
-/// Counts this process's open file descriptors (via /proc/self/fd).
-pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1))
+/// Counts this process's open file descriptors (via /proc/self/fd). Reading the directory
+/// takes an fd of its own: `None` when none is free.
+pub fn open_fds() -> Option<usize> {
+    std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count().saturating_sub(1))
+}
+
+/// This process's soft RLIMIT_NOFILE (`None` when unlimited or unreadable).
+pub fn fd_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `limit` is a valid, writable rlimit for the call to fill.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
+/// How many fds this process has open against its limit, for messages: "253 of 256", or
+/// "none free to count them, limit 256" when the table is full.
+pub fn fd_usage() -> String {
+    let limit = fd_limit().map_or_else(|| "unlimited".to_owned(), |l| l.to_string());
+    match open_fds() {
+        Some(open) => format!("{open} of {limit}"),
+        None => format!("none free to count them, limit {limit}"),
+    }
 }
 
 /// The local address of a socket fd.

@@ -61,12 +61,10 @@ struct Parked {
 }
 
 pub(crate) fn run(ctx: WorkerContext) -> io::Result<()> {
-    let (id, ready) = (ctx.id, ctx.ready.clone());
-    let worker = EpollWorker::new(ctx);
-    ready.wait();
-    let worker = worker.inspect_err(|e| {
-        log::error!("worker {id}: cannot set up its poll: {e}");
-    })?;
+    let (id, startup) = (ctx.id, ctx.startup.clone());
+    let worker = EpollWorker::new(ctx)
+        .inspect_err(|e| log::error!("worker {id}: cannot set up its poll: {e}"));
+    let Some(worker) = startup.settle(worker) else { return Ok(()) };
     worker.run().inspect_err(|e| log::error!("worker {id}: poll failed: {e}"))
 }
 

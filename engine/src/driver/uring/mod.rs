@@ -110,12 +110,10 @@ pub fn probe() -> Result<String, String> {
 }
 
 pub(crate) fn run(ctx: WorkerContext) -> io::Result<()> {
-    let (id, ready) = (ctx.id, ctx.ready.clone());
-    let worker = UringWorker::new(ctx);
-    ready.wait();
-    let worker = worker.inspect_err(|e| {
-        log::error!("worker {id}: cannot set up its ring: {e}");
-    })?;
+    let (id, startup) = (ctx.id, ctx.startup.clone());
+    let worker = UringWorker::new(ctx)
+        .inspect_err(|e| log::error!("worker {id}: cannot set up its ring: {e}"));
+    let Some(worker) = startup.settle(worker) else { return Ok(()) };
     worker.run().inspect_err(|e| log::error!("worker {id}: ring wait failed: {e}"))
 }
 

@@ -1,0 +1,67 @@
+//! `Engine::start` returns only once every loop of every worker holds the fds it runs on, so
+//! running out of fds the moment the engine is up (a flood of connections under a low
+//! RLIMIT_NOFILE) cannot stop a loop from coming up, and the engine still stops cleanly.
+//! A worker's UDP loop once created its poller on its own thread after the TCP workers were
+//! accepting; under exhaustion it died alone and the engine failed at stop with EMFILE.
+//!
+//! The test takes every fd away at once by lowering this process's soft RLIMIT_NOFILE to 0
+//! (fds already open stay usable), so it is a binary of its own: no other test may run in
+//! this process meanwhile. Runs on every driver, one after the other.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use sluice_engine::worker::Relay;
+use sluice_engine::DriverChoice;
+
+mod common;
+
+/// Restores the soft RLIMIT_NOFILE when dropped, whatever the test's outcome.
+struct NoFds {
+    soft: u64,
+    hard: u64,
+}
+
+impl NoFds {
+    fn take() -> Self {
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        setrlimit(Resource::RLIMIT_NOFILE, 0, hard).expect("setrlimit to 0");
+        Self { soft, hard }
+    }
+}
+
+impl Drop for NoFds {
+    fn drop(&mut self) {
+        setrlimit(Resource::RLIMIT_NOFILE, self.soft, self.hard).expect("setrlimit back");
+    }
+}
+
+#[test]
+fn an_engine_out_of_fds_from_its_first_moment_stops_cleanly() {
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let cases = [
+        (DriverChoice::Epoll, Relay::Copy),
+        (DriverChoice::Uring, Relay::Copy),
+        (DriverChoice::Uring, Relay::Splice),
+    ];
+    for (driver, relay) in cases {
+        let addr = backend.local_addr().unwrap();
+        let Some((engine, _)) = common::one_service("held", addr, driver, relay) else {
+            continue;
+        };
+        let no_fds = NoFds::take();
+        let refused = File::open("/dev/null").map(drop);
+        let error = refused.expect_err("no fd can be opened under a limit of 0");
+        assert_eq!(error.raw_os_error(), Some(nix::libc::EMFILE), "{error}");
+        // Let the workers run out of fds before they are asked to stop.
+        std::thread::sleep(Duration::from_millis(50));
+        engine.drain(Duration::ZERO);
+        let stopped = engine.join();
+        drop(no_fds);
+        if let Err(e) = stopped {
+            panic!("{driver:?}/{relay:?}: engine failed out of fds: {e}");
+        }
+    }
+}
