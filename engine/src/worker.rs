@@ -248,12 +248,14 @@ pub struct WorkerContext {
     pub startup: Startup,
 }
 
-/// A worker's part in starting the engine. Every worker sets up its driver (ring or poll:
-/// fds of its own) and reports the outcome; none accepts until all have succeeded, so that
-/// no setup can fail for fds that other workers' first accepts took, and `Engine::start`
-/// returns only an engine whose every loop is up (or the first setup error).
+/// A loop's part in starting the engine (each worker's TCP driver and UDP loop). Every loop
+/// sets up (a ring or poller: fds of its own) and reports the outcome; none runs until all
+/// have succeeded, so that no setup can fail for fds that other loops' first accepts took,
+/// and `Engine::start` returns only an engine whose every loop is up (or the first setup
+/// error).
 #[derive(Debug, Clone)]
 pub struct Startup {
+    /// The loop's index: worker `i`'s TCP loop is `i`, its UDP loop `workers + i`.
     id: usize,
     report: Sender<(usize, io::Result<()>)>,
     go: Receiver<bool>,
@@ -658,7 +660,6 @@ fn spawn_udp(
 ) -> Result<UdpHandle, EngineError> {
     let id = ctx.id;
     let wake = ctx.wake.clone();
-    let (started, setup) = crossbeam_channel::bounded(1);
     let thread = std::thread::Builder::new()
         .name(format!("sluice-u{id}"))
         .spawn(move || {
@@ -670,11 +671,9 @@ fn spawn_udp(
                     log::warn!("udp worker {id}: cannot pin to cpu {cpu}: {e}");
                 }
             }
-            udp::run(ctx, started).inspect_err(|e| log::error!("udp worker {id}: poll failed: {e}"))
+            udp::run(ctx)
         })
         .map_err(|source| EngineError::Spawn { worker: id, source })?;
-    let setup = setup.recv().unwrap_or_else(|_| Err(io::Error::other("udp worker exited")));
-    setup.map_err(|source| EngineError::Spawn { worker: id, source })?;
     Ok(UdpHandle { thread, commands, wake })
 }
 
@@ -721,7 +720,8 @@ impl Engine {
                 EventFd::new().map_err(|source| EngineError::Spawn { worker: id, source })?,
             );
             let (go, go_rx) = crossbeam_channel::bounded(1);
-            gos.push(go);
+            let (udp_go, udp_go_rx) = crossbeam_channel::bounded(1);
+            gos.extend([go, udp_go]);
             let ctx = WorkerContext {
                 id,
                 listeners,
@@ -751,12 +751,13 @@ impl Engine {
                     events: events.clone(),
                     max_flows: config.max_flows,
                     max_datagram: config.udp_max_datagram,
+                    startup: Startup { id: count + id, report: report.clone(), go: udp_go_rx },
                 },
                 udp_tx,
             ));
             contexts.push((ctx, tx, wake));
         }
-        // Only the workers' copies are left: a worker that dies before it reports is seen.
+        // Only the loops' copies are left: a loop that dies before it reports is seen.
         drop(report);
         let mut engine = Engine { tables, selection, workers: Vec::new(), stats: Vec::new(), cap };
         let started = engine
@@ -770,15 +771,15 @@ impl Engine {
                 Ok(engine)
             }
             Err(e) => {
-                // Workers waiting for the go see it will not come and exit.
+                // Loops waiting for the go see that it will not come, and exit.
                 drop(gos);
-                engine.abort();
+                engine.join_all();
                 Err(e)
             }
         }
     }
 
-    /// Starts each worker's UDP loop (set up before it returns) and TCP worker thread.
+    /// Starts each worker's UDP loop and TCP worker thread.
     fn spawn_workers(
         &mut self,
         config: &EngineConfig,
@@ -808,41 +809,40 @@ impl Engine {
                     }
                     driver::run(kind, ctx)
                 });
-            let thread = match thread {
-                Ok(thread) => thread,
-                Err(source) => {
-                    udp.send(UdpCommand::Drain);
-                    let _ = udp.thread.join();
-                    return Err(EngineError::Spawn { worker: id, source });
-                }
-            };
+            // Without its TCP thread, the UDP loop exits by itself once the go is refused.
+            let thread = thread.map_err(|source| EngineError::Spawn { worker: id, source })?;
             self.stats.push(stats);
             self.workers.push(WorkerHandle { thread, commands, wake, udp });
         }
         Ok(())
     }
 
-    /// Waits until every worker has reported its setup; the first failure is returned. A
-    /// worker that ends without reporting (a panic) fails the start too.
+    /// Waits until every loop has reported its setup; the first failure is returned. A loop
+    /// that ends without reporting (a panic) fails the start too.
     fn await_setup(&self, reports: &Receiver<(usize, io::Result<()>)>) -> Result<(), EngineError> {
-        let mut reported = vec![false; self.workers.len()];
+        let count = self.workers.len();
+        let thread = |i: usize| {
+            let w = &self.workers[i % count];
+            if i < count {
+                &w.thread
+            } else {
+                &w.udp.thread
+            }
+        };
+        let mut reported = vec![false; 2 * count];
         let mut first = Ok(());
         while reported.contains(&false) {
             match reports.recv_timeout(Duration::from_millis(50)) {
-                Ok((worker, outcome)) => {
-                    reported[worker] = true;
+                Ok((i, outcome)) => {
+                    reported[i] = true;
                     if let (Err(source), true) = (outcome, first.is_ok()) {
-                        first = Err(EngineError::Spawn { worker, source });
+                        first = Err(EngineError::Spawn { worker: i % count, source });
                     }
                 }
                 Err(_) => {
-                    let gone = self
-                        .workers
-                        .iter()
-                        .enumerate()
-                        .find(|&(i, w)| !reported[i] && w.thread.is_finished());
-                    if let Some((worker, _)) = gone {
-                        return Err(EngineError::Panicked { worker });
+                    let gone = (0..2 * count).find(|&i| !reported[i] && thread(i).is_finished());
+                    if let Some(i) = gone {
+                        return Err(EngineError::Panicked { worker: i % count });
                     }
                 }
             }
@@ -850,10 +850,9 @@ impl Engine {
         first
     }
 
-    /// Stops and joins the workers of an engine that did not start.
-    fn abort(self) {
+    /// Joins the loops of an engine that did not start (they exit once the go is refused).
+    fn join_all(self) {
         for w in self.workers {
-            w.udp.send(UdpCommand::Drain);
             let _ = w.thread.join();
             let _ = w.udp.thread.join();
         }

@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::events::{EventSink, WorkerStats};
 use crate::sys::EventFd;
 use crate::tables::Tables;
-use crate::worker::LiveSession;
+use crate::worker::{LiveSession, Startup};
 
 /// Most UDP flows one worker holds; a new flow beyond it evicts the least recently used.
 /// Each flow holds one socket (fd), so this times the worker count must stay well under
@@ -67,19 +67,16 @@ pub struct UdpContext {
     pub events: EventSink,
     pub max_flows: usize,
     pub max_datagram: usize,
+    /// How the loop reports its setup and waits for the engine's go.
+    pub startup: Startup,
 }
 
-/// Runs one worker's UDP loop until it is drained. `started` hears whether the loop could
-/// be set up (its poller and listeners) before it runs: the caller waits for that, so a
-/// loop that cannot get its fds fails the start instead of its thread failing later alone.
-pub fn run(ctx: UdpContext, started: Sender<io::Result<()>>) -> io::Result<()> {
-    let udp = match relay::UdpLoop::new(ctx) {
-        Ok(udp) => udp,
-        Err(e) => {
-            let _ = started.send(Err(e));
-            return Ok(());
-        }
-    };
-    let _ = started.send(Ok(()));
-    udp.run()
+/// Runs one worker's UDP loop until it is drained, once it is set up (its poller and
+/// sockets) and the engine has given its go.
+pub fn run(ctx: UdpContext) -> io::Result<()> {
+    let (id, startup) = (ctx.id, ctx.startup.clone());
+    let udp = relay::UdpLoop::new(ctx)
+        .inspect_err(|e| log::error!("udp worker {id}: cannot set up its poll: {e}"));
+    let Some(udp) = startup.settle(udp) else { return Ok(()) };
+    udp.run().inspect_err(|e| log::error!("udp worker {id}: poll failed: {e}"))
 }
