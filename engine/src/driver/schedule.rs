@@ -16,10 +16,15 @@ use std::time::{Duration, Instant};
 use super::slots::SlotId;
 use crate::sys;
 
-/// How long a listener pauses after the process ran out of fds or memory: long enough that
-/// a saturated process costs almost no CPU (5 tries a second per listener), short enough
-/// that service resumes promptly once fds free up.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
+/// How long a listener first pauses after the process ran out of fds or memory: short
+/// enough that service resumes promptly once fds free up.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest pause: each failure soon after the previous pause ended ([`BACKOFF_STREAK`])
+/// doubles the pause up to this, so a process that stays saturated tries 2 times a second
+/// per listener and costs almost no CPU.
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// A failure this soon after a listener's last pause ended continues its streak.
+const BACKOFF_STREAK: Duration = Duration::from_secs(1);
 /// At most one "accept paused" warning per process per this interval.
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// How often a listener paused on a full session cap checks again for room. Places freed
@@ -184,11 +189,14 @@ impl Deadlines {
 #[derive(Debug, Default)]
 pub(crate) struct AcceptBackoff {
     paused: Vec<(Instant, usize)>,
+    /// The last pause of each listener that had one: its index, length and end.
+    last: Vec<(usize, Duration, Instant)>,
 }
 
 impl AcceptBackoff {
-    /// Pauses listener `index` for [`ACCEPT_BACKOFF`] and warns, at most once per interval
-    /// across the process; false when it was paused already.
+    /// Pauses listener `index` ([`ACCEPT_BACKOFF`], doubled up to [`ACCEPT_BACKOFF_MAX`] for
+    /// each failure within [`BACKOFF_STREAK`] of the last pause's end) and warns, at most
+    /// once per interval across the process; false when it was paused already.
     pub fn pause(
         &mut self,
         worker: usize,
@@ -200,10 +208,18 @@ impl AcceptBackoff {
         if self.is_paused(index) {
             return false;
         }
-        self.paused.push((now + ACCEPT_BACKOFF, index));
+        let length = match self.last.iter().find(|l| l.0 == index) {
+            Some(&(_, length, end)) if now.saturating_duration_since(end) < BACKOFF_STREAK => {
+                (length * 2).min(ACCEPT_BACKOFF_MAX)
+            }
+            _ => ACCEPT_BACKOFF,
+        };
+        self.last.retain(|l| l.0 != index);
+        self.last.push((index, length, now + length));
+        self.paused.push((now + length, index));
         if may_warn(now) {
             log::warn!(
-                "worker {worker}: accept paused for {ACCEPT_BACKOFF:?} on {addr}: {error} (open fds: {}; further pauses for {WARN_INTERVAL:?} are only counted)",
+                "worker {worker}: accept paused for {length:?} on {addr}: {error} (open fds: {}; further pauses for {WARN_INTERVAL:?} are only counted)",
                 sys::fd_usage()
             );
         }
@@ -230,11 +246,13 @@ impl AcceptBackoff {
     /// Forgets listener `index` (it was closed).
     pub fn forget(&mut self, index: usize) {
         self.paused.retain(|&(_, i)| i != index);
+        self.last.retain(|l| l.0 != index);
     }
 
     /// Forgets every listener (the worker is draining).
     pub fn clear(&mut self) {
         self.paused.clear();
+        self.last.clear();
     }
 }
 
@@ -422,6 +440,32 @@ mod tests {
         assert!(b.due(t0).is_empty());
         assert_eq!(b.due(t0 + ACCEPT_BACKOFF), vec![3]);
         assert_eq!(b.next(), None);
+    }
+
+    #[test]
+    fn pauses_double_while_failures_continue_and_start_over_after_a_quiet_second() {
+        let mut b = AcceptBackoff::default();
+        let error = io::Error::from_raw_os_error(libc::EMFILE);
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let mut now = Instant::now();
+        let mut lengths = Vec::new();
+        for _ in 0..6 {
+            assert!(b.pause(0, 2, addr, &error, now));
+            assert!(!b.pause(0, 2, addr, &error, now), "pausing twice is one pause");
+            let end = b.next().unwrap();
+            lengths.push((end - now).as_millis());
+            assert_eq!(b.due(end), vec![2]);
+            // The accept fails again as soon as the pause is over.
+            now = end;
+        }
+        assert_eq!(lengths, [100, 200, 400, 500, 500, 500]);
+        // A failure well after the last pause ended starts from the first length again.
+        now += BACKOFF_STREAK;
+        b.pause(0, 2, addr, &error, now);
+        assert_eq!(b.next(), Some(now + ACCEPT_BACKOFF));
+        // Another listener has a streak of its own.
+        b.pause(0, 5, addr, &error, now);
+        assert_eq!(b.due(now + ACCEPT_BACKOFF), vec![2, 5]);
     }
 
     #[test]
