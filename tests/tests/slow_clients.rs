@@ -4,10 +4,13 @@
 //!
 //! Two sluice processes run side by side with the same configuration; one carries the
 //! slow clients. Fresh-connection latency is sampled in rounds that alternate between
-//! them, so machine noise falls on both alike.
+//! them, so machine noise falls on both alike, once the loaded one holds every slow
+//! session. The drivers take turns: two thousand connections opening in a test running
+//! alongside would be noise of another kind.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sluice_tests::{
@@ -22,12 +25,17 @@ const TRICKLING: usize = 200;
 /// The idle timeout of both services.
 const IDLE: Duration = Duration::from_secs(6);
 /// Sampling rounds per sluice, alternating.
-const ROUNDS: usize = 8;
+const ROUNDS: usize = 16;
 /// Fresh connections per round.
 const PER_ROUND: usize = 150;
 /// How much later than the idle timeout a session may close (timer rounding, log batch,
 /// a busy machine).
 const CLOSE_SLACK: Duration = Duration::from_millis(1500);
+/// Longest wait for the loaded sluice to hold every slow session before sampling.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// One driver's test at a time.
+static TURN: Mutex<()> = Mutex::new(());
 
 fn config(driver: Driver, slow: SocketAddr, echo: SocketAddr) -> Config {
     let idle = format!("{}s", IDLE.as_secs());
@@ -77,6 +85,7 @@ fn sees_end(s: &mut TcpStream, timeout: Duration) -> bool {
 }
 
 fn slow_clients_are_closed_at_idle_timeout_and_fresh_ones_keep_their_latency(driver: Driver) {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     raise_fd_limit(20_000);
     let (holder, _held) = Backend::holds();
     let echo = Backend::echo();
@@ -93,6 +102,12 @@ fn slow_clients_are_closed_at_idle_timeout_and_fresh_ones_keep_their_latency(dri
     let mut slow: Vec<TcpStream> = (0..SILENT + TRICKLING).map(|_| connect(slow_addr)).collect();
     for s in &slow {
         set_timeouts(s, Duration::from_secs(30));
+    }
+    // Each slow session holds two fds in the loaded sluice (client and backend) once it is
+    // set up: sample from then on, with the slow clients there rather than arriving.
+    let held = baseline + 2 * (SILENT + TRICKLING);
+    while loaded.fd_count() < held && opened.elapsed() < SETTLE {
+        std::thread::sleep(Duration::from_millis(10));
     }
     // The trickling ones send their byte while latency is sampled.
     let trickle: Vec<TcpStream> =
