@@ -16,6 +16,8 @@ use sluice_engine::worker::Relay;
 use sluice_engine::{DriverChoice, Engine, EngineConfig, EngineError};
 use socket2::{Domain, Socket, Type};
 
+mod common;
+
 const ROUNDS: usize = 4000;
 
 /// The fd counts are per process: the drivers' runs must not overlap.
@@ -167,17 +169,4 @@ fn cancel_race(driver: DriverChoice, relay: Relay) {
     assert!(settled, "fds (all, pipes) {now:?} did not return to the baseline {baseline:?}");
 }
 
-#[test]
-fn cancel_race_epoll() {
-    cancel_race(DriverChoice::Epoll, Relay::Copy);
-}
-
-#[test]
-fn cancel_race_uring() {
-    cancel_race(DriverChoice::Uring, Relay::Copy);
-}
-
-#[test]
-fn cancel_race_uring_splice() {
-    cancel_race(DriverChoice::Uring, Relay::Splice);
-}
+common::every_driver!(cancel_race);

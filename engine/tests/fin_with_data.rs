@@ -63,17 +63,4 @@ fn fin_leaves_with_the_last_bytes(driver: DriverChoice, relay: Relay) {
     );
 }
 
-#[test]
-fn fin_leaves_with_the_last_bytes_epoll() {
-    fin_leaves_with_the_last_bytes(DriverChoice::Epoll, Relay::Copy);
-}
-
-#[test]
-fn fin_leaves_with_the_last_bytes_uring() {
-    fin_leaves_with_the_last_bytes(DriverChoice::Uring, Relay::Copy);
-}
-
-#[test]
-fn fin_leaves_with_the_last_bytes_uring_splice() {
-    fin_leaves_with_the_last_bytes(DriverChoice::Uring, Relay::Splice);
-}
+common::every_driver!(fin_leaves_with_the_last_bytes);

@@ -91,17 +91,4 @@ fn sessions_allocate_nothing(driver: DriverChoice, relay: Relay) {
     engine.join().unwrap();
 }
 
-#[test]
-fn sessions_allocate_nothing_epoll() {
-    sessions_allocate_nothing(DriverChoice::Epoll, Relay::Copy);
-}
-
-#[test]
-fn sessions_allocate_nothing_uring() {
-    sessions_allocate_nothing(DriverChoice::Uring, Relay::Copy);
-}
-
-#[test]
-fn sessions_allocate_nothing_uring_splice() {
-    sessions_allocate_nothing(DriverChoice::Uring, Relay::Splice);
-}
+common::every_driver!(sessions_allocate_nothing);

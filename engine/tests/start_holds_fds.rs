@@ -13,8 +13,6 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
-use sluice_engine::worker::Relay;
-use sluice_engine::DriverChoice;
 
 mod common;
 
@@ -41,12 +39,7 @@ impl Drop for NoFds {
 #[test]
 fn an_engine_out_of_fds_from_its_first_moment_stops_cleanly() {
     let backend = TcpListener::bind("127.0.0.1:0").unwrap();
-    let cases = [
-        (DriverChoice::Epoll, Relay::Copy),
-        (DriverChoice::Uring, Relay::Copy),
-        (DriverChoice::Uring, Relay::Splice),
-    ];
-    for (driver, relay) in cases {
+    for (driver, relay) in common::DRIVERS {
         let addr = backend.local_addr().unwrap();
         let Some((engine, _)) = common::one_service("held", addr, driver, relay) else {
             continue;

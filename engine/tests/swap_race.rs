@@ -16,6 +16,8 @@ use sluice_engine::tables::{Service, Tables, Timeouts};
 use sluice_engine::worker::Relay;
 use sluice_engine::{DriverChoice, Engine, EngineConfig, EngineError};
 
+mod common;
+
 const CLIENTS: usize = 4;
 const RUN_FOR: Duration = Duration::from_secs(3);
 
@@ -135,17 +137,4 @@ fn swap_race(driver: DriverChoice, relay: Relay) {
     assert_eq!(alive, 0, "{alive} retired table versions are still referenced");
 }
 
-#[test]
-fn swap_race_epoll() {
-    swap_race(DriverChoice::Epoll, Relay::Copy);
-}
-
-#[test]
-fn swap_race_uring() {
-    swap_race(DriverChoice::Uring, Relay::Copy);
-}
-
-#[test]
-fn swap_race_uring_splice() {
-    swap_race(DriverChoice::Uring, Relay::Splice);
-}
+common::every_driver!(swap_race);

@@ -1,4 +1,6 @@
-//! What the engine's in-process tests share: an engine on one worker serving one service.
+//! What the engine's in-process tests share: the drivers they run on, and an engine on one
+//! worker serving one service. Each test binary uses part of it.
+#![allow(dead_code, unused_macros)]
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -36,3 +38,42 @@ pub fn one_service(
         Err(e) => panic!("engine did not start: {e}"),
     }
 }
+
+/// Every driver and relay the engine's tests run on.
+pub const DRIVERS: [(DriverChoice, Relay); 3] = [
+    (DriverChoice::Epoll, Relay::Copy),
+    (DriverChoice::Uring, Relay::Copy),
+    (DriverChoice::Uring, Relay::Splice),
+];
+
+/// One test per driver and relay for each function named (`fn name(DriverChoice, Relay)`),
+/// in modules `epoll`, `uring` and `uring_splice`.
+macro_rules! every_driver {
+    ($($name:ident),+ $(,)?) => {
+        mod epoll {
+            $(#[test]
+            fn $name() {
+                super::$name(sluice_engine::DriverChoice::Epoll, sluice_engine::worker::Relay::Copy)
+            })+
+        }
+
+        mod uring {
+            $(#[test]
+            fn $name() {
+                super::$name(sluice_engine::DriverChoice::Uring, sluice_engine::worker::Relay::Copy)
+            })+
+        }
+
+        mod uring_splice {
+            $(#[test]
+            fn $name() {
+                super::$name(
+                    sluice_engine::DriverChoice::Uring,
+                    sluice_engine::worker::Relay::Splice,
+                )
+            })+
+        }
+    };
+}
+#[allow(unused_imports)] // start_holds_fds runs its drivers in turn, without it.
+pub(crate) use every_driver;
