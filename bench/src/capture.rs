@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,7 @@ fn start_sluice(args: &CaptureArgs, dir: &Path, name: &str, config: &str) -> Res
     let log = dir.join(format!("{name}.log"));
     let log_file = fs::File::create(&log).map_err(file_context(&log))?;
     let child = Command::new(&args.sluice_bin)
+        .env("RUNTIME_DIRECTORY", dir)
         .arg("run")
         .arg("--config")
         .arg(&path)
@@ -185,12 +186,4 @@ fn print_results(args: &CaptureArgs, figures: &[Vec<f64>; 3], bytes: u64, files:
         });
         println!("{json}");
     }
-}
-
-/// Where the release binary is expected, next to this one.
-pub fn default_sluice_bin() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("sluice")))
-        .unwrap_or_else(|| PathBuf::from("target/release/sluice"))
 }

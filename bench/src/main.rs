@@ -3,8 +3,9 @@
 //! Scenarios (`throughput`, `rr`, `connect`, `idle`) each start their own loopback backend
 //! unless `--backend` names an external one, send load to `--target` (or straight to the
 //! backend), and print a result table or JSON. `compare` runs them all against direct,
-//! sluice, HAProxy and nginx. Every run is bounded in time and stops by itself; traffic
-//! only ever goes to loopback addresses.
+//! sluice, HAProxy and nginx (on loopback, or across veth pairs between network namespaces
+//! it creates); `crosscheck` measures the same proxies with iperf3 and wrk. Every run is
+//! bounded in time and stops by itself; traffic never leaves the machine.
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,8 @@ mod backend;
 mod capture;
 mod cli;
 mod compare;
+mod cpu;
+mod crosscheck;
 mod error;
 mod net;
 mod procfs;
@@ -23,6 +26,8 @@ mod soak;
 mod stats;
 mod table;
 mod timeline;
+mod topology;
+mod udp;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -106,11 +111,12 @@ fn run(command: Command) -> Result<()> {
             emit(&scenario::idle::run(&params, &target, backend.as_ref())?, &args.output)
         }
         Command::Compare(args) => compare::run(&args),
+        Command::Crosscheck(args) => crosscheck::run(&args),
         Command::Udp(args) => run_udp(&args),
         Command::Capture(args) => capture::run(&args),
         Command::Soak(args) => {
             let params = soak::SoakParams {
-                sluice: args.sluice,
+                sluice: args.sluice_bin,
                 duration: args.duration,
                 warmup: args.warmup,
                 sample_every: args.sample,
@@ -125,7 +131,7 @@ fn run(command: Command) -> Result<()> {
             println!("{}", verdict.summary());
             let out = params.out_dir.display();
             println!("figures: {out}/soak.csv, chart: {out}/soak.svg");
-            if verdict.passed {
+            if verdict.outcome() != soak::Outcome::Fail {
                 Ok(())
             } else {
                 Err(BenchError::Usage(format!(
@@ -138,49 +144,43 @@ fn run(command: Command) -> Result<()> {
     }
 }
 
-/// The `udp` subcommand: an echo backend, direct and through the forwarder, interleaved.
+/// The `udp` subcommand: direct, sluice (connected and shared) and nginx over the UDP
+/// scenarios, interleaved; results in `--out-dir` (udp.md, udp.json).
 fn run_udp(args: &cli::UdpArgs) -> Result<()> {
-    use scenario::udp::{self, Contender, UdpEcho, UdpParams, UdpSluice};
-    let params = UdpParams {
-        size: args.size,
-        concurrency: args.concurrency,
-        threads: args.threads,
+    let plan = udp::UdpPlan {
+        rounds: args.rounds,
         timing: args.timing.into(),
+        scenarios: args.scenarios.clone(),
+        contenders: args.contenders.clone(),
+        clients: args.load.clients,
+        threads: args.load.threads,
+        size: args.load.size,
+        bulk_size: args.load.bulk_size,
+        senders: args.load.senders,
+        sources: args.load.sources,
+        in_flight: args.load.in_flight,
+        idle_flows: args.load.idle_flows,
+        workers: args.workers.unwrap_or_else(procfs::cores),
+        nofile: procfs::raise_fd_limit()?,
+        programs: udp::proxy::UdpPrograms {
+            sluice: args.sluice_bin.clone(),
+            nginx: args.nginx_bin.clone(),
+        },
     };
-    let listen = args.backend_listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("constant"));
-    let echo = UdpEcho::start(listen)?;
-    let direct = Contender { name: "direct".into(), target: Target::direct(echo.addr()) };
-    let mut sluice = None;
-    let forwarder = match args.target {
-        Some(addr) => Contender { name: "proxy".into(), target: Target::proxy(addr) },
-        None => {
-            let bin = args.sluice_bin.clone().unwrap_or_else(compare::default_sluice_bin);
-            let workers = args
-                .workers
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let s = UdpSluice::start(&bin, args.sluice_listen, echo.addr(), workers)?;
-            let target = Target::proxy(s.listen);
-            sluice = Some(s);
-            Contender { name: "sluice".into(), target }
-        }
-    };
-    let contenders = [direct, forwarder];
-    let reports = udp::compare(&params, &contenders, args.rounds)?;
-    drop(sluice);
+    let run = udp::run(&plan)?;
+    let dir = args.out_dir.clone().unwrap_or_else(udp::default_dir);
+    let text = udp::write(&plan, &run, &dir, "# sluice-bench udp")?;
     if args.output.json {
-        for r in &reports {
+        for r in &run.runs {
             println!("{}", r.to_json_line()?);
         }
     } else {
-        println!(
-            "udp: size={} concurrency={} threads={} rounds={} (medians)",
-            args.size, args.concurrency, args.threads, args.rounds
-        );
-        print!("{}", udp::summary(&reports, &contenders));
+        print!("{text}");
     }
     if let Some(path) = &args.output.out {
-        append_json_lines(path, &reports)?;
+        append_json_lines(path, &run.runs)?;
     }
+    eprintln!("[udp] wrote {}", dir.display());
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::cpu::OtherProcess;
 use crate::error::{file_context, Result};
 use crate::stats::{cdf_points, format_figure};
 use crate::table::Table;
@@ -39,6 +40,10 @@ pub struct Report {
     /// `[latency_us, cumulative_fraction]` points of a latency run.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub latency_cdf_us: Vec<[f64; 2]>,
+    /// The busiest processes other than the proxy and the load generator during the
+    /// measured window (see [`crate::cpu`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_processes: Vec<OtherProcess>,
     /// The full latency histogram, kept in memory for merging and charts.
     #[serde(skip)]
     pub histogram: Option<Histogram<u64>>,
@@ -56,6 +61,7 @@ impl Report {
             figures: BTreeMap::new(),
             per_stream_gbit_s: Vec::new(),
             latency_cdf_us: Vec::new(),
+            other_processes: Vec::new(),
             histogram: None,
         })
     }

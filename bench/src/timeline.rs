@@ -3,14 +3,16 @@
 //! Load threads read the shared [`RunControl`] to know whether to record and when to stop;
 //! the calling thread runs [`drive`], which owns all timing. The measured window starts and
 //! ends with a snapshot of the scenario's counters, so figures are deltas over exactly the
-//! window, never including warm-up. Once a second a progress line goes to stderr. A SIGINT or
-//! SIGTERM ends the run early with [`BenchError::Interrupted`].
+//! window, never including warm-up; a [`CpuSample`] taken right after each snapshot gives
+//! the CPU time used over the same window. Once a second a progress line goes to stderr. A
+//! SIGINT or SIGTERM ends the run early with [`BenchError::Interrupted`].
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::cpu::{clock_ticks, CpuSample, CpuUse};
 use crate::error::{io_context, BenchError, Result};
 
 const WARMUP: u8 = 0;
@@ -73,6 +75,8 @@ pub struct Meter<'a> {
     pub counters: &'a dyn Fn() -> Vec<u64>,
     /// Progress text from the previous and current counters and the seconds between them.
     pub describe: &'a Describe,
+    /// The proxy whose process tree's CPU time the window reads, if any.
+    pub proxy: Option<u32>,
 }
 
 /// Counters at the start and end of the measured window, and its exact length.
@@ -81,6 +85,8 @@ pub struct Window {
     pub start: Vec<u64>,
     pub end: Vec<u64>,
     pub elapsed: Duration,
+    /// CPU time used over the window, by the proxy and by everything else.
+    pub cpu: CpuUse,
 }
 
 impl Window {
@@ -110,11 +116,16 @@ pub fn drive(control: &RunControl, timing: Timing, meter: &Meter<'_>) -> Result<
 fn drive_phases(control: &RunControl, timing: Timing, meter: &Meter<'_>) -> Result<Window> {
     run_phase(meter, "warmup", timing.warmup)?;
     let start = (meter.counters)();
+    let cpu_start = CpuSample::take();
     let began = Instant::now();
     control.start_measuring();
     run_phase(meter, "measure", timing.duration)?;
     let end = (meter.counters)();
-    Ok(Window { start, end, elapsed: began.elapsed() })
+    let elapsed = began.elapsed();
+    let cpu_end = CpuSample::take();
+    let own = std::process::id();
+    let cpu = CpuUse::between(&cpu_start, &cpu_end, meter.proxy, own, clock_ticks());
+    Ok(Window { start, end, elapsed, cpu })
 }
 
 fn run_phase(meter: &Meter<'_>, phase: &str, length: Duration) -> Result<()> {
@@ -192,7 +203,7 @@ mod tests {
             vec![counter.fetch_add(1, Ordering::Relaxed)]
         };
         let describe = |_: &[u64], _: &[u64], _: f64| String::new();
-        let meter = Meter { label: "test", counters: &counters, describe: &describe };
+        let meter = Meter { label: "test", counters: &counters, describe: &describe, proxy: None };
         let timing =
             Timing { warmup: Duration::from_millis(20), duration: Duration::from_millis(30) };
         let window = drive(&control, timing, &meter).unwrap();

@@ -9,7 +9,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use sluice_engine::events::{EventSink, WorkerStats};
+use sluice_engine::counters::WorkerStats;
+use sluice_engine::events::EventSink;
 use sluice_engine::Engine;
 
 use crate::config::{Config, Registry};
@@ -22,7 +23,7 @@ const PAYLOAD: usize = 1 << 20;
 pub fn demo(config: Config) -> Result<bool, RunError> {
     let service = &config.services[0];
     let backend_addr = service.backends[0].addr;
-    let listen = service.listen[0];
+    let listen = service.listen[0].addr;
     let backend = TcpListener::bind(backend_addr).map_err(|source| {
         RunError::Engine(sluice_engine::EngineError::Bind { addr: backend_addr, source })
     })?;

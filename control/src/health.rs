@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use sluice_engine::balance::{HealthCheck, Pool};
-use sluice_engine::events::BackendState;
+use sluice_engine::counters::BackendState;
 use sluice_engine::tables::Tables;
+
+use crate::clock;
 
 /// How often the checker looks for due checks and changes of health.
 pub const HEALTH_TICK: Duration = Duration::from_millis(100);
@@ -129,7 +131,7 @@ fn collect(
             });
             let Some(check) = &pool.health else { continue };
             if t.next_check <= now && !due.iter().any(|(k, _, _)| *k == key) {
-                t.next_check = now + check.interval;
+                t.next_check = clock::after(now, check.interval);
                 due.push((key, b.addr, check.clone()));
             }
         }
@@ -157,7 +159,7 @@ fn run_checks(due: Vec<(usize, SocketAddr, HealthCheck)>) -> Vec<(usize, bool)> 
 
 /// One check: connect, then send and read until the expected bytes, all within the timeout.
 pub fn probe(addr: SocketAddr, check: &HealthCheck) -> bool {
-    let deadline = Instant::now() + check.timeout;
+    let deadline = clock::after(Instant::now(), check.timeout);
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, check.timeout) else { return false };
     if !check.send.is_empty() && stream.write_all(&check.send).is_err() {
         return false;
@@ -255,6 +257,37 @@ mod tests {
         assert!(!t.state.healthy(), "one pass is not enough");
         record(&mut t, &check, true);
         assert!(t.state.healthy());
+    }
+
+    /// Issue 26 item 3: an interval or timeout too long for the clock panicked the health
+    /// thread (`overflow when adding duration to instant`), and checks stopped for good.
+    #[test]
+    fn intervals_and_timeouts_beyond_the_clock_do_not_panic() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"PONG").unwrap();
+        });
+        let check = HealthCheck {
+            interval: Duration::MAX,
+            timeout: Duration::MAX,
+            expect: b"PONG".to_vec(),
+            ..HealthCheck::default()
+        };
+        assert!(probe(addr, &check));
+        server.join().unwrap();
+        let state = Arc::new(BackendState::new(addr));
+        let mut pool = Pool::with_algorithm(
+            vec![sluice_engine::balance::Backend::with_state(addr, state)],
+            sluice_engine::balance::Algorithm::RoundRobin,
+        );
+        pool.health = Some(check);
+        let pools = vec![("pool p".to_string(), &pool)];
+        let mut tracked = HashMap::new();
+        let now = Instant::now();
+        assert_eq!(collect(&mut tracked, &pools, now).len(), 1, "due at once");
+        assert!(collect(&mut tracked, &pools, now + Duration::from_secs(86_400)).is_empty());
     }
 
     #[test]

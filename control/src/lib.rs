@@ -6,15 +6,23 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod ctl;
 pub mod demo;
 pub mod discovery;
 pub mod dns;
 pub mod health;
+pub mod instance;
 pub mod logger;
 pub mod metrics;
+pub mod notify;
+pub mod privileges;
+pub mod process;
 pub mod records;
 pub mod report;
 pub mod run;
 pub mod sinks;
+pub mod upgrade;
 pub mod zones;

@@ -3,22 +3,32 @@
 //! the workers update; nothing here takes a lock the data path uses.
 //!
 //! Byte and session totals of services and backends are added when a session closes; live
-//! sessions show their running byte counts in `/connections`.
+//! sessions show their running byte counts in `/connections`. Per-client accounting
+//! (`clients` in `/stats`, `sluice_client_*` and `sluice_network_*` in `/metrics`) lists the
+//! top `admin.top_clients` client addresses and networks by bytes, summed over services:
+//! bytes of a session are added when it closes and every
+//! [`ACCOUNTING_INTERVAL`](sluice_engine::accounting::ACCOUNTING_INTERVAL) while it lasts.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use ipnet::IpNet;
 use serde_json::{json, Value};
+use sluice_engine::accounting::{self, Usage};
 use sluice_engine::acl::Action;
 use sluice_engine::balance::Backend;
 use sluice_engine::capture::{CaptureStats, StopReason};
-use sluice_engine::events::{BackendState, EventSink, ServiceCounters, UdpCounters, WorkerStats};
-use sluice_engine::tables::{Protocol, Rules, Tables};
-use sluice_engine::worker::LiveSession;
+use sluice_engine::counters::{BackendState, ServiceCounters, UdpCounters, WorkerStats};
+use sluice_engine::events::EventSink;
+use sluice_engine::record::{LiveSession, Protocol};
+use sluice_engine::tables::{Rules, Tables};
 
+use crate::admin::auth::Tokens;
+use crate::admin::history::{Denials, SharedHistory};
 use crate::sinks::SinkCounters;
 
 /// Everything the admin API reads, shared with the control thread.
@@ -38,6 +48,23 @@ pub struct Shared {
     pub max_flows: usize,
     /// Capture counters of the process.
     pub capture: Arc<CaptureStats>,
+    /// The admin API's tokens in force (a reload may change them).
+    pub admin_tokens: ArcSwap<Tokens>,
+    /// The per-second history of the last hour (sampled by the control thread).
+    pub history: SharedHistory,
+    /// The latest denied connections (noted by the log thread).
+    pub denials: Arc<Denials>,
+    /// Every worker thread runs (updated by the control thread).
+    pub workers_running: AtomicBool,
+    /// A graceful stop has begun.
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    /// The `/history` document: samples after `since` (seconds since 1970).
+    pub fn history_json(&self, since: u64) -> Value {
+        self.history.to_json(since)
+    }
 }
 
 fn get(c: &AtomicU64) -> u64 {
@@ -114,10 +141,13 @@ pub fn stats(shared: &Shared) -> Value {
                 "connect_errors": get(&w.connect_errors),
                 "udp_flows_active": get(&w.udp_flows_active),
                 "udp_flows_evicted": get(&w.udp_flows_evicted),
+                "udp_unmatched": get(&w.udp_unmatched),
                 "accept_backoffs": get(&w.accept_backoffs),
                 "accept_paused_full": get(&w.accept_paused_full),
                 "backend_socket_errors": get(&w.backend_socket_errors),
                 "spare_pipes": get(&w.spare_pipes),
+                "accepted_reset": get(&w.accepted_reset),
+                "ring_fallbacks": get(&w.ring_fallbacks),
             })
         })
         .collect();
@@ -150,9 +180,92 @@ pub fn stats(shared: &Shared) -> Value {
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "services": services,
+        "clients": clients_json(&tables),
         "workers": workers,
         "udp_max_flows_per_worker": shared.max_flows,
     })
+}
+
+/// The listed clients and the listed networks, heaviest first.
+pub type TopClients = (Vec<(IpAddr, Usage)>, Vec<(IpNet, Usage)>);
+
+/// The top clients and networks of every TCP service, by bytes, summed over services.
+pub fn top_clients(tables: &Tables) -> Option<TopClients> {
+    let spec = tables.accounting?;
+    let states = || tables.services().iter().map(|s| &s.limit_state);
+    let clients = accounting::top(states().flat_map(|l| l.accounted_clients()), spec.top);
+    let networks = accounting::top(states().flat_map(|l| l.accounted_networks()), spec.top);
+    let networks = networks
+        .into_iter()
+        .map(|(addr, u)| {
+            let len = if addr.is_ipv4() { spec.network_v4 } else { spec.network_v6 };
+            (IpNet::new(addr, len).unwrap_or_else(|_| IpNet::from(addr)), u)
+        })
+        .collect();
+    Some((clients, networks))
+}
+
+fn usage_json(u: &Usage) -> serde_json::Map<String, Value> {
+    let v = json!({
+        "bytes_up": u.bytes_up,
+        "bytes_down": u.bytes_down,
+        "sessions": u.sessions,
+        "active": u.active,
+    });
+    match v {
+        Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// The `clients` object of `/stats`: `null` when accounting is off.
+fn clients_json(tables: &Tables) -> Value {
+    let Some(spec) = tables.accounting else { return Value::Null };
+    let Some((clients, networks)) = top_clients(tables) else { return Value::Null };
+    let row = |key: &str, name: String, u: &Usage| {
+        let mut m = usage_json(u);
+        m.insert(key.to_string(), json!(name));
+        Value::Object(m)
+    };
+    json!({
+        "top": spec.top,
+        "network_v4": spec.network_v4,
+        "network_v6": spec.network_v6,
+        "clients": clients.iter().map(|(a, u)| row("client", a.to_string(), u)).collect::<Vec<_>>(),
+        "networks": networks.iter().map(|(n, u)| row("network", n.to_string(), u)).collect::<Vec<_>>(),
+    })
+}
+
+/// The `sluice_client_*` and `sluice_network_*` families: one series per listed client or
+/// network, never more than `admin.top_clients` of each.
+fn client_metrics(f: &mut Family<'_>, tables: &Tables) {
+    let Some((clients, networks)) = top_clients(tables) else { return };
+    let clients: Vec<(String, Usage)> = clients.iter().map(|(a, u)| (a.to_string(), *u)).collect();
+    let networks: Vec<(String, Usage)> =
+        networks.iter().map(|(n, u)| (n.to_string(), *u)).collect();
+    for (prefix, label, list) in [("client", "client", &clients), ("network", "network", &networks)]
+    {
+        let name = format!("sluice_{prefix}_bytes_total");
+        f.header(
+            &name,
+            "counter",
+            &format!("Bytes of the top {prefix}s' sessions, by direction (up: from the client)."),
+        );
+        for (who, u) in list {
+            f.sample(&name, &[(label, who), ("direction", "up")], u.bytes_up);
+            f.sample(&name, &[(label, who), ("direction", "down")], u.bytes_down);
+        }
+        let name = format!("sluice_{prefix}_sessions_total");
+        f.header(&name, "counter", &format!("Sessions admitted of the top {prefix}s."));
+        for (who, u) in list {
+            f.sample(&name, &[(label, who)], u.sessions);
+        }
+        let name = format!("sluice_{prefix}_sessions_active");
+        f.header(&name, "gauge", &format!("Sessions open now of the top {prefix}s."));
+        for (who, u) in list {
+            f.sample(&name, &[(label, who)], u.active);
+        }
+    }
 }
 
 /// A backend's share and health: `up` means it takes new sessions (enabled, healthy, not
@@ -269,6 +382,11 @@ fn udp_metrics(f: &mut Family<'_>, tables: &Tables, shared: &Shared) {
     for (id, w) in shared.workers.iter().enumerate() {
         f.sample(name, &[("worker", &id.to_string())], get(&w.udp_flows_evicted));
     }
+    let name = "sluice_worker_udp_unmatched_datagrams_total";
+    f.header(name, "counter", "Datagrams a shared upstream socket got for no flow (dropped).");
+    for (id, w) in shared.workers.iter().enumerate() {
+        f.sample(name, &[("worker", &id.to_string())], get(&w.udp_unmatched));
+    }
     f.header(
         "sluice_udp_max_flows",
         "gauge",
@@ -344,6 +462,7 @@ pub fn connections(sessions: &[LiveSession]) -> Value {
         .iter()
         .map(|s| {
             json!({
+                "id": s.id.to_string(),
                 "worker": s.worker,
                 "service": &*s.service,
                 "client": s.client.to_string(),
@@ -470,6 +589,7 @@ pub fn prometheus(shared: &Shared) -> String {
             get(&s.default_hits),
         );
     }
+    client_metrics(&mut f, &tables);
     let name = "sluice_session_bytes_total";
     f.header(
         name,
@@ -510,7 +630,7 @@ pub fn prometheus(shared: &Shared) -> String {
     backend_metrics(&mut f, &tables);
     udp_metrics(&mut f, &tables, shared);
     type WorkerMetric = (&'static str, &'static str, &'static str, fn(&WorkerStats) -> u64);
-    let worker_metrics: [WorkerMetric; 7] = [
+    let worker_metrics: [WorkerMetric; 9] = [
         ("sluice_worker_accepted_total", "counter", "Connections accepted, per worker.", |w| {
             get(&w.accepted)
         }),
@@ -543,6 +663,18 @@ pub fn prometheus(shared: &Shared) -> String {
             "gauge",
             "Pipes the splice relay keeps empty for reuse (two fds each), per worker.",
             |w| get(&w.spare_pipes),
+        ),
+        (
+            "sluice_worker_accepted_reset_total",
+            "counter",
+            "Connections reset by their client before they could be admitted, per worker.",
+            |w| get(&w.accepted_reset),
+        ),
+        (
+            "sluice_worker_ring_fallbacks_total",
+            "counter",
+            "io_uring receives that found every provided buffer taken and read inline, per worker.",
+            |w| get(&w.ring_fallbacks),
         ),
     ];
     for (name, kind, help, value) in worker_metrics {
@@ -583,7 +715,61 @@ pub fn prometheus(shared: &Shared) -> String {
     capture_metrics(&mut f, &shared.capture);
     f.header("sluice_tables_version", "gauge", "Version of the tables in force.");
     f.sample("sluice_tables_version", &[], tables.version);
+    operator_metrics(&mut f);
     out
+}
+
+/// `sluice_build_info` and the standard `process_*` families (as Prometheus client
+/// libraries name them). A figure /proc cannot give right now (no fd free to read it) is
+/// left out rather than shown wrong.
+fn operator_metrics(f: &mut Family<'_>) {
+    let name = "sluice_build_info";
+    f.header(name, "gauge", "Always 1; the labels name the running build.");
+    f.sample(
+        name,
+        &[("version", env!("CARGO_PKG_VERSION")), ("revision", crate::process::REVISION)],
+        1,
+    );
+    let p = crate::process::Process::read();
+    let figures: [(&str, &str, &str, Option<f64>); 7] = [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time spent, in seconds.",
+            p.cpu_seconds,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size, in bytes.",
+            p.resident_bytes,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size, in bytes.",
+            p.virtual_bytes,
+        ),
+        ("process_open_fds", "gauge", "Open file descriptors.", p.open_fds),
+        (
+            "process_max_fds",
+            "gauge",
+            "Most open file descriptors allowed (RLIMIT_NOFILE, soft).",
+            p.max_fds,
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process, in seconds since 1970.",
+            p.start_time_seconds,
+        ),
+        ("process_threads", "gauge", "Threads of the process.", p.threads),
+    ];
+    for (name, kind, help, value) in figures {
+        let Some(value) = value else { continue };
+        f.header(name, kind, help);
+        f.sample(name, &[], value);
+    }
 }
 
 fn backend_metrics(f: &mut Family<'_>, tables: &Tables) {

@@ -2,16 +2,17 @@
 //! (like HAProxy's log-format). Pure: the sinks decide where the bytes go.
 
 use std::fmt::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use serde_json::{json, Value};
-use sluice_engine::events::Record;
-use sluice_engine::tables::Protocol;
+use serde::Serialize;
+use sluice_engine::record::{Protocol, Record};
 
-use crate::logger::rfc3339;
+use crate::logger::{rfc3339, Rfc3339};
 
-/// Every field a template may name, in the order of the JSON object.
-pub const FIELDS: [&str; 22] = [
+/// Every field a template may name, in the order of the JSON object (which has every one
+/// but the last two, `client` and `backend`). `instance` is the process's, not the
+/// record's: `[records] instance`, by default the host name.
+pub const FIELDS: [&str; 23] = [
     "kind",
     "start",
     "end",
@@ -32,46 +33,85 @@ pub const FIELDS: [&str; 22] = [
     "protocol",
     "packets_up",
     "packets_down",
+    "instance",
     "client",
     "backend",
 ];
 
 /// The template of the default sink (the process log, when no `[[log]]` is configured).
-pub const PROCESS_LOG_TEMPLATE: &str = "session service={service} client={client} listener={listener} backend={backend} start={start} duration_ms={duration_ms} bytes_up={bytes_up} bytes_down={bytes_down} reason={reason} worker={worker} kind={kind} verdict={verdict} rule={rule}";
+pub const PROCESS_LOG_TEMPLATE: &str = "session service={service} client={client} listener={listener} backend={backend} start={start} duration_ms={duration_ms} bytes_up={bytes_up} bytes_down={bytes_down} reason={reason} worker={worker} kind={kind} verdict={verdict} rule={rule} instance={instance}";
 
 /// The process-log template for UDP flow records: the TCP one with datagram counts.
-pub const PROCESS_LOG_UDP_TEMPLATE: &str = "flow protocol=udp service={service} client={client} listener={listener} backend={backend} start={start} duration_ms={duration_ms} packets_up={packets_up} packets_down={packets_down} bytes_up={bytes_up} bytes_down={bytes_down} reason={reason} worker={worker} kind={kind} verdict={verdict} rule={rule}";
+pub const PROCESS_LOG_UDP_TEMPLATE: &str = "flow protocol=udp service={service} client={client} listener={listener} backend={backend} start={start} duration_ms={duration_ms} packets_up={packets_up} packets_down={packets_down} bytes_up={bytes_up} bytes_down={bytes_down} reason={reason} worker={worker} kind={kind} verdict={verdict} rule={rule} instance={instance}";
 
 /// The template used for UDP flow records when a text sink names none.
-pub const DEFAULT_UDP_TEMPLATE: &str = "{kind} protocol=udp service={service} client={client} listener={listener} backend={backend_addr}:{backend_port} start={start} duration_ms={duration_ms} packets_up={packets_up} packets_down={packets_down} bytes_up={bytes_up} bytes_down={bytes_down} verdict={verdict} rule={rule} reason={reason} worker={worker}";
+pub const DEFAULT_UDP_TEMPLATE: &str = "{kind} protocol=udp service={service} client={client} listener={listener} backend={backend_addr}:{backend_port} start={start} duration_ms={duration_ms} packets_up={packets_up} packets_down={packets_down} bytes_up={bytes_up} bytes_down={bytes_down} verdict={verdict} rule={rule} reason={reason} worker={worker} instance={instance}";
 
 /// The template used when a text sink names none.
-pub const DEFAULT_TEMPLATE: &str = "{kind} service={service} client={client} listener={listener} backend={backend_addr}:{backend_port} start={start} duration_ms={duration_ms} bytes_up={bytes_up} bytes_down={bytes_down} verdict={verdict} rule={rule} reason={reason} worker={worker}";
+pub const DEFAULT_TEMPLATE: &str = "{kind} service={service} client={client} listener={listener} backend={backend_addr}:{backend_port} start={start} duration_ms={duration_ms} bytes_up={bytes_up} bytes_down={bytes_down} verdict={verdict} rule={rule} reason={reason} worker={worker} instance={instance}";
 
-/// The JSON object of a record.
-pub fn to_json(r: &Record) -> Value {
-    json!({
-        "kind": r.kind.as_str(),
-        "start": rfc3339(r.start),
-        "end": rfc3339(r.end),
-        "duration_ms": r.duration.as_millis() as u64,
-        "service": &*r.service,
-        "listener": r.listener.to_string(),
-        "client_addr": r.client.ip().to_string(),
-        "client_port": r.client.port(),
-        "backend_addr": r.backend.map(|b| b.ip().to_string()),
-        "backend_port": r.backend.map(|b| b.port()),
-        "bytes_up": r.bytes_up,
-        "bytes_down": r.bytes_down,
-        "verdict": r.verdict.as_str(),
-        "rule": r.rule.as_deref(),
-        "reason": r.reason.map(|x| x.as_str()),
-        "worker": r.worker,
-        "tables_version": r.tables_version,
-        "protocol": r.protocol.as_str(),
-        "packets_up": udp_count(r, r.packets_up),
-        "packets_down": udp_count(r, r.packets_down),
-    })
+/// A record as one JSON object: its keys in the documented order ([`FIELDS`], less the
+/// template-only `client` and `backend`), serialized straight from the record's fields.
+#[derive(Serialize)]
+struct JsonRecord<'a> {
+    kind: &'static str,
+    start: Shown<Rfc3339>,
+    end: Shown<Rfc3339>,
+    duration_ms: u64,
+    service: &'a str,
+    listener: Shown<SocketAddr>,
+    client_addr: Shown<IpAddr>,
+    client_port: u16,
+    backend_addr: Option<Shown<IpAddr>>,
+    backend_port: Option<u16>,
+    bytes_up: u64,
+    bytes_down: u64,
+    verdict: &'static str,
+    rule: Option<&'a str>,
+    reason: Option<&'static str>,
+    worker: usize,
+    tables_version: u64,
+    protocol: &'static str,
+    packets_up: Option<u64>,
+    packets_down: Option<u64>,
+    instance: &'a str,
+}
+
+/// A value serialized as the string its `Display` writes.
+struct Shown<T>(T);
+
+impl<T: std::fmt::Display> Serialize for Shown<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+impl<'a> JsonRecord<'a> {
+    fn of(r: &'a Record, instance: &'a str) -> Self {
+        JsonRecord {
+            kind: r.kind.as_str(),
+            start: Shown(Rfc3339(r.start)),
+            end: Shown(Rfc3339(r.end)),
+            duration_ms: u64::try_from(r.duration.as_millis()).unwrap_or(u64::MAX),
+            service: &r.service,
+            listener: Shown(r.listener),
+            client_addr: Shown(r.client.ip()),
+            client_port: r.client.port(),
+            backend_addr: r.backend.map(|b| Shown(b.ip())),
+            backend_port: r.backend.map(|b| b.port()),
+            bytes_up: r.bytes_up,
+            bytes_down: r.bytes_down,
+            verdict: r.verdict.as_str(),
+            rule: r.rule.as_deref(),
+            reason: r.reason.map(|x| x.as_str()),
+            worker: r.worker,
+            tables_version: r.tables_version,
+            protocol: r.protocol.as_str(),
+            packets_up: udp_count(r, r.packets_up),
+            packets_down: udp_count(r, r.packets_down),
+            instance,
+        }
+    }
 }
 
 /// Datagram counts exist for UDP records only (`null` in TCP records).
@@ -79,9 +119,17 @@ fn udp_count(r: &Record, n: u64) -> Option<u64> {
     (r.protocol == Protocol::Udp).then_some(n)
 }
 
+/// Appends one JSON line (without the newline) to `out`; `instance` names this process.
+pub fn write_json(out: &mut Vec<u8>, r: &Record, instance: &str) {
+    // Serializing plain fields into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, &JsonRecord::of(r, instance));
+}
+
 /// One JSON line (without the newline).
-pub fn json_line(r: &Record) -> String {
-    to_json(r).to_string()
+pub fn json_line(r: &Record, instance: &str) -> String {
+    let mut out = Vec::with_capacity(512);
+    write_json(&mut out, r, instance);
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// A parsed text template: literal text and field names.
@@ -140,23 +188,23 @@ impl Template {
         self
     }
 
-    /// Renders a record; absent values are written as `-`.
-    pub fn render(&self, r: &Record) -> String {
+    /// Renders a record of the process named `instance`; absent values are written as `-`.
+    pub fn render(&self, r: &Record, instance: &str) -> String {
         if let (Some(udp), Protocol::Udp) = (&self.udp, r.protocol) {
-            return udp.render(r);
+            return udp.render(r, instance);
         }
         let mut out = String::with_capacity(256);
         for part in &self.parts {
             match part {
                 Part::Text(t) => out.push_str(t),
-                Part::Field(f) => write_field(&mut out, f, r),
+                Part::Field(f) => write_field(&mut out, f, r, instance),
             }
         }
         out
     }
 }
 
-fn write_field(out: &mut String, field: &str, r: &Record) {
+fn write_field(out: &mut String, field: &str, r: &Record, instance: &str) {
     let addr = |a: Option<SocketAddr>| a.map(|a| a.ip().to_string()).unwrap_or_else(|| "-".into());
     let port =
         |a: Option<SocketAddr>| a.map(|a| a.port().to_string()).unwrap_or_else(|| "-".into());
@@ -186,6 +234,7 @@ fn write_field(out: &mut String, field: &str, r: &Record) {
         "protocol" => write!(out, "{}", r.protocol.as_str()),
         "packets_up" => write_count(out, udp_count(r, r.packets_up)),
         "packets_down" => write_count(out, udp_count(r, r.packets_down)),
+        "instance" => write!(out, "{instance}"),
         _ => Ok(()),
     };
 }
@@ -200,8 +249,8 @@ fn write_count(out: &mut String, n: Option<u64>) -> std::fmt::Result {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use sluice_engine::events::{RecordKind, Verdict};
-    use sluice_engine::session::CloseReason;
+    use serde_json::Value;
+    use sluice_engine::record::{CloseReason, RecordKind, Verdict};
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     pub fn sample() -> Record {
@@ -227,6 +276,62 @@ pub(crate) mod tests {
         }
     }
 
+    /// The JSON record's keys as the README's "Fields:" paragraph lists them, in its order:
+    /// written out here rather than taken from [`FIELDS`], which they check.
+    const DOCUMENTED: [&str; 21] = [
+        "kind",
+        "start",
+        "end",
+        "duration_ms",
+        "service",
+        "listener",
+        "client_addr",
+        "client_port",
+        "backend_addr",
+        "backend_port",
+        "bytes_up",
+        "bytes_down",
+        "verdict",
+        "rule",
+        "reason",
+        "worker",
+        "tables_version",
+        "protocol",
+        "packets_up",
+        "packets_down",
+        "instance",
+    ];
+
+    const INSTANCE: &str = "edge-2";
+
+    fn to_json(r: &Record) -> Value {
+        serde_json::from_str(&json_line(r, INSTANCE)).expect("a JSON object")
+    }
+
+    /// A template may name every documented field and `client` and `backend`, no other.
+    #[test]
+    fn template_fields_are_the_documented_ones() {
+        assert_eq!(FIELDS[..21], DOCUMENTED);
+        assert_eq!(FIELDS[21..], ["client", "backend"]);
+    }
+
+    /// Issue 26 item 19: keys came out in alphabetical order (a serde_json map), not the
+    /// documented one.
+    #[test]
+    fn json_keys_come_in_the_documented_order() {
+        for r in [sample(), Record { protocol: Protocol::Udp, backend: None, ..sample() }] {
+            let line = json_line(&r, INSTANCE);
+            let keys: Vec<&str> = line
+                .split('"')
+                .collect::<Vec<_>>()
+                .windows(2)
+                .filter(|w| w[1].starts_with(':'))
+                .map(|w| w[0])
+                .collect();
+            assert_eq!(keys, DOCUMENTED, "{line}");
+        }
+    }
+
     #[test]
     fn json_has_every_field_with_split_addresses() {
         let v = to_json(&sample());
@@ -236,9 +341,11 @@ pub(crate) mod tests {
         assert_eq!(v["start"], "2026-11-22T00:00:00.123Z");
         assert_eq!(v["reason"], "backend_fin");
         assert_eq!(v["rule"], Value::Null);
-        for f in FIELDS.iter().filter(|f| !matches!(**f, "client" | "backend")) {
+        assert_eq!(v["instance"], INSTANCE);
+        for f in DOCUMENTED {
             assert!(v.get(f).is_some(), "missing {f}");
         }
+        assert_eq!(v.as_object().unwrap().len(), DOCUMENTED.len(), "no other key: {v}");
         let _ = SystemTime::now();
     }
 
@@ -262,13 +369,19 @@ pub(crate) mod tests {
         let t = Template::parse(PROCESS_LOG_TEMPLATE)
             .unwrap()
             .with_udp(Template::parse(PROCESS_LOG_UDP_TEMPLATE).unwrap());
-        let line = t.render(&udp);
+        let line = t.render(&udp, INSTANCE);
         assert!(line.starts_with("flow protocol=udp service=web"), "{line}");
         assert!(line.contains(" packets_up=3 packets_down=2 bytes_up=73 "), "{line}");
-        assert!(t.render(&sample()).starts_with("session service=web"));
+        assert!(line.ends_with(" instance=edge-2"), "{line}");
+        let line = t.render(&sample(), INSTANCE);
+        assert!(line.starts_with("session service=web") && line.ends_with(" instance=edge-2"));
         let t = Template::parse("{protocol} {packets_up}").unwrap();
-        assert_eq!((t.render(&udp).as_str(), t.render(&sample()).as_str()), ("udp 3", "tcp -"));
-        assert!(Template::parse(DEFAULT_UDP_TEMPLATE).is_ok());
+        let both = (t.render(&udp, INSTANCE), t.render(&sample(), INSTANCE));
+        assert_eq!((both.0.as_str(), both.1.as_str()), ("udp 3", "tcp -"));
+        for default in [DEFAULT_TEMPLATE, DEFAULT_UDP_TEMPLATE] {
+            let line = Template::parse(default).unwrap().render(&udp, INSTANCE);
+            assert!(line.ends_with(" instance=edge-2"), "{line}");
+        }
     }
 
     #[test]
@@ -276,7 +389,7 @@ pub(crate) mod tests {
         let t =
             Template::parse("{{{client}}} -> {backend_addr}:{backend_port} {bytes_down}B {rule}")
                 .unwrap();
-        assert_eq!(t.render(&sample()), "{127.0.0.2:50312} -> 127.0.0.1:8000 1024B -");
+        assert_eq!(t.render(&sample(), "x"), "{127.0.0.2:50312} -> 127.0.0.1:8000 1024B -");
         let e = Template::parse("{clinet}").unwrap_err();
         assert!(e.contains("unknown field {clinet}"), "{e}");
         assert!(Template::parse("a } b").is_err());

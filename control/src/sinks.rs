@@ -19,9 +19,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
-use sluice_engine::events::{Batch, Record, RecordKind, Verdict};
+use crate::admin::history::Denials;
 
+use crossbeam_channel::Receiver;
+use sluice_engine::events::Batch;
+use sluice_engine::record::{Record, RecordKind, Verdict};
+
+use crate::clock;
 use crate::logger::rfc3339;
 use crate::records::{json_line, Template};
 
@@ -146,6 +150,8 @@ pub struct Sink {
     output: Output,
     counters: Arc<SinkCounters>,
     hostname: String,
+    /// `[records] instance`: names this process in every record.
+    instance: Arc<str>,
 }
 
 fn open_file(path: &PathBuf) -> io::Result<BufWriter<File>> {
@@ -154,8 +160,9 @@ fn open_file(path: &PathBuf) -> io::Result<BufWriter<File>> {
 }
 
 impl Sink {
-    /// Opens the sink's output (creates the file, binds the socket).
-    pub fn open(spec: SinkSpec) -> Result<Sink, String> {
+    /// Opens the sink's output (creates the file, binds the socket); its records name
+    /// `instance`.
+    pub fn open(spec: SinkSpec, instance: Arc<str>) -> Result<Sink, String> {
         let output = match &spec.target {
             Target::File(path) => Output::File {
                 path: path.clone(),
@@ -187,9 +194,8 @@ impl Sink {
             },
         };
         let counters = Arc::new(SinkCounters { name: spec.name.clone(), ..Default::default() });
-        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map_or_else(|_| "-".into(), |h| h.trim().to_string());
-        Ok(Sink { spec, output, counters, hostname })
+        let hostname = host_name().map_or_else(|| "-".into(), |h| syslog_hostname(&h));
+        Ok(Sink { spec, output, counters, hostname, instance })
     }
 
     pub fn counters(&self) -> Arc<SinkCounters> {
@@ -198,8 +204,8 @@ impl Sink {
 
     fn render(&self, r: &Record) -> String {
         match &self.spec.format {
-            Format::Json => json_line(r),
-            Format::Text(t) => t.render(r),
+            Format::Json => json_line(r, &self.instance),
+            Format::Text(t) => t.render(r, &self.instance),
         }
     }
 
@@ -273,7 +279,7 @@ impl Sink {
                 .and_then(|s| s.set_nonblocking(true).map(|_| s))
             {
                 Ok(s) => *stream = Some(s),
-                Err(_) => *retry_at = Instant::now() + RECONNECT_AFTER,
+                Err(_) => *retry_at = clock::after(Instant::now(), RECONNECT_AFTER),
             }
         }
         let Some(s) = stream else { return };
@@ -287,7 +293,7 @@ impl Sink {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     *stream = None;
-                    *retry_at = Instant::now() + RECONNECT_AFTER;
+                    *retry_at = clock::after(Instant::now(), RECONNECT_AFTER);
                     break;
                 }
             }
@@ -319,6 +325,23 @@ impl Sink {
     }
 }
 
+/// The HOSTNAME of a syslog frame: the host's name if it is 1 to 255 printable US-ASCII
+/// characters (RFC 5424 6.2.4), else the nil value `-`.
+/// This host's name, as the kernel has it.
+pub fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(name.trim().to_string())
+}
+
+fn syslog_hostname(name: &str) -> String {
+    let ok = !name.is_empty() && name.len() <= 255 && name.bytes().all(|b| (33..=126).contains(&b));
+    if ok {
+        name.to_string()
+    } else {
+        "-".to_string()
+    }
+}
+
 /// What the control thread tells the log thread.
 pub enum LogCommand {
     /// Reopen files (SIGUSR1).
@@ -332,14 +355,15 @@ pub fn run_log_thread(
     records: Receiver<Batch>,
     commands: Receiver<LogCommand>,
     mut sinks: Vec<Sink>,
+    denials: &Denials,
 ) {
     loop {
         crossbeam_channel::select! {
             recv(records) -> r => match r {
                 Ok(batch) => {
-                    batch.iter().for_each(|r| dispatch(&mut sinks, r));
+                    batch.iter().for_each(|r| dispatch(&mut sinks, r, denials));
                     for batch in records.try_iter().take(64) {
-                        batch.iter().for_each(|r| dispatch(&mut sinks, r));
+                        batch.iter().for_each(|r| dispatch(&mut sinks, r, denials));
                     }
                     sinks.iter_mut().for_each(Sink::flush);
                 }
@@ -361,7 +385,8 @@ pub fn run_log_thread(
     }
 }
 
-fn dispatch(sinks: &mut [Sink], r: &Record) {
+fn dispatch(sinks: &mut [Sink], r: &Record, denials: &Denials) {
+    denials.note(r);
     for sink in sinks.iter_mut() {
         sink.write(r);
     }
@@ -414,7 +439,7 @@ mod tests {
             format: Format::Json,
             filter: Filter::default(),
         };
-        let sink = Sink::open(spec).unwrap();
+        let sink = Sink::open(spec, "edge-1".into()).unwrap();
         let frame = sink.syslog_frame(&sample(), "{}");
         let pid = std::process::id();
         assert!(frame.starts_with("<134>1 2026-11-22T00:00:00.135Z "), "{frame}");

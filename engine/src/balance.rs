@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::events::BackendState;
+use crate::counters::BackendState;
 use crate::proxy;
 
 /// At most this many backends are tried for one session before the client is closed.
@@ -180,6 +180,8 @@ pub struct Pool {
     pub send_proxy: Option<proxy::Version>,
     /// Active checks of the backends, if any (run by the control plane).
     pub health: Option<HealthCheck>,
+    /// Where backend connections come from; `None`: the kernel picks.
+    pub source: Option<crate::socket_options::Source>,
     cursor: AtomicUsize,
     attempts: usize,
     /// Smooth weighted round-robin order of the primaries, then of the backups (indices).
@@ -262,6 +264,7 @@ impl Pool {
             ejection: Ejection::default(),
             send_proxy: None,
             health: None,
+            source: None,
             cursor: AtomicUsize::new(0),
             attempts,
             schedule,
@@ -401,13 +404,7 @@ fn maglev_table(backends: &[Backend], members: &[usize]) -> Vec<usize> {
         return Vec::new();
     }
     let m = MAGLEV_TABLE_SIZE as u64;
-    let perms: Vec<(u64, u64)> = members
-        .iter()
-        .map(|&i| {
-            let h = hash_addr(backends[i].addr);
-            (h % m, mix(h) % (m - 1) + 1)
-        })
-        .collect();
+    let perms: Vec<(u64, u64)> = members.iter().map(|&i| maglev_walk(backends[i].addr)).collect();
     let mut next = vec![0u64; members.len()];
     let mut table = vec![usize::MAX; MAGLEV_TABLE_SIZE];
     let mut filled = 0;
@@ -429,6 +426,14 @@ fn maglev_table(backends: &[Backend], members: &[usize]) -> Vec<usize> {
         }
     }
     table
+}
+
+/// Where the backend at `addr` starts in the Maglev table and its step: any slot, and a
+/// step from 1 to the table's size less one, which (the size being prime) walks every slot.
+fn maglev_walk(addr: SocketAddr) -> (u64, u64) {
+    let m = MAGLEV_TABLE_SIZE as u64;
+    let h = hash_addr(addr);
+    (h % m, mix(h) % (m - 1) + 1)
 }
 
 /// A stable 64-bit hash of a client's IP address (the port is left out, so every
@@ -471,7 +476,7 @@ fn mix(mut z: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::AdminState;
+    use crate::counters::AdminState;
 
     fn backend(i: u16, weight: u32) -> Backend {
         Backend { weight, ..Backend::new(([127, 0, 0, 1], 9000 + i).into()) }
@@ -505,6 +510,114 @@ mod tests {
         }
     }
 
+    /// The names the README documents for `balance`, written out.
+    #[test]
+    fn algorithms_are_named_as_documented() {
+        let documented = [
+            (Algorithm::RoundRobin, "round_robin"),
+            (Algorithm::Weighted, "weighted"),
+            (Algorithm::LeastSessions, "least_sessions"),
+            (Algorithm::TwoChoices, "two_choices"),
+            (Algorithm::SourceHash, "source_hash"),
+        ];
+        for (algorithm, name) in documented {
+            assert_eq!(algorithm.as_str(), name);
+            assert_eq!(name.parse::<Algorithm>(), Ok(algorithm));
+        }
+        let e = "random".parse::<Algorithm>().unwrap_err();
+        assert!(e.contains("\"random\"") && e.contains("round_robin, weighted"), "{e}");
+    }
+
+    #[test]
+    fn a_pool_tells_its_algorithm_attempts_and_whether_any_backend_can_take_a_session() {
+        let p =
+            Pool::with_algorithm((0..5).map(|i| backend(i, 1)).collect(), Algorithm::TwoChoices);
+        assert_eq!(p.algorithm(), Algorithm::TwoChoices);
+        assert_eq!(p.attempts(), DEFAULT_CONNECT_ATTEMPTS);
+        assert_eq!(pool(2).attempts(), 2, "no more attempts than backends");
+        let now = Instant::now();
+        assert!(p.any_eligible(now));
+        for b in p.backends() {
+            b.state.set_admin(AdminState::Disabled);
+        }
+        assert!(!p.any_eligible(now));
+        p.backends()[3].state.set_admin(AdminState::Enabled);
+        assert!(p.any_eligible(now));
+    }
+
+    #[test]
+    fn tried_backends_are_counted() {
+        let mut tried = Tried::default();
+        assert!(tried.is_empty());
+        assert_eq!(tried.as_slice(), &[] as &[usize]);
+        tried.push(4);
+        tried.push(1);
+        assert!(!tried.is_empty());
+        assert_eq!((tried.len(), tried.as_slice(), tried.last()), (2, &[4, 1][..], Some(1)));
+    }
+
+    /// Least sessions breaks ties from each session's own place, so sessions arriving at
+    /// idle backends go round them rather than all to the first.
+    #[test]
+    fn least_sessions_ties_go_round_the_backends() {
+        let p =
+            Pool::with_algorithm((0..3).map(|i| backend(i, 1)).collect(), Algorithm::LeastSessions);
+        let now = Instant::now();
+        let picks: Vec<usize> = (0..6).map(|_| first(&p, 0, now).unwrap()).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+    }
+
+    /// The weighted schedule is one period of the weights in lowest terms: weights 200, 400
+    /// and 600 make a schedule of 6 entries, not 1,200.
+    #[test]
+    fn the_weighted_schedule_is_one_period_in_lowest_terms() {
+        let p = Pool::with_algorithm(
+            [200, 400, 600].iter().enumerate().map(|(i, &w)| backend(i as u16, w)).collect(),
+            Algorithm::Weighted,
+        );
+        // nginx's smooth weighted round-robin over 1:2:3 by hand (current weights before
+        // each pick; the first of equals wins): [1,2,3] -> 2, [2,4,0] -> 1, [3,0,3] -> 0,
+        // [-2,2,6] -> 2, [-1,4,3] -> 1, [0,0,6] -> 2.
+        assert_eq!(p.schedule[0], [2, 1, 0, 2, 1, 2]);
+        assert_eq!((gcd(12, 18), gcd(7, 5), gcd(0, 4)), (6, 1, 4));
+    }
+
+    /// A backend whose address hashes to the smallest Maglev skip (1) still gets its
+    /// share of the table: skips run from 1 to the table size less one, never 0 (a skip
+    /// of 0 would never leave the backend's first slot).
+    #[test]
+    fn a_maglev_table_fills_whatever_the_backends_addresses_hash_to() {
+        let m = MAGLEV_TABLE_SIZE as u64;
+        // Every address's walk starts on a slot and steps by 1 to m - 1 (a step of 0, or of
+        // m, would stay on one slot): checked over 262,144 addresses, where a rule off by
+        // one in 65,537 would show about four times.
+        for a in 0..1u32 << 18 {
+            let (offset, skip) =
+                maglev_walk((std::net::Ipv4Addr::from(0x0a00_0000 | a), 80).into());
+            assert!(offset < m && (1..m).contains(&skip), "{a}: {offset} {skip}");
+        }
+        let port = (1..=u16::MAX)
+            .find(|&p| mix(hash_addr(([10, 0, 0, 1], p).into())) % (m - 1) == 0)
+            .expect("a port whose address makes the smallest skip");
+        let special = Backend::new(([10, 0, 0, 1], port).into());
+        let p = Pool::with_algorithm(vec![special, backend(1, 1)], Algorithm::SourceHash);
+        let table = &p.maglev[0];
+        assert_eq!(table.len(), MAGLEV_TABLE_SIZE);
+        let mine = table.iter().filter(|&&i| i == 0).count();
+        assert!(mine.abs_diff(MAGLEV_TABLE_SIZE / 2) <= 1, "{mine} slots of {MAGLEV_TABLE_SIZE}");
+    }
+
+    /// Source hashing must map a client alike on every instance of a fleet and across
+    /// builds: `mix` is splitmix64's finalizer, checked against the published sequence of
+    /// splitmix64 from seed 0.
+    #[test]
+    fn the_hash_mixer_is_splitmix64() {
+        let golden = 0x9e37_79b9_7f4a_7c15u64;
+        assert_eq!(mix(0), 0xe220_a839_7b1d_cdaf);
+        assert_eq!(mix(golden), 0x6e78_9e6a_a1b9_65f4);
+        assert_eq!(mix(golden.wrapping_mul(2)), 0x06c4_5d18_8009_454f);
+    }
+
     #[test]
     fn round_robin_spreads_sessions_evenly() {
         assert_eq!(counts(&pool(3), 3000), vec![1000, 1000, 1000]);
@@ -517,7 +630,12 @@ mod tests {
             weights.iter().enumerate().map(|(i, &w)| backend(i as u16, w)).collect(),
             Algorithm::Weighted,
         );
-        assert_eq!(p.schedule[0], vec![0, 0, 1, 0, 2, 0, 0]);
+        // Smooth weighted round-robin as nginx documents it (ngx_http_upstream_round_robin,
+        // weights 5:1:1 give "a a b a c a a"), seen through the picks of successive
+        // sessions, twice round.
+        let now = Instant::now();
+        let picks: Vec<usize> = (0..14).map(|_| first(&p, 0, now).unwrap()).collect();
+        assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0, 0, 0, 1, 0, 2, 0, 0]);
         let weights = [3, 2, 1, 4];
         let p = Pool::with_algorithm(
             weights.iter().enumerate().map(|(i, &w)| backend(i as u16, w)).collect(),

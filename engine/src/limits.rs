@@ -7,95 +7,25 @@
 //! never leak whatever way the session ends. Entries nobody holds and with nothing left to
 //! remember are swept when a shard grows; a shard that is full of live entries refuses new
 //! clients (counted as a limit), so a flood of source addresses cannot grow memory unbounded.
+//!
+//! The same entries carry per-client accounting ([`crate::accounting`]) when the tables ask
+//! for it: every admitted session then holds its client's entry and its network's (grouped
+//! by the accounting prefixes, in a map of their own), and adds its bytes to both. A map
+//! full of live entries never refuses a session for accounting's sake: it goes unaccounted.
 
-use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::accounting::{AccountSpec, Tally, Usage};
+use crate::clients::{ClientMap, Idle};
 use crate::shape::{Bucket, Rate};
 
-/// Shards of a [`ClientMap`].
-const SHARDS: usize = 64;
-/// Addresses a [`ClientMap`] holds at most, over all shards.
-pub const DEFAULT_MAX_CLIENTS: usize = 1 << 20;
 /// Prefix that groups IPv4 clients into one network when a limit names none.
 pub const DEFAULT_NETWORK_V4: u8 = 24;
 /// Prefix that groups IPv6 clients into one network when a limit names none.
 pub const DEFAULT_NETWORK_V6: u8 = 64;
-
-/// A map from client address to shared state, sharded to keep admissions on different
-/// workers apart.
-#[derive(Debug)]
-pub struct ClientMap<T> {
-    shards: Box<[Mutex<Shard<T>>]>,
-    per_shard: usize,
-    hasher: std::collections::hash_map::RandomState,
-}
-
-#[derive(Debug)]
-struct Shard<T> {
-    entries: HashMap<IpAddr, Arc<T>>,
-    /// The size at which the next sweep runs.
-    sweep_at: usize,
-}
-
-impl<T> Default for ClientMap<T> {
-    fn default() -> Self {
-        Self::with_capacity(DEFAULT_MAX_CLIENTS)
-    }
-}
-
-impl<T> ClientMap<T> {
-    /// A map that holds at most about `max` addresses.
-    pub fn with_capacity(max: usize) -> Self {
-        let shards = (0..SHARDS)
-            .map(|_| Mutex::new(Shard { entries: HashMap::new(), sweep_at: 64 }))
-            .collect();
-        Self { shards, per_shard: max.div_ceil(SHARDS).max(1), hasher: Default::default() }
-    }
-
-    fn shard(&self, key: &IpAddr) -> &Mutex<Shard<T>> {
-        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
-    }
-
-    /// The entry of `key`, made by `make` if absent. Entries that no session holds and that
-    /// `idle` says have nothing to remember at `now` are swept first when the shard has
-    /// doubled since its last sweep. `None` when the shard is full of live entries.
-    pub fn get_or_insert(
-        &self,
-        key: IpAddr,
-        now: u64,
-        make: impl FnOnce() -> T,
-        idle: impl Fn(&T, u64) -> bool,
-    ) -> Option<Arc<T>> {
-        let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = shard.entries.get(&key) {
-            return Some(e.clone());
-        }
-        if shard.entries.len() >= shard.sweep_at || shard.entries.len() >= self.per_shard {
-            shard.entries.retain(|_, e| Arc::strong_count(e) > 1 || !idle(e, now));
-            shard.sweep_at = (shard.entries.len() * 2).max(64);
-        }
-        if shard.entries.len() >= self.per_shard {
-            return None;
-        }
-        let entry = Arc::new(make());
-        shard.entries.insert(key, entry.clone());
-        Some(entry)
-    }
-
-    /// Addresses held now.
-    pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).entries.len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// A service's session limits, as configured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -123,17 +53,30 @@ impl LimitSpec {
     }
 }
 
-/// What a client address (or network) has open, and its new-session meter.
+/// What a client address (or network) has open, its new-session meter (made by the first
+/// session that a rate applies to) and its accounting totals.
 #[derive(Debug, Default)]
 struct Place {
     active: AtomicU32,
-    rate: Option<Bucket>,
+    rate: OnceLock<Bucket>,
+    tally: Tally,
 }
 
 impl Place {
-    fn is_idle(&self, now: u64) -> bool {
-        self.active.load(Ordering::Relaxed) == 0
-            && self.rate.as_ref().is_none_or(|b| b.is_idle(now))
+    /// Whether a sweep may forget this entry: not while a session holds a place or its
+    /// meter still remembers recent sessions; at once when it has no accounting totals;
+    /// otherwise with the weight of its totals.
+    fn idle(&self, now: u64) -> Idle {
+        let live = self.active.load(Ordering::Relaxed) != 0
+            || self.rate.get().is_some_and(|b| !b.is_idle(now));
+        if live {
+            return None;
+        }
+        Some(if self.tally.is_empty() { 0 } else { self.tally.weight() })
+    }
+
+    fn usage(&self) -> Usage {
+        self.tally.usage(u64::from(self.active.load(Ordering::Relaxed)))
     }
 }
 
@@ -164,19 +107,51 @@ impl Exceeded {
 pub struct LimitState {
     clients: ClientMap<Place>,
     networks: ClientMap<Place>,
+    /// Client networks as accounting groups them, which may differ from the limits'.
+    /// Made by the first accounted session: tables without accounting (and the many
+    /// built by reloads) pay nothing for it.
+    accounted_networks: OnceLock<ClientMap<Place>>,
+    /// The prefixes `accounted_networks` is keyed by, once set.
+    account_prefixes: Mutex<Option<(u8, u8)>>,
     /// Sessions refused, by [`Exceeded`] in declaration order.
     pub refused: [AtomicU64; 4],
 }
 
-/// Places held by one admitted session; dropping it gives them back.
+/// Places held by one admitted session (its client's, its network's under the limits and
+/// its network's under accounting, kept inline: no allocation per session); dropping it
+/// gives them back. Each place held was counted once in its `active`.
 #[derive(Debug, Default)]
 pub struct Ticket {
-    held: Vec<Arc<Place>>,
+    client: Option<Arc<Place>>,
+    network: Option<Arc<Place>>,
+    accounted_network: Option<Arc<Place>>,
+    /// The session is accounted: its bytes go to its client's and network's totals.
+    accounting: bool,
+}
+
+impl Ticket {
+    /// Adds bytes the session moved since its last report (`up` from the client, `down`
+    /// to it) to its client's and network's totals, if it is accounted.
+    pub fn account(&self, up: u64, down: u64) {
+        if !self.accounting {
+            return;
+        }
+        for p in [&self.client, &self.accounted_network].into_iter().flatten() {
+            p.tally.add(up, down);
+        }
+    }
+
+    fn opened(&mut self) {
+        self.accounting = true;
+        for p in [&self.client, &self.accounted_network].into_iter().flatten() {
+            p.tally.opened();
+        }
+    }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        for p in &self.held {
+        for p in [&self.client, &self.network, &self.accounted_network].into_iter().flatten() {
             p.active.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -184,47 +159,97 @@ impl Drop for Ticket {
 
 impl LimitState {
     /// Admits a session of `client` at `now` under `spec`, or says which limit refuses it
-    /// (and counts the refusal).
-    pub fn admit(&self, spec: &LimitSpec, client: IpAddr, now: u64) -> Result<Ticket, Exceeded> {
-        let outcome = self.try_admit(spec, client, now);
+    /// (and counts the refusal). With `account`, an admitted session is counted in its
+    /// client's and network's totals and its ticket takes its bytes ([`Ticket::account`]).
+    pub fn admit(
+        &self,
+        spec: &LimitSpec,
+        account: Option<&AccountSpec>,
+        client: IpAddr,
+        now: u64,
+    ) -> Result<Ticket, Exceeded> {
+        let outcome = self.try_admit(spec, account, client, now);
         if let Err(e) = outcome {
             self.refused[e as usize].fetch_add(1, Ordering::Relaxed);
         }
         outcome
     }
 
-    fn try_admit(&self, spec: &LimitSpec, client: IpAddr, now: u64) -> Result<Ticket, Exceeded> {
+    fn try_admit(
+        &self,
+        spec: &LimitSpec,
+        account: Option<&AccountSpec>,
+        client: IpAddr,
+        now: u64,
+    ) -> Result<Ticket, Exceeded> {
         let mut ticket = Ticket::default();
-        if !spec.counts_clients() {
+        if !spec.counts_clients() && account.is_none() {
             return Ok(ticket);
         }
-        if spec.per_client.is_some() || spec.client_rate.is_some() {
-            let make =
-                || Place { active: AtomicU32::new(0), rate: spec.client_rate.map(Bucket::new) };
-            let place = self
-                .clients
-                .get_or_insert(client, now, make, Place::is_idle)
-                .ok_or(Exceeded::Tracking)?;
-            if let Some(max) = spec.per_client {
-                take_place(&place, max).ok_or(Exceeded::Client)?;
-                ticket.held.push(place.clone());
-            }
-            if let Some(rate) = &place.rate {
-                if !rate.try_take(now, 1) {
-                    return Err(Exceeded::Rate);
+        let limits_client = spec.per_client.is_some() || spec.client_rate.is_some();
+        if limits_client || account.is_some() {
+            match self.clients.get_or_insert(client, now, Place::default, Place::idle) {
+                Some(place) => {
+                    if let Some(max) = spec.per_client {
+                        take_place(&place, max).ok_or(Exceeded::Client)?;
+                    } else {
+                        place.active.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ticket.client = Some(place.clone());
+                    if let Some(rate) = spec.client_rate {
+                        if !place.rate.get_or_init(|| Bucket::new(rate)).try_take(now, 1) {
+                            return Err(Exceeded::Rate);
+                        }
+                    }
                 }
+                None if limits_client => return Err(Exceeded::Tracking),
+                None => {}
             }
         }
         if let Some(max) = spec.per_network {
             let net = network_of(client, spec.network_v4, spec.network_v6);
             let place = self
                 .networks
-                .get_or_insert(net, now, Place::default, Place::is_idle)
+                .get_or_insert(net, now, Place::default, Place::idle)
                 .ok_or(Exceeded::Tracking)?;
             take_place(&place, max).ok_or(Exceeded::Network)?;
-            ticket.held.push(place);
+            ticket.network = Some(place);
+        }
+        if let Some(account) = account {
+            let net = network_of(client, account.network_v4, account.network_v6);
+            let map = self.accounted_networks.get_or_init(ClientMap::default);
+            if let Some(place) = map.get_or_insert(net, now, Place::default, Place::idle) {
+                place.active.fetch_add(1, Ordering::Relaxed);
+                ticket.accounted_network = Some(place);
+            }
+            ticket.opened();
         }
         Ok(ticket)
+    }
+
+    /// Keys accounting's network map by these prefixes from now on; a change forgets the
+    /// networks grouped by the former ones (sessions holding them keep adding to them,
+    /// unseen). Called when tables are compiled.
+    pub fn set_account_prefixes(&self, v4: u8, v6: u8) {
+        let mut set = self.account_prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        if set.is_some_and(|p| p != (v4, v6)) {
+            if let Some(map) = self.accounted_networks.get() {
+                map.clear();
+            }
+        }
+        *set = Some((v4, v6));
+    }
+
+    /// The accounting totals of every client address kept now (clients of sessions that
+    /// were not accounted show none).
+    pub fn accounted_clients(&self) -> Vec<(IpAddr, Usage)> {
+        self.clients.entries().into_iter().map(|(a, p)| (a, p.usage())).collect()
+    }
+
+    /// The accounting totals of every client network kept now.
+    pub fn accounted_networks(&self) -> Vec<(IpAddr, Usage)> {
+        let Some(map) = self.accounted_networks.get() else { return Vec::new() };
+        map.entries().into_iter().map(|(a, p)| (a, p.usage())).collect()
     }
 
     /// Refusals so far, per limit.
@@ -267,6 +292,8 @@ pub fn network_of(addr: IpAddr, v4: u8, v6: u8) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::accounting;
+    use crate::clients::SHARDS;
 
     const SEC: u64 = 1_000_000_000;
 
@@ -282,13 +309,13 @@ mod tests {
     fn per_client_sessions_are_capped_and_given_back_on_drop() {
         let state = LimitState::default();
         let spec = LimitSpec { per_client: Some(2), ..spec() };
-        let a = state.admit(&spec, ip("127.0.0.2"), 0).unwrap();
-        let _b = state.admit(&spec, ip("127.0.0.2"), 0).unwrap();
-        assert_eq!(state.admit(&spec, ip("127.0.0.2"), 0).unwrap_err(), Exceeded::Client);
+        let a = state.admit(&spec, None, ip("127.0.0.2"), 0).unwrap();
+        let _b = state.admit(&spec, None, ip("127.0.0.2"), 0).unwrap();
+        assert_eq!(state.admit(&spec, None, ip("127.0.0.2"), 0).unwrap_err(), Exceeded::Client);
         // Another client is counted apart.
-        let _c = state.admit(&spec, ip("127.0.0.3"), 0).unwrap();
+        let _c = state.admit(&spec, None, ip("127.0.0.3"), 0).unwrap();
         drop(a);
-        assert!(state.admit(&spec, ip("127.0.0.2"), 0).is_ok());
+        assert!(state.admit(&spec, None, ip("127.0.0.2"), 0).is_ok());
         assert_eq!(state.refusals()[0], (Exceeded::Client, 1));
     }
 
@@ -296,29 +323,30 @@ mod tests {
     fn per_network_sessions_group_addresses_by_prefix() {
         let state = LimitState::default();
         let spec = LimitSpec { per_network: Some(2), ..spec() };
-        let _a = state.admit(&spec, ip("10.1.2.3"), 0).unwrap();
-        let _b = state.admit(&spec, ip("10.1.2.4"), 0).unwrap();
-        assert_eq!(state.admit(&spec, ip("10.1.2.200"), 0).unwrap_err(), Exceeded::Network);
-        assert!(state.admit(&spec, ip("10.1.3.1"), 0).is_ok());
-        let _c = state.admit(&spec, ip("2001:db8::1"), 0).unwrap();
-        let _d = state.admit(&spec, ip("2001:db8::ffff:1"), 0).unwrap();
-        assert!(state.admit(&spec, ip("2001:db8::2"), 0).is_err());
-        assert!(state.admit(&spec, ip("2001:db8:0:1::2"), 0).is_ok());
+        let _a = state.admit(&spec, None, ip("10.1.2.3"), 0).unwrap();
+        let _b = state.admit(&spec, None, ip("10.1.2.4"), 0).unwrap();
+        assert_eq!(state.admit(&spec, None, ip("10.1.2.200"), 0).unwrap_err(), Exceeded::Network);
+        assert!(state.admit(&spec, None, ip("10.1.3.1"), 0).is_ok());
+        let _c = state.admit(&spec, None, ip("2001:db8::1"), 0).unwrap();
+        let _d = state.admit(&spec, None, ip("2001:db8::ffff:1"), 0).unwrap();
+        assert!(state.admit(&spec, None, ip("2001:db8::2"), 0).is_err());
+        assert!(state.admit(&spec, None, ip("2001:db8:0:1::2"), 0).is_ok());
     }
 
     #[test]
     fn new_sessions_per_client_are_throttled_to_the_rate() {
         let state = LimitState::default();
-        let spec = LimitSpec { client_rate: Some(Rate { per_sec: 10, burst: 5 }), ..spec() };
+        let spec = LimitSpec { client_rate: Some(Rate::per_second(10, 5)), ..spec() };
         let admitted = |from: u64, to: u64, step: u64| {
             (0..)
                 .map(|i| from + i * step)
                 .take_while(|&t| t < to)
-                .filter(|&t| state.admit(&spec, ip("127.0.0.9"), t).is_ok())
+                .filter(|&t| state.admit(&spec, None, ip("127.0.0.9"), t).is_ok())
                 .count()
         };
         // A burst of 5 at once, then 10 per second whatever the attempt rate.
-        let burst = (0..10).filter(|_| state.admit(&spec, ip("127.0.0.9"), SEC).is_ok()).count();
+        let burst =
+            (0..10).filter(|_| state.admit(&spec, None, ip("127.0.0.9"), SEC).is_ok()).count();
         assert_eq!(burst, 5);
         let n = admitted(2 * SEC, 12 * SEC, SEC / 1000);
         assert!((100..=106).contains(&n), "{n}");
@@ -330,8 +358,7 @@ mod tests {
         let map: ClientMap<Place> = ClientMap::with_capacity(SHARDS * 4);
         let held: Vec<_> = (0..SHARDS as u32 * 2)
             .filter_map(|i| {
-                let p =
-                    map.get_or_insert(IpAddr::V4(i.into()), 0, Place::default, Place::is_idle)?;
+                let p = map.get_or_insert(IpAddr::V4(i.into()), 0, Place::default, Place::idle)?;
                 p.active.fetch_add(1, Ordering::Relaxed);
                 Some(p)
             })
@@ -339,7 +366,7 @@ mod tests {
         // Idle clients come and go without growing the map past its bound.
         for i in 0..100_000u32 {
             let key = IpAddr::V4((1_000_000 + i).into());
-            let _ = map.get_or_insert(key, 0, Place::default, Place::is_idle);
+            let _ = map.get_or_insert(key, 0, Place::default, Place::idle);
         }
         assert!(map.len() <= SHARDS * 4, "{}", map.len());
         for p in &held {
@@ -354,7 +381,7 @@ mod tests {
         let mut held = Vec::new();
         let mut refused = 0;
         for i in 0..(SHARDS as u32 * 8) {
-            match map.get_or_insert(IpAddr::V4(i.into()), 0, Place::default, Place::is_idle) {
+            match map.get_or_insert(IpAddr::V4(i.into()), 0, Place::default, Place::idle) {
                 Some(p) => {
                     p.active.fetch_add(1, Ordering::Relaxed);
                     held.push((i, p));
@@ -365,8 +392,142 @@ mod tests {
         assert!(refused > 0 && map.len() <= SHARDS);
         let (known, _) = &held[0];
         assert!(map
-            .get_or_insert(IpAddr::V4((*known).into()), 0, Place::default, Place::is_idle)
+            .get_or_insert(IpAddr::V4((*known).into()), 0, Place::default, Place::idle)
             .is_some());
+    }
+
+    /// When the client map is full, a service that limits clients refuses the session
+    /// (`Tracking`) rather than admit it unlimited; one that only accounts admits it,
+    /// unaccounted by client.
+    #[test]
+    fn a_full_client_map_refuses_limited_sessions_only() {
+        let state = LimitState { clients: ClientMap::with_capacity(SHARDS), ..Default::default() };
+        let limited = LimitSpec { per_client: Some(10), ..spec() };
+        let (mut held, mut tracking) = (Vec::new(), 0);
+        for i in 0..(SHARDS as u32 * 8) {
+            match state.admit(&limited, None, IpAddr::V4((0x0a00_0000 + i).into()), 0) {
+                Ok(ticket) => held.push(ticket),
+                Err(Exceeded::Tracking) => tracking += 1,
+                Err(other) => panic!("refused as {other:?}"),
+            }
+        }
+        assert!(tracking > 0, "a full map admitted every new client unlimited");
+        assert!(held.iter().all(|t| t.client.is_some()), "admitted without a client place");
+        let accounted_only = spec();
+        for i in 0..(SHARDS as u32 * 8) {
+            let client = IpAddr::V4((0x0b00_0000 + i).into());
+            assert!(state.admit(&accounted_only, Some(&account()), client, 0).is_ok());
+        }
+    }
+
+    fn account() -> AccountSpec {
+        AccountSpec { top: 10, network_v4: 30, network_v6: 64 }
+    }
+
+    fn usage_of(list: Vec<(IpAddr, Usage)>, addr: &str) -> Usage {
+        list.into_iter().find(|(a, _)| *a == ip(addr)).map(|(_, u)| u).unwrap_or_default()
+    }
+
+    #[test]
+    fn accounted_sessions_add_their_bytes_to_client_and_network() {
+        let state = LimitState::default();
+        let acct = account();
+        let a = state.admit(&spec(), Some(&acct), ip("127.0.0.2"), 0).unwrap();
+        let b = state.admit(&spec(), Some(&acct), ip("127.0.0.3"), 0).unwrap();
+        let c = state.admit(&spec(), Some(&acct), ip("127.0.0.5"), 0).unwrap();
+        a.account(100, 7);
+        a.account(1, 0);
+        b.account(20, 30);
+        c.account(5, 5);
+        let open = usage_of(state.accounted_clients(), "127.0.0.2");
+        assert_eq!(open, Usage { bytes_up: 101, bytes_down: 7, sessions: 1, active: 1 });
+        drop((a, b, c));
+        let clients = state.accounted_clients();
+        let net = state.accounted_networks();
+        assert_eq!(usage_of(clients.clone(), "127.0.0.2").active, 0);
+        assert_eq!(
+            usage_of(clients, "127.0.0.3"),
+            Usage { bytes_up: 20, bytes_down: 30, sessions: 1, active: 0 }
+        );
+        // 127.0.0.2 and .3 share 127.0.0.0/30; .5 is in 127.0.0.4/30.
+        assert_eq!(
+            usage_of(net.clone(), "127.0.0.0"),
+            Usage { bytes_up: 121, bytes_down: 37, sessions: 2, active: 0 }
+        );
+        assert_eq!(
+            usage_of(net, "127.0.0.4"),
+            Usage { bytes_up: 5, bytes_down: 5, sessions: 1, active: 0 }
+        );
+    }
+
+    #[test]
+    fn unaccounted_sessions_and_refusals_count_nothing() {
+        let state = LimitState::default();
+        let limited = LimitSpec { per_client: Some(1), ..spec() };
+        let t = state.admit(&limited, None, ip("10.0.0.1"), 0).unwrap();
+        t.account(10, 10);
+        assert!(accounting::top(state.accounted_clients(), 10).is_empty());
+        // Over the limit: refused, and not counted as a session of the client.
+        let acct = account();
+        assert!(state.admit(&limited, Some(&acct), ip("10.0.0.1"), 0).is_err());
+        drop(t);
+        assert_eq!(usage_of(state.accounted_clients(), "10.0.0.1").sessions, 0);
+        // The per-client place of an accounted session still counts against the limit.
+        let held = state.admit(&limited, Some(&acct), ip("10.0.0.1"), 0).unwrap();
+        assert_eq!(
+            state.admit(&limited, Some(&acct), ip("10.0.0.1"), 0).unwrap_err(),
+            Exceeded::Client
+        );
+        drop(held);
+        assert!(state.admit(&limited, Some(&acct), ip("10.0.0.1"), 0).is_ok());
+    }
+
+    #[test]
+    fn a_rate_added_later_applies_to_clients_already_accounted() {
+        let state = LimitState::default();
+        let acct = account();
+        drop(state.admit(&spec(), Some(&acct), ip("10.0.0.1"), 0).unwrap());
+        let rated = LimitSpec { client_rate: Some(Rate::per_second(1, 1)), ..spec() };
+        assert!(state.admit(&rated, Some(&acct), ip("10.0.0.1"), SEC).is_ok());
+        assert_eq!(
+            state.admit(&rated, Some(&acct), ip("10.0.0.1"), SEC).unwrap_err(),
+            Exceeded::Rate
+        );
+    }
+
+    #[test]
+    fn changing_the_account_prefixes_starts_networks_afresh() {
+        let state = LimitState::default();
+        state.set_account_prefixes(30, 64);
+        let acct = account();
+        drop(state.admit(&spec(), Some(&acct), ip("127.0.0.2"), 0).unwrap());
+        state.set_account_prefixes(30, 64);
+        assert_eq!(state.accounted_networks().len(), 1);
+        state.set_account_prefixes(24, 64);
+        assert!(state.accounted_networks().is_empty());
+        assert_eq!(state.accounted_clients().len(), 1);
+    }
+
+    #[test]
+    fn full_maps_forget_the_lightest_idle_clients_first() {
+        let state = LimitState::default();
+        let acct = account();
+        // Far more accounted clients than are kept: each moves as many bytes as its number.
+        let n = (crate::clients::DEFAULT_KEPT_CLIENTS * 4) as u32;
+        for i in 1..=n {
+            let t = state.admit(&spec(), Some(&acct), IpAddr::V4(i.into()), 0).unwrap();
+            t.account(u64::from(i), 0);
+        }
+        let kept = state.accounted_clients();
+        assert!(
+            kept.len() <= crate::clients::DEFAULT_KEPT_CLIENTS * 2 + SHARDS * 64,
+            "{}",
+            kept.len()
+        );
+        let top = accounting::top(kept, 20);
+        let expected: Vec<IpAddr> = (n - 19..=n).rev().map(|i| IpAddr::V4(i.into())).collect();
+        assert_eq!(top.iter().map(|(a, _)| *a).collect::<Vec<_>>(), expected);
+        assert_eq!(top[0].1.bytes_up, u64::from(n));
     }
 
     #[test]
@@ -375,5 +536,56 @@ mod tests {
         assert_eq!(network_of(ip("192.0.2.77"), 32, 64), ip("192.0.2.77"));
         assert_eq!(network_of(ip("192.0.2.77"), 0, 64), ip("0.0.0.0"));
         assert_eq!(network_of(ip("2001:db8:1:2:3::1"), 24, 48), ip("2001:db8:1::"));
+    }
+
+    /// The names records and `sluice_limited_sessions_total{limit}` carry, as the README's
+    /// "Shaping and limits" section documents them.
+    #[test]
+    fn refusals_are_named_as_documented() {
+        let names = [Exceeded::Client, Exceeded::Network, Exceeded::Rate, Exceeded::Tracking]
+            .map(Exceeded::as_str);
+        assert_eq!(names, ["per_client", "per_network", "client_rate", "tracking"]);
+    }
+
+    /// Clients and networks with places held are tracked, each once.
+    #[test]
+    fn tracked_counts_clients_and_networks() {
+        let state = LimitState::default();
+        let spec = LimitSpec { per_client: Some(5), per_network: Some(5), ..spec() };
+        let _held: Vec<Ticket> = ["10.0.0.1", "10.0.0.2", "10.0.0.2", "10.0.1.1"]
+            .iter()
+            .map(|a| state.admit(&spec, None, ip(a), 0).unwrap())
+            .collect();
+        assert_eq!(state.tracked(), (3, 2));
+    }
+
+    /// A client whose rate meter still remembers recent sessions is not forgotten by the
+    /// sweeps that thousands of other clients cause: it stays throttled (forgetting it would
+    /// hand it a fresh burst).
+    #[test]
+    fn a_throttled_client_stays_throttled_through_sweeps() {
+        let state = LimitState::default();
+        let throttled = LimitSpec { client_rate: Some(Rate::per_second(1, 1)), ..spec() };
+        let counted = LimitSpec { per_client: Some(10), ..spec() };
+        assert!(state.admit(&throttled, None, ip("192.0.2.1"), SEC).is_ok());
+        assert_eq!(
+            state.admit(&throttled, None, ip("192.0.2.1"), SEC).unwrap_err(),
+            Exceeded::Rate
+        );
+        let others = 64 * SHARDS * 3;
+        for i in 0..others {
+            let addr = IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+            drop(state.admit(&counted, None, addr, SEC).unwrap());
+        }
+        assert!(
+            state.tracked().0 < others,
+            "the sweeps forgot idle clients: {:?}",
+            state.tracked()
+        );
+        assert_eq!(
+            state.admit(&throttled, None, ip("192.0.2.1"), SEC).unwrap_err(),
+            Exceeded::Rate,
+            "the throttled client was forgotten and got a fresh burst"
+        );
     }
 }

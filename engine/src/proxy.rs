@@ -193,42 +193,81 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
     Ok(Parsed::Complete(Header { version: Version::V2, len, addresses }))
 }
 
+/// A header as [`encode`] writes it, kept inline (at most [`MAX_V1_HEADER`] bytes), so that
+/// a session that sends one allocates nothing for it.
+#[derive(Clone, Copy)]
+pub struct Encoded {
+    bytes: [u8; MAX_V1_HEADER],
+    len: u8,
+}
+
+impl Encoded {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        let at = usize::from(self.len);
+        self.bytes[at..at + data.len()].copy_from_slice(data);
+        self.len += data.len() as u8;
+    }
+}
+
+impl std::fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Encoded({:?})", self.as_bytes())
+    }
+}
+
+impl std::fmt::Write for Encoded {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if usize::from(self.len) + s.len() > MAX_V1_HEADER {
+            return Err(std::fmt::Error);
+        }
+        self.push(s.as_bytes());
+        Ok(())
+    }
+}
+
 /// The header that tells a backend a session came from `source` to `destination`. Mixed
 /// families are both written as IPv6 (IPv4-mapped), as the protocol needs one family.
-pub fn encode(version: Version, source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+pub fn encode(version: Version, source: SocketAddr, destination: SocketAddr) -> Encoded {
+    use std::fmt::Write;
     let (source, destination) = same_family(source, destination);
+    let mut out = Encoded { bytes: [0; MAX_V1_HEADER], len: 0 };
     match version {
         Version::V1 => {
             let proto = if source.is_ipv4() { "TCP4" } else { "TCP6" };
-            format!(
+            // The longest line (two full IPv6 addresses) is 104 bytes: it always fits.
+            let _ = write!(
+                out,
                 "PROXY {proto} {} {} {} {}\r\n",
                 source.ip(),
                 destination.ip(),
                 source.port(),
                 destination.port()
-            )
-            .into_bytes()
+            );
         }
         Version::V2 => {
-            let mut out = V2_SIGNATURE.to_vec();
-            out.push(0x21);
+            out.push(&V2_SIGNATURE);
+            out.push(&[0x21]);
             match (source.ip(), destination.ip()) {
                 (IpAddr::V4(s), IpAddr::V4(d)) => {
-                    out.extend_from_slice(&[0x11, 0, 12]);
-                    out.extend_from_slice(&s.octets());
-                    out.extend_from_slice(&d.octets());
+                    out.push(&[0x11, 0, 12]);
+                    out.push(&s.octets());
+                    out.push(&d.octets());
                 }
                 (s, d) => {
-                    out.extend_from_slice(&[0x21, 0, 36]);
-                    out.extend_from_slice(&v6(s).octets());
-                    out.extend_from_slice(&v6(d).octets());
+                    out.push(&[0x21, 0, 36]);
+                    out.push(&v6(s).octets());
+                    out.push(&v6(d).octets());
                 }
             }
-            out.extend_from_slice(&source.port().to_be_bytes());
-            out.extend_from_slice(&destination.port().to_be_bytes());
-            out
+            out.push(&source.port().to_be_bytes());
+            out.push(&destination.port().to_be_bytes());
         }
     }
+    out
 }
 
 fn v6(ip: IpAddr) -> Ipv6Addr {
@@ -309,7 +348,7 @@ mod tests {
                 other => panic!("{n}: {other:?}"),
             }
         }
-        let v2 = encode(Version::V2, addr("[2001:db8::1]:5"), addr("[::1]:6"));
+        let v2 = encode(Version::V2, addr("[2001:db8::1]:5"), addr("[::1]:6")).as_bytes().to_vec();
         for n in 0..v2.len() {
             match parse(&v2[..n]) {
                 Ok(Parsed::Incomplete { need }) => assert!(need > n && need <= v2.len()),
@@ -320,7 +359,9 @@ mod tests {
 
     #[test]
     fn v2_headers_are_encoded_byte_for_byte_and_parsed_back() {
-        let h = encode(Version::V2, addr("192.0.2.1:56324"), addr("198.51.100.2:443"));
+        let h = encode(Version::V2, addr("192.0.2.1:56324"), addr("198.51.100.2:443"))
+            .as_bytes()
+            .to_vec();
         let mut expected = V2_SIGNATURE.to_vec();
         expected.extend_from_slice(&[0x21, 0x11, 0, 12, 192, 0, 2, 1, 198, 51, 100, 2]);
         expected.extend_from_slice(&[0xdc, 0x04, 0x01, 0xbb]);
@@ -329,10 +370,12 @@ mod tests {
         assert_eq!(parsed.len, 28);
         assert_eq!(parsed.addresses, Some((addr("192.0.2.1:56324"), addr("198.51.100.2:443"))));
         assert_eq!(
-            encode(Version::V1, addr("192.0.2.1:56324"), addr("198.51.100.2:443")),
+            encode(Version::V1, addr("192.0.2.1:56324"), addr("198.51.100.2:443"))
+                .as_bytes()
+                .to_vec(),
             b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\n"
         );
-        let mixed = encode(Version::V1, addr("192.0.2.1:1"), addr("[::1]:2"));
+        let mixed = encode(Version::V1, addr("192.0.2.1:1"), addr("[::1]:2")).as_bytes().to_vec();
         assert_eq!(mixed, b"PROXY TCP6 ::ffff:192.0.2.1 ::1 1 2\r\n");
     }
 
@@ -341,12 +384,14 @@ mod tests {
         let mut local = V2_SIGNATURE.to_vec();
         local.extend_from_slice(&[0x20, 0x00, 0, 0]);
         assert_eq!(complete(&local), Header { version: Version::V2, len: 16, addresses: None });
-        let mut tlv = encode(Version::V2, addr("10.0.0.1:1"), addr("10.0.0.2:2"));
+        let mut tlv =
+            encode(Version::V2, addr("10.0.0.1:1"), addr("10.0.0.2:2")).as_bytes().to_vec();
         tlv[15] += 7;
         tlv.extend_from_slice(&[0x04, 0, 4, 1, 2, 3, 4]);
         assert_eq!(complete(&tlv).len, 35);
         let with = |i: usize, v: u8| {
-            let mut h = encode(Version::V2, addr("10.0.0.1:1"), addr("10.0.0.2:2"));
+            let mut h =
+                encode(Version::V2, addr("10.0.0.1:1"), addr("10.0.0.2:2")).as_bytes().to_vec();
             h[i] = v;
             parse(&h)
         };
@@ -357,6 +402,82 @@ mod tests {
         assert_eq!(with(13, 0x21), Err(ProxyError::V2Short));
         assert_eq!(with(14, 0xff), Err(ProxyError::V2TooLong));
         assert_eq!(with(5, 0), Err(ProxyError::NotProxy));
+    }
+
+    #[test]
+    fn the_longest_v2_header_accepted_is_max_header_bytes() {
+        let mut h = encode(Version::V2, addr("10.0.0.1:1"), addr("10.0.0.2:2")).as_bytes().to_vec();
+        // Address block (12 bytes) and one TLV filling the rest of the payload.
+        let tlv = MAX_V2_PAYLOAD - 12 - 3;
+        h[14..16].copy_from_slice(&(MAX_V2_PAYLOAD as u16).to_be_bytes());
+        h.extend_from_slice(&[0x04, (tlv >> 8) as u8, tlv as u8]);
+        h.resize(16 + MAX_V2_PAYLOAD, 0);
+        assert_eq!(parse(&h[..20]), Ok(Parsed::Incomplete { need: MAX_HEADER }));
+        assert_eq!(complete(&h).len, MAX_HEADER);
+        h[14..16].copy_from_slice(&(MAX_V2_PAYLOAD as u16 + 1).to_be_bytes());
+        assert_eq!(parse(&h), Err(ProxyError::V2TooLong));
+    }
+
+    #[test]
+    fn v1_port_zero_is_a_port_and_a_leading_zero_is_not() {
+        let h = complete(b"PROXY TCP4 192.0.2.1 198.51.100.2 0 443\r\n");
+        assert_eq!(h.addresses, Some((addr("192.0.2.1:0"), addr("198.51.100.2:443"))));
+        assert!(parse(b"PROXY TCP4 192.0.2.1 198.51.100.2 00 443\r\n").is_err());
+    }
+
+    /// v2 families and commands: LOCAL ignores any address block, AF_UNIX (3) and
+    /// UNSPEC are accepted without addresses, a transport above DGRAM (2) or a family above
+    /// AF_UNIX is refused, and TCP over UDP's transport is refused for IP families.
+    #[test]
+    fn v2_families_and_local_headers() {
+        let with = |ver_cmd: u8, family: u8, block: usize| {
+            let mut h = V2_SIGNATURE.to_vec();
+            h.extend_from_slice(&[ver_cmd, family, 0, block as u8]);
+            h.resize(16 + block, 7);
+            parse(&h)
+        };
+        let complete = |r: Result<Parsed, ProxyError>| match r {
+            Ok(Parsed::Complete(h)) => Some(h.addresses),
+            _ => None,
+        };
+        assert_eq!(complete(with(0x20, 0x11, 12)), Some(None), "LOCAL over TCP4: no addresses");
+        assert_eq!(complete(with(0x20, 0x21, 36)), Some(None), "LOCAL over TCP6");
+        assert!(complete(with(0x21, 0x11, 12)).unwrap().is_some(), "PROXY over TCP4");
+        assert_eq!(complete(with(0x21, 0x31, 216)), Some(None), "AF_UNIX stream");
+        assert_eq!(complete(with(0x21, 0x32, 216)), Some(None), "AF_UNIX datagram");
+        assert_eq!(complete(with(0x21, 0x00, 0)), Some(None), "UNSPEC");
+        assert_eq!(with(0x21, 0x13, 12), Err(ProxyError::V2Family), "transport 3");
+        assert_eq!(with(0x21, 0x41, 12), Err(ProxyError::V2Family), "family 4");
+        assert_eq!(with(0x21, 0x12, 12), Err(ProxyError::V2Family), "UDP over IPv4");
+    }
+
+    #[test]
+    fn an_encoded_header_holds_at_most_the_longest_v1_header() {
+        use std::fmt::Write;
+        let mut e = Encoded { bytes: [0; MAX_V1_HEADER], len: 0 };
+        assert!(e.write_str(&"x".repeat(MAX_V1_HEADER)).is_ok());
+        assert_eq!(e.as_bytes().len(), MAX_V1_HEADER);
+        let mut e = Encoded { bytes: [0; MAX_V1_HEADER], len: 0 };
+        assert!(e.write_str(&"x".repeat(MAX_V1_HEADER + 1)).is_err());
+        assert!(e.as_bytes().is_empty(), "nothing written");
+        let longest = encode(
+            Version::V1,
+            addr("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"),
+            addr("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"),
+        );
+        assert_eq!(longest.as_bytes().len(), 104);
+        assert!(
+            format!("{longest:?}").starts_with("Encoded([80, 82, 79, 88, 89, 32,"),
+            "{longest:?}"
+        );
+    }
+
+    #[test]
+    fn versions_are_named_as_configured() {
+        for (version, name) in [(Version::V1, "v1"), (Version::V2, "v2")] {
+            assert_eq!(version.as_str(), name);
+            assert_eq!(name.parse::<Version>(), Ok(version));
+        }
     }
 
     proptest! {
@@ -373,7 +494,7 @@ mod tests {
         fn encoded_headers_parse_back(a in any::<[u8; 4]>(), b in any::<[u8; 16]>(), p in any::<u16>(), q in any::<u16>(), v2 in any::<bool>(), tail in proptest::collection::vec(any::<u8>(), 0..20)) {
             let version = if v2 { Version::V2 } else { Version::V1 };
             let (s, d) = (SocketAddr::from((a, p)), SocketAddr::from((b, q)));
-            let mut h = encode(version, s, d);
+            let mut h = encode(version, s, d).as_bytes().to_vec();
             let len = h.len();
             h.extend_from_slice(&tail);
             let parsed = complete(&h);

@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::limits::ClientMap;
-use crate::session::Direction;
+use crate::clients::ClientMap;
+use crate::side::Direction;
 
 /// Burst of a bandwidth limit that names none: this long at the configured rate...
 pub const DEFAULT_BURST_TIME: Duration = Duration::from_millis(50);
@@ -31,8 +31,6 @@ pub const QUANTUM_TIME: Duration = Duration::from_millis(20);
 /// ...bounded by these sizes (and by the smallest burst).
 pub const MIN_QUANTUM: u64 = 4 * 1024;
 pub const MAX_QUANTUM: u64 = 1024 * 1024;
-
-const NANOS: u128 = 1_000_000_000;
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -49,25 +47,74 @@ pub fn instant(ns: u64) -> Instant {
     epoch() + Duration::from_nanos(ns)
 }
 
-/// A rate in units (bytes, or sessions) per second, with the burst allowed at once.
+/// A rate: `count` units (bytes, or sessions) per `period`, with the burst allowed at once.
+/// Kept as a fraction in lowest terms (units per nanoseconds), so a rate that is not a whole
+/// number per second ("90 per minute" is 1.5 per second, "12 bit/s" is 1.5 B/s) is exact,
+/// and two rates are equal exactly when they are the same rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
-    pub per_sec: u64,
+    /// Units per `nanos` (both at least 1, without a common factor).
+    count: u64,
+    nanos: u64,
+    /// Units that may be taken at once.
     pub burst: u64,
 }
 
 impl Rate {
-    /// A bandwidth with the default burst.
-    pub fn bandwidth(per_sec: u64) -> Rate {
-        let time_burst = (u128::from(per_sec) * DEFAULT_BURST_TIME.as_nanos() / NANOS) as u64;
-        Rate { per_sec, burst: time_burst.max(DEFAULT_MIN_BURST) }
+    /// `count` units per `period` (each at least 1 unit and 1 ns), with `burst`.
+    pub fn new(count: u64, period: Duration, burst: u64) -> Rate {
+        let count = count.max(1);
+        let nanos = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let common = gcd(count, nanos);
+        Rate { count: count / common, nanos: nanos / common, burst }
     }
 
-    /// Nanoseconds that `units` take at this rate, rounded up.
-    fn cost(&self, units: u64) -> u64 {
-        let per_sec = u128::from(self.per_sec.max(1));
-        (u128::from(units) * NANOS).div_ceil(per_sec).min(u128::from(u64::MAX)) as u64
+    /// `per_sec` units per second, with `burst`.
+    pub fn per_second(per_sec: u64, burst: u64) -> Rate {
+        Rate::new(per_sec, Duration::from_secs(1), burst)
     }
+
+    /// A bandwidth of `per_sec` bytes per second with the default burst.
+    pub fn bandwidth(per_sec: u64) -> Rate {
+        Rate::bandwidth_per(per_sec, Duration::from_secs(1))
+    }
+
+    /// A bandwidth of `count` bytes per `period` with the default burst: [`DEFAULT_BURST_TIME`]
+    /// at the rate, at least [`DEFAULT_MIN_BURST`].
+    pub fn bandwidth_per(count: u64, period: Duration) -> Rate {
+        let rate = Rate::new(count, period, 0);
+        Rate { burst: rate.units_in(DEFAULT_BURST_TIME).max(DEFAULT_MIN_BURST), ..rate }
+    }
+
+    /// The same rate with another burst.
+    pub fn with_burst(self, burst: u64) -> Rate {
+        Rate { burst, ..self }
+    }
+
+    /// Units per second, rounded down (for display).
+    pub fn per_sec(&self) -> u64 {
+        self.units_in(Duration::from_secs(1))
+    }
+
+    /// Units this rate gives in `d`, rounded down (saturating).
+    pub fn units_in(&self, d: Duration) -> u64 {
+        let units = d.as_nanos().saturating_mul(u128::from(self.count)) / u128::from(self.nanos);
+        units.min(u128::from(u64::MAX)) as u64
+    }
+
+    /// Nanoseconds that `units` take at this rate, rounded up (saturating).
+    fn cost(&self, units: u64) -> u64 {
+        let nanos = u128::from(units) * u128::from(self.nanos);
+        nanos.div_ceil(u128::from(self.count)).min(u128::from(u64::MAX)) as u64
+    }
+}
+
+/// The greatest common divisor (both at least 1).
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// A GCRA meter, shareable between threads.
@@ -192,7 +239,7 @@ impl Bandwidth {
         let spec = self.spec;
         let per_client = if spec.per_client.iter().any(Option::is_some) {
             let make = || ClientBuckets(spec.per_client.map(|r| r.map(Bucket::new)));
-            self.clients.get_or_insert(client, now, make, |c, now| c.is_idle(now))
+            self.clients.get_or_insert(client, now, make, |c, now| c.is_idle(now).then_some(0))
         } else {
             None
         };
@@ -234,10 +281,39 @@ impl Meter {
     }
 }
 
+/// Meters one direction can draw from at most: a service's and a rule's `bandwidth`
+/// blocks, each with a per-connection, a per-client and a total rate.
+const MAX_METERS: usize = 6;
+
+/// A direction's meters, kept inline: making a session's shaper allocates nothing.
+#[derive(Debug, Default)]
+struct Meters {
+    at: [Option<Meter>; MAX_METERS],
+    len: usize,
+}
+
+impl Meters {
+    fn push(&mut self, meter: Meter) {
+        debug_assert!(self.len < MAX_METERS, "more meters than two bandwidth blocks make");
+        if let Some(slot) = self.at.get_mut(self.len) {
+            *slot = Some(meter);
+            self.len += 1;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Meter> {
+        self.at[..self.len].iter().flatten()
+    }
+}
+
 /// A direction's meters and its outstanding reservation.
 #[derive(Debug, Default)]
 struct Lane {
-    meters: Vec<Meter>,
+    meters: Meters,
     quantum: u64,
     /// Units reserved on every meter and not yet used.
     reserved: u64,
@@ -280,9 +356,8 @@ impl Shaper {
     fn add(&mut self, dir: Direction, meter: Meter) {
         let lane = &mut self.lanes[index(dir)];
         let rate = meter.bucket().rate();
-        let quantum = ((u128::from(rate.per_sec) * QUANTUM_TIME.as_nanos() / NANOS) as u64)
-            .clamp(MIN_QUANTUM, MAX_QUANTUM)
-            .min(rate.burst.max(1));
+        let quantum =
+            rate.units_in(QUANTUM_TIME).clamp(MIN_QUANTUM, MAX_QUANTUM).min(rate.burst.max(1));
         lane.quantum = if lane.meters.is_empty() { quantum } else { lane.quantum.min(quantum) };
         lane.meters.push(meter);
     }
@@ -363,7 +438,7 @@ impl Lane {
     /// Returns what is reserved and unused to the buckets.
     fn give_back(&mut self) {
         if self.reserved > 0 {
-            for m in &self.meters {
+            for m in self.meters.iter() {
                 m.bucket().refund(self.reserved);
             }
         }
@@ -378,6 +453,61 @@ impl Drop for Shaper {
     }
 }
 
+/// Spare shapers a thread keeps for its next sessions.
+const SPARE_SHAPERS: usize = 256;
+
+thread_local! {
+    /// Emptied shapers of this thread's ended sessions, reused by its next ones: a worker
+    /// makes shapers on its own thread and drops them there, so after warm-up a shaped
+    /// session allocates nothing for its shaper.
+    // The boxes are the point: each is handed out whole, and its address must not move.
+    #[allow(clippy::vec_box)]
+    static SPARE: std::cell::RefCell<Vec<Box<Shaper>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A session's shaper, kept out of line (sessions without one stay small) in a box taken
+/// from and given back to its thread's spares.
+#[derive(Debug)]
+pub struct PooledShaper(Option<Box<Shaper>>);
+
+impl PooledShaper {
+    /// A shaper with a byte cap only (meters are attached after).
+    pub fn with_byte_cap(cap: Option<u64>) -> Self {
+        let spare = SPARE.with(|s| s.borrow_mut().pop());
+        let mut shaper = spare.unwrap_or_default();
+        shaper.byte_cap = cap;
+        PooledShaper(Some(shaper))
+    }
+}
+
+impl std::ops::Deref for PooledShaper {
+    type Target = Shaper;
+
+    fn deref(&self) -> &Shaper {
+        self.0.as_deref().expect("a pooled shaper is present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for PooledShaper {
+    fn deref_mut(&mut self) -> &mut Shaper {
+        self.0.as_deref_mut().expect("a pooled shaper is present until dropped")
+    }
+}
+
+impl Drop for PooledShaper {
+    fn drop(&mut self) {
+        let Some(mut shaper) = self.0.take() else { return };
+        // What the session reserved goes back to the buckets, its meters are let go.
+        *shaper = Shaper::default();
+        let _ = SPARE.try_with(|s| {
+            let mut spare = s.borrow_mut();
+            if spare.len() < SPARE_SHAPERS {
+                spare.push(shaper);
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,7 +516,7 @@ mod tests {
     const SEC: u64 = 1_000 * MS;
 
     fn rate(per_sec: u64, burst: u64) -> Rate {
-        Rate { per_sec, burst }
+        Rate::per_second(per_sec, burst)
     }
 
     #[test]
@@ -400,6 +530,25 @@ mod tests {
         assert!(b.try_take(t0 + 10 * MS, 10));
         // A reservation past the burst is due when the rate has paid for it.
         assert_eq!(b.reserve(t0 + 10 * MS, 50), t0 + 60 * MS);
+    }
+
+    #[test]
+    fn a_rate_below_one_per_second_is_exact() {
+        // 90 per minute is 1.5 per second: one every 666.67 ms, 90 in a minute.
+        let r = Rate::new(90, Duration::from_secs(60), 1);
+        assert_eq!(r, Rate::new(3, Duration::from_secs(2), 1), "kept in lowest terms");
+        assert_eq!(r.units_in(Duration::from_secs(60)), 90);
+        let b = Bucket::new(r);
+        let t0 = 10 * SEC;
+        let taken = (0..60_000u64).filter(|ms| b.try_take(t0 + ms * MS, 1)).count();
+        assert_eq!(taken, 90, "one at once, then 1.5 per second for 60 s (less the last)");
+        let half = Bucket::new(Rate::new(30, Duration::from_secs(60), 1));
+        let taken = (0..60_000u64).filter(|ms| half.try_take(t0 + ms * MS, 1)).count();
+        assert_eq!(taken, 30, "0.5 per second");
+        assert_eq!(
+            Rate::bandwidth_per(12, Duration::from_secs(8)).units_in(Duration::from_secs(2)),
+            3
+        );
     }
 
     #[test]
@@ -538,6 +687,125 @@ mod tests {
         // The socket held only part of the turn: the rest is still this session's.
         s.used(Direction::Up, n / 2, t);
         assert_eq!(s.allowance(Direction::Up, t, 1 << 20), Allowance::Bytes(n - n / 2));
+    }
+
+    #[test]
+    fn rates_keep_their_burst_and_name_their_rate_per_second() {
+        assert_eq!(gcd(12, 18), 6);
+        assert_eq!(gcd(7, 1_000_000_000), 1);
+        // Slow rates still get a burst of whole packets; fast ones 50 ms of their rate.
+        assert_eq!(Rate::bandwidth(1_000).burst, DEFAULT_MIN_BURST);
+        assert_eq!(DEFAULT_MIN_BURST, 16_384);
+        assert_eq!(Rate::bandwidth(10_000_000).burst, 500_000);
+        assert_eq!(Rate::bandwidth(1_000).with_burst(5).burst, 5);
+        assert_eq!(Rate::bandwidth(1_000).per_sec(), 1_000);
+        assert_eq!(Rate::new(90, Duration::from_secs(60), 1).per_sec(), 1);
+        assert_eq!(Rate::new(3, Duration::from_secs(2), 1).units_in(Duration::from_secs(4)), 6);
+    }
+
+    #[test]
+    fn a_bandwidth_block_is_empty_only_without_any_rate() {
+        assert!(BandwidthSpec::default().is_empty());
+        let one = BandwidthSpec { total: [None, Some(rate(1_000, 1_000))], ..Default::default() };
+        assert!(!one.is_empty());
+    }
+
+    #[test]
+    fn a_clients_buckets_are_idle_once_refilled_and_each_client_is_tracked() {
+        let c = ClientBuckets([Some(Bucket::new(rate(1_000, 100))), None]);
+        let t = SEC;
+        assert!(c.is_idle(t));
+        assert!(c.0[0].as_ref().unwrap().try_take(t, 50));
+        assert!(!c.is_idle(t), "50 units owed for 50 ms");
+        assert!(c.is_idle(t + 50 * MS));
+        let bw = Bandwidth::new(BandwidthSpec {
+            per_client: [Some(rate(1_000, 100)), None],
+            ..BandwidthSpec::default()
+        });
+        for i in 1..=3 {
+            bw.attach(&mut Shaper::default(), [127, 0, 0, i].into(), t);
+        }
+        assert_eq!(bw.tracked_clients(), 3);
+    }
+
+    /// Two sessions under one total of 1 MB/s with a burst (and so a quantum) of 16384 B:
+    /// what one holds, the other waits for.
+    fn two_under_a_total(cap: Option<u64>) -> (Shaper, Shaper) {
+        let bw = Bandwidth::new(BandwidthSpec {
+            total: [Some(rate(1_000_000, 16_384)), None],
+            ..BandwidthSpec::default()
+        });
+        let mut a = Shaper::with_byte_cap(cap);
+        bw.attach(&mut a, [127, 0, 0, 1].into(), 0);
+        let mut b = Shaper::default();
+        bw.attach(&mut b, [127, 0, 0, 2].into(), 0);
+        (a, b)
+    }
+
+    #[test]
+    fn a_read_that_finds_nothing_gives_its_turn_to_the_others() {
+        let t = SEC;
+        let (mut a, mut b) = two_under_a_total(None);
+        assert_eq!(a.allowance(Direction::Up, t, 1 << 20), Allowance::Bytes(16_384));
+        a.used(Direction::Up, 0, t);
+        assert_eq!(b.allowance(Direction::Up, t, 1 << 20), Allowance::Bytes(16_384));
+        // A turn that was used keeps the bucket's queue going: the next one waits.
+        let (mut a, mut b) = two_under_a_total(None);
+        assert_eq!(a.allowance(Direction::Up, t, 1 << 20), Allowance::Bytes(16_384));
+        a.used(Direction::Up, 16_384, t);
+        assert!(matches!(b.allowance(Direction::Up, t, 1 << 20), Allowance::Wait(_)));
+        // An ask for nothing keeps the turn (nothing was looked for, so nothing is known).
+        let (mut a, mut b) = two_under_a_total(None);
+        assert_eq!(a.allowance(Direction::Up, t, 0), Allowance::Bytes(0));
+        a.used(Direction::Up, 0, t);
+        assert_eq!(b.allowance(Direction::Up, t, 1 << 20), Allowance::Wait(t + 16_384 * 1_000));
+    }
+
+    #[test]
+    fn an_ended_session_gives_back_its_reservation() {
+        let t = SEC;
+        let (mut a, mut b) = two_under_a_total(None);
+        assert_eq!(a.allowance(Direction::Up, t, 1 << 20), Allowance::Bytes(16_384));
+        drop(a);
+        assert_eq!(b.allowance(Direction::Up, t, 1 << 20), Allowance::Bytes(16_384));
+    }
+
+    #[test]
+    fn a_capped_session_reserves_no_more_than_its_cap_leaves() {
+        let t = SEC;
+        let (mut a, mut b) = two_under_a_total(Some(10_000));
+        // The unshaped direction reads 6000 of the 10000 first: the shaped one then reserves
+        // 4000 (4 ms at 1 MB/s), not a whole quantum.
+        assert_eq!(a.allowance(Direction::Down, t, 6_000), Allowance::Bytes(6_000));
+        a.used(Direction::Down, 6_000, t);
+        assert_eq!(a.allowance(Direction::Up, t, 1 << 20), Allowance::Bytes(4_000));
+        a.used(Direction::Up, 4_000, t);
+        assert_eq!(a.allowance(Direction::Up, t, 1 << 20), Allowance::Capped);
+        assert_eq!(b.allowance(Direction::Up, t, 1 << 20), Allowance::Wait(t + 4 * MS));
+    }
+
+    #[test]
+    fn pooled_shapers_are_reused_emptied_and_the_pool_is_bounded() {
+        let bw = Bandwidth::new(BandwidthSpec {
+            per_connection: [Some(rate(1_000_000, 16_384)), None],
+            ..BandwidthSpec::default()
+        });
+        let spares = || SPARE.with(|s| s.borrow().len());
+        let mut first = PooledShaper::with_byte_cap(Some(10));
+        assert!(first.is_active());
+        bw.attach(&mut first, [127, 0, 0, 1].into(), 0);
+        let at: *const Shaper = &*first;
+        let before = spares();
+        drop(first);
+        assert_eq!(spares(), before + 1);
+        let again = PooledShaper::with_byte_cap(None);
+        assert_eq!(&*again as *const Shaper, at, "the spare box is reused");
+        assert!(!again.is_active(), "without the last session's cap or meters");
+        drop(again);
+        let many: Vec<PooledShaper> =
+            (0..SPARE_SHAPERS + 10).map(|_| PooledShaper::with_byte_cap(None)).collect();
+        drop(many);
+        assert_eq!(spares(), SPARE_SHAPERS);
     }
 
     #[test]

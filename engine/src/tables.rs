@@ -10,12 +10,16 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::accounting::AccountSpec;
+use crate::acl::silent::{self, Instruction};
 use crate::acl::{Action, Query, RuleSet};
 use crate::balance::Pool;
 use crate::capture::CapturePolicy;
-use crate::events::{RecordPolicy, ServiceCounters};
+use crate::counters::ServiceCounters;
 use crate::limits::{LimitSpec, LimitState};
+use crate::record::{Protocol, RecordPolicy};
 use crate::shape::Bandwidth;
+use crate::socket_options::{SideOptions, DEFAULT_BACKLOG};
 
 /// Time allowed for a backend connect before the next backend is tried.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,24 +38,6 @@ pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
 /// A UDP flow with no datagram in either direction for this long is closed.
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The transport a service forwards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Protocol {
-    /// Connections, relayed byte for byte by the worker's driver.
-    #[default]
-    Tcp,
-    /// Datagrams, relayed per flow (client address:port) by the worker's UDP loop.
-    Udp,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
-    }
-}
 /// A service has no session cap of its own unless configured: the engine-wide cap (and
 /// the process's fd limit) bound it.
 pub const DEFAULT_SERVICE_MAX_SESSIONS: Option<u64> = None;
@@ -146,16 +132,76 @@ pub struct NamedPool {
     pub pool: Pool,
 }
 
+/// How the flows of a UDP service reach its backends (docs/UDP.md).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum UdpUpstream {
+    /// Each flow has its own socket connected to its backend: one fd a flow.
+    #[default]
+    Connected,
+    /// The flows of a worker to one backend share one unconnected socket; each flow sends
+    /// from its own address of these prefixes (at most one of each family), by which its
+    /// replies are told apart. No fd a flow.
+    Shared { sources: Vec<ipnet::IpNet> },
+}
+
+impl UdpUpstream {
+    /// The prefix a shared flow to `backend` takes its source address from.
+    pub fn source_for(&self, backend: SocketAddr) -> Option<ipnet::IpNet> {
+        let UdpUpstream::Shared { sources } = self else { return None };
+        sources.iter().copied().find(|n| n.network().is_ipv4() == backend.is_ipv4())
+    }
+}
+
+/// One listening socket a service asks for: its address and, optionally, the network
+/// interface it is bound to (SO_BINDTODEVICE: connections and datagrams that arrive on other
+/// interfaces never reach it). Both make its identity across reloads and upgrades: a listener
+/// whose interface changes is a new listener, bound afresh, and the old one is closed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    pub interface: Option<Arc<str>>,
+}
+
+impl Listen {
+    /// A listener on `addr`, on every interface.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr, interface: None }
+    }
+
+    /// A listener on `addr` that only `interface` reaches.
+    pub fn on(addr: SocketAddr, interface: &str) -> Self {
+        Self { addr, interface: Some(interface.into()) }
+    }
+}
+
+impl From<SocketAddr> for Listen {
+    fn from(addr: SocketAddr) -> Self {
+        Self::new(addr)
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.interface {
+            Some(i) => write!(f, "{} on {i}", self.addr),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
 /// One forwarding service: where it listens, who may reach it, and where it sends
 /// connections.
 #[derive(Debug)]
 pub struct Service {
     pub name: Arc<str>,
-    pub listen: Vec<SocketAddr>,
+    /// Its listeners; an address belongs to one service of a protocol.
+    pub listen: Vec<Listen>,
     /// TCP (the default) or UDP; a UDP and a TCP service may share an address:port.
     pub protocol: Protocol,
     /// UDP services: a flow idle this long is closed.
     pub udp_idle_timeout: Duration,
+    /// UDP services: how flows reach backends (a socket each, or sockets they share).
+    pub udp_upstream: UdpUpstream,
     /// The backends of sessions that no rule sends elsewhere.
     pub pool: Pool,
     pub timeouts: Timeouts,
@@ -181,16 +227,42 @@ pub struct Service {
     /// Most sessions of this service at once, across workers; `None`: no cap. At the cap
     /// its listeners stop accepting (connections wait in the kernel's backlog).
     pub max_sessions: Option<u64>,
+    /// What a session whose ClientHello cannot be read gets, when its rules read server
+    /// names; `None`: [`SniUnreadable::Deny`] if a rule denies by name, else
+    /// [`SniUnreadable::WithoutName`].
+    pub sni_unreadable: Option<SniUnreadable>,
+    /// TCP options of client sockets (set on the listeners, which accepted sockets inherit).
+    pub client_socket: SideOptions,
+    /// TCP options of backend sockets.
+    pub backend_socket: SideOptions,
+    /// Accept backlog of each of its TCP listeners.
+    pub backlog: u32,
 }
+
+/// What a session gets whose TLS server name its rules need but cannot have: a hello
+/// larger than [`crate::sni::MAX_CLIENT_HELLO`], one not whole by the SNI timeout (or no
+/// bytes by then), or one whose name is not a host name. A client controls all three, so
+/// judging it as if it had sent no name lets it past a rule that denies its real name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SniUnreadable {
+    /// Denied (closed without a byte), recorded with the rule [`SNI_UNREADABLE_RULE`].
+    Deny,
+    /// Judged by the rules as a session without a server name.
+    WithoutName,
+}
+
+/// The rule a record names for a session denied by [`SniUnreadable::Deny`].
+pub const SNI_UNREADABLE_RULE: &str = "sni_unreadable";
 
 impl Service {
     /// A service that allows every client to its pool.
     pub fn new(name: &str, listen: Vec<SocketAddr>, pool: Pool, timeouts: Timeouts) -> Self {
         Self {
             name: name.into(),
-            listen,
+            listen: listen.into_iter().map(Listen::new).collect(),
             protocol: Protocol::Tcp,
             udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
+            udp_upstream: UdpUpstream::Connected,
             pool,
             timeouts,
             rules: Rules::default(),
@@ -203,6 +275,10 @@ impl Service {
             accept_proxy: None,
             capture: None,
             max_sessions: DEFAULT_SERVICE_MAX_SESSIONS,
+            sni_unreadable: None,
+            client_socket: SideOptions::default(),
+            backend_socket: SideOptions::default(),
+            backlog: DEFAULT_BACKLOG,
         }
     }
 }
@@ -224,6 +300,10 @@ pub struct Tables {
     pub pools: Vec<NamedPool>,
     /// Capture configurations, by index (as rules and services name them).
     pub captures: Vec<Arc<CapturePolicy>>,
+    /// Per-client accounting of TCP sessions; `None`: off (no admin API to show it).
+    pub accounting: Option<AccountSpec>,
+    /// [`SNI_UNREADABLE_RULE`], made once so that a denial allocates nothing.
+    sni_unreadable_rule: Arc<str>,
 }
 
 impl Tables {
@@ -235,7 +315,7 @@ impl Tables {
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| s.protocol == protocol)
-                .flat_map(|(i, s)| s.listen.iter().map(move |&a| (a, i)))
+                .flat_map(|(i, s)| s.listen.iter().map(move |l| (l.addr, i)))
                 .collect()
         };
         let by_listener = index(Protocol::Tcp);
@@ -249,7 +329,21 @@ impl Tables {
             firewall: Rules::default(),
             pools: Vec::new(),
             captures: Vec::new(),
+            accounting: None,
+            sni_unreadable_rule: SNI_UNREADABLE_RULE.into(),
         }
+    }
+
+    /// The same tables with per-client accounting (`None`: off). Every service's limit
+    /// state keys its accounted networks by the spec's prefixes.
+    pub fn with_accounting(mut self, accounting: Option<AccountSpec>) -> Self {
+        if let Some(a) = &accounting {
+            for s in &self.services {
+                s.limit_state.set_account_prefixes(a.network_v4, a.network_v6);
+            }
+        }
+        self.accounting = accounting;
+        self
     }
 
     /// The same tables with capture configurations.
@@ -268,6 +362,45 @@ impl Tables {
     /// Whether deciding a session of `service` needs the client's TLS server name.
     pub fn needs_sni(&self, service: usize) -> bool {
         self.firewall.set.needs_sni() || self.services[service].rules.set.needs_sni()
+    }
+
+    /// What a session of `service` gets when its ClientHello cannot be read.
+    pub fn sni_unreadable(&self, service: usize) -> SniUnreadable {
+        let s = &self.services[service];
+        s.sni_unreadable.unwrap_or(
+            if self.firewall.set.denies_by_sni() || s.rules.set.denies_by_sni() {
+                SniUnreadable::Deny
+            } else {
+                SniUnreadable::WithoutName
+            },
+        )
+    }
+
+    /// The decision for a session denied by [`SniUnreadable::Deny`].
+    pub fn sni_unreadable_denial(&self) -> Decision {
+        Decision {
+            action: Action::Deny { reset: false },
+            rule: Some(self.sni_unreadable_rule.clone()),
+            bandwidth: None,
+            capture: None,
+        }
+    }
+
+    /// The silent-drop socket filter of a listener of `service` (IPv6 or not), if one has
+    /// anything to drop. None on a listener that accepts PROXY headers: its packets come
+    /// from the load balancers, not the clients the rules name. A program too long for the
+    /// kernel (validation refuses those) is left out, and logged.
+    pub fn silent_filter(&self, service: usize, ipv6: bool) -> Option<Vec<Instruction>> {
+        let s = &self.services[service];
+        if s.accept_proxy.is_some() {
+            return None;
+        }
+        let rules = (0..self.firewall.set.len()).map(|i| self.firewall.set.rule(i));
+        let own = (0..s.rules.set.len()).map(|i| s.rules.set.rule(i));
+        silent::program(rules.chain(own), ipv6)
+            .map_err(|e| log::warn!("service {}: no silent-drop filter: {e}", s.name))
+            .ok()
+            .flatten()
     }
 
     /// The firewall's decision: the global rules, then the service's, then its default.
@@ -322,19 +455,29 @@ impl Tables {
         self.services.iter().find(|s| &*s.name == name)
     }
 
+    /// Every TCP listener, in service order.
+    pub fn listeners(&self) -> Vec<Listen> {
+        self.listeners_of(Protocol::Tcp)
+    }
+
+    /// Every UDP listener, in service order.
+    pub fn udp_listeners(&self) -> Vec<Listen> {
+        self.listeners_of(Protocol::Udp)
+    }
+
     /// Every TCP listen address, in service order.
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        self.addrs_of(Protocol::Tcp)
+        self.listeners().into_iter().map(|l| l.addr).collect()
     }
 
     /// Every UDP listen address, in service order.
     pub fn udp_listen_addrs(&self) -> Vec<SocketAddr> {
-        self.addrs_of(Protocol::Udp)
+        self.udp_listeners().into_iter().map(|l| l.addr).collect()
     }
 
-    fn addrs_of(&self, protocol: Protocol) -> Vec<SocketAddr> {
+    fn listeners_of(&self, protocol: Protocol) -> Vec<Listen> {
         let services = self.services.iter().filter(|s| s.protocol == protocol);
-        services.flat_map(|s| s.listen.iter().copied()).collect()
+        services.flat_map(|s| s.listen.iter().cloned()).collect()
     }
 }
 

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use sluice_engine::balance::{Backend, Pool};
-use sluice_engine::events::{EventSink, WorkerStats};
+use sluice_engine::counters::WorkerStats;
+use sluice_engine::events::EventSink;
 use sluice_engine::tables::{Service, Tables, Timeouts};
-use sluice_engine::worker::Relay;
+use sluice_engine::Relay;
 use sluice_engine::{DriverChoice, Engine, EngineConfig, EngineError};
 use socket2::{Domain, Socket, Type};
 
@@ -109,7 +110,7 @@ fn cancel_race(driver: DriverChoice, relay: Relay) {
     let engine = match Engine::start(&config, Arc::new(ArcSwap::from_pointee(tables)), sink) {
         Ok(e) => e,
         Err(EngineError::DriverUnavailable { reason, .. }) => {
-            eprintln!("skipped: {driver:?} unavailable: {reason}");
+            sluice_tests::uring_unavailable(&format!("{driver:?} unavailable: {reason}"));
             return;
         }
         Err(e) => panic!("engine did not start: {e}"),

@@ -7,13 +7,12 @@
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::Duration;
 
-use sluice_engine::sys::{self, Then};
-use sluice_engine::worker::Relay;
+use sluice_engine::testing;
 use sluice_engine::DriverChoice;
+use sluice_engine::Relay;
 
 mod common;
 
@@ -27,10 +26,10 @@ fn greeting_backend() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
         for mut s in listener.incoming().flatten() {
-            if !matches!(sys::send(s.as_raw_fd(), &REPLY, Then::Fin), Ok(n) if n == REPLY.len()) {
+            if !matches!(testing::send_before_fin(&s, &REPLY), Ok(n) if n == REPLY.len()) {
                 continue;
             }
-            let _ = sys::shutdown_write(s.as_raw_fd());
+            let _ = testing::shutdown_write(&s);
             let _ = s.read(&mut [0u8; 16]);
         }
     });
@@ -46,7 +45,7 @@ fn one_session(target: SocketAddr) -> u32 {
     assert_eq!(got, REPLY);
     // The handshake brought one segment (the SYN-ACK); the reply may arrive before this
     // side looks, so the count is taken once, at the end.
-    sys::segments_in(s.as_raw_fd()).unwrap() - 1
+    testing::segments_in(&s).unwrap() - 1
 }
 
 fn fin_leaves_with_the_last_bytes(driver: DriverChoice, relay: Relay) {

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use sluice_engine::balance::{Algorithm, Backend, Pick, Pool, Tried};
-use sluice_engine::sys::alloc::{allocations, CountingAlloc};
+use sluice_engine::testing::{allocations, CountingAlloc};
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;

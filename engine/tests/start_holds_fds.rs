@@ -6,15 +6,23 @@
 //!
 //! The test takes every fd away at once by lowering this process's soft RLIMIT_NOFILE to 0
 //! (fds already open stay usable), so it is a binary of its own: no other test may run in
-//! this process meanwhile. Runs on every driver, one after the other.
+//! this process meanwhile. Then it floods the listener with connections made from sockets
+//! it opened beforehand: every one completes in the backlog, and each accept fails for want
+//! of an fd (counted as an accept backoff). Runs on every driver, one after the other.
 
 use std::fs::File;
 use std::net::TcpListener;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Socket, Type};
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
 mod common;
+
+/// Connections in the flood: sockets opened before the fds run out, connected after.
+const FLOOD: usize = 64;
 
 /// Restores the soft RLIMIT_NOFILE when dropped, whatever the test's outcome.
 struct NoFds {
@@ -41,20 +49,42 @@ fn an_engine_out_of_fds_from_its_first_moment_stops_cleanly() {
     let backend = TcpListener::bind("127.0.0.1:0").unwrap();
     for (driver, relay) in common::DRIVERS {
         let addr = backend.local_addr().unwrap();
-        let Some((engine, _)) = common::one_service("held", addr, driver, relay) else {
+        let Some((engine, listen)) = common::one_service("held", addr, driver, relay) else {
             continue;
         };
+        // Blocking connects bounded by SO_SNDTIMEO: poll(2), which a connect timeout would
+        // use, refuses to run under a limit of 0 (EINVAL).
+        let flood: Vec<Socket> = (0..FLOOD)
+            .map(|_| {
+                let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a socket");
+                socket.set_write_timeout(Some(Duration::from_secs(2))).expect("SO_SNDTIMEO");
+                socket
+            })
+            .collect();
         let no_fds = NoFds::take();
         let refused = File::open("/dev/null").map(drop);
         let error = refused.expect_err("no fd can be opened under a limit of 0");
         assert_eq!(error.raw_os_error(), Some(nix::libc::EMFILE), "{error}");
-        // Let the workers run out of fds before they are asked to stop.
-        std::thread::sleep(Duration::from_millis(50));
+        for (i, socket) in flood.iter().enumerate() {
+            let connected = socket.connect(&listen.into());
+            connected.unwrap_or_else(|e| panic!("{driver:?}/{relay:?}: connection {i}: {e}"));
+        }
+        // Every worker's accept fails for want of an fd, and the loops back off.
+        let backoffs = || -> u64 {
+            engine.stats().iter().map(|s| s.accept_backoffs.load(Ordering::Relaxed)).sum()
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while backoffs() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let seen = backoffs();
         engine.drain(Duration::ZERO);
         let stopped = engine.join();
         drop(no_fds);
+        drop(flood);
         if let Err(e) = stopped {
             panic!("{driver:?}/{relay:?}: engine failed out of fds: {e}");
         }
+        assert!(seen > 0, "{driver:?}/{relay:?}: the flood met no accept backoff");
     }
 }

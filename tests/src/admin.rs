@@ -61,38 +61,74 @@ impl HttpResponse {
     }
 }
 
-/// A client of one sluice's admin API.
+/// A client of one sluice's admin API, optionally presenting a bearer token.
 #[derive(Debug, Clone)]
 pub struct Admin {
     addr: AdminAddr,
+    token: Option<String>,
 }
 
 impl Admin {
     pub fn new(addr: AdminAddr) -> Self {
-        Self { addr }
+        Self { addr, token: None }
+    }
+
+    /// The same API, presenting `token` (`Authorization: Bearer`) on every request.
+    pub fn with_token(&self, token: &str) -> Self {
+        Self { addr: self.addr.clone(), token: Some(token.to_string()) }
     }
 
     pub fn addr(&self) -> &AdminAddr {
         &self.addr
     }
 
+    /// The TCP address; panics for a unix socket.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        match &self.addr {
+            AdminAddr::Tcp(a) => *a,
+            AdminAddr::Unix(p) => panic!("admin is on unix socket {}", p.display()),
+        }
+    }
+
     /// Sends one request and returns the answer, whatever its status.
     pub fn request(&self, method: &str, path: &str, body: &[u8]) -> HttpResponse {
-        let result = match &self.addr {
-            AdminAddr::Tcp(a) => {
-                TcpStream::connect_timeout(a, REQUEST_TIMEOUT).and_then(|mut s| {
-                    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
-                    s.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-                    exchange(&mut s, method, path, body)
-                })
+        self.try_request(method, path, body, &[], REQUEST_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{method} {path} on admin {}: {e}", self.addr))
+    }
+
+    /// One request with extra headers, every step bounded by `timeout`; transport
+    /// failures are returned, not panicked on.
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> io::Result<HttpResponse> {
+        let bearer = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
+        if let Some(b) = &bearer {
+            if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("authorization")) {
+                all.push(("Authorization", b));
             }
-            AdminAddr::Unix(p) => UnixStream::connect(p).and_then(|mut s| {
-                s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
-                s.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-                exchange(&mut s, method, path, body)
+        }
+        match &self.addr {
+            AdminAddr::Tcp(a) => TcpStream::connect_timeout(a, timeout).and_then(|mut s| {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
+                exchange(&mut s, method, path, body, &all)
             }),
-        };
-        result.unwrap_or_else(|e| panic!("{method} {path} on admin {}: {e}", self.addr))
+            AdminAddr::Unix(p) => UnixStream::connect(p).and_then(|mut s| {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
+                exchange(&mut s, method, path, body, &all)
+            }),
+        }
+    }
+
+    pub fn delete(&self, path: &str) -> HttpResponse {
+        self.request("DELETE", path, b"")
     }
 
     pub fn get(&self, path: &str) -> HttpResponse {
@@ -130,26 +166,32 @@ fn ok(response: HttpResponse, what: &str) -> HttpResponse {
 
 /// Writes one request and reads the answer to EOF. The body is written best-effort: a
 /// server may answer (413) and close before reading it all, and that answer is what counts.
-fn exchange<S: Read + Write>(
+pub fn exchange<S: Read + Write>(
     stream: &mut S,
     method: &str,
     path: &str,
     body: &[u8],
+    headers: &[(&str, &str)],
 ) -> io::Result<HttpResponse> {
-    let head = format!(
-        concat!(
-            "{method} {path} HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n",
-            "Content-Length: {len}\r\n\r\n"
-        ),
-        method = method,
-        path = path,
-        len = body.len()
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
     );
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        head += "Host: sluice\r\n";
+    }
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += "\r\n";
     stream.write_all(head.as_bytes())?;
     let _ = stream.write_all(body);
     let mut raw = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
+        if complete(&raw) {
+            break;
+        }
         match stream.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => raw.extend_from_slice(&buf[..n]),
@@ -162,7 +204,20 @@ fn exchange<S: Read + Write>(
     parse_response(&raw)
 }
 
-fn parse_response(raw: &[u8]) -> io::Result<HttpResponse> {
+/// Whether `raw` holds a whole answer with a `Content-Length` (a server that keeps the
+/// connection open despite `Connection: close` is not waited for).
+fn complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim() == "content-length")
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+    length.is_some_and(|n| raw.len() >= split + 4 + n)
+}
+
+pub fn parse_response(raw: &[u8]) -> io::Result<HttpResponse> {
     let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
     let split =
         raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no header end"))?;
@@ -234,6 +289,11 @@ impl Metrics {
             Prom::Counter(v) | Prom::Gauge(v) | Prom::Untyped(v) => Some(*v),
             other => panic!("{name} {labels:?} is not a scalar: {other:?}"),
         }
+    }
+
+    /// How many samples of `name` there are, whatever their labels.
+    pub fn series(&self, name: &str) -> usize {
+        self.matching(name, &[]).len()
     }
 
     /// [`Metrics::value`], required.

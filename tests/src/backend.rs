@@ -94,6 +94,8 @@ impl Held {
 #[derive(Debug)]
 pub struct Backend {
     addr: SocketAddr,
+    /// The listening socket (a second handle), shut down to wake the accept loop.
+    listener: Option<TcpListener>,
     stop: Arc<AtomicBool>,
     accepted: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
@@ -116,6 +118,7 @@ impl Backend {
     {
         let listener = listen(addr, BACKLOG);
         let addr = listener.local_addr().expect("backend local_addr");
+        let waker = listener.try_clone().ok();
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
         let handler = Arc::new(handler);
@@ -126,7 +129,7 @@ impl Backend {
                 .spawn(move || accept_loop(&listener, &stop, &accepted, &handler))
                 .expect("spawn backend accept thread")
         };
-        Backend { addr, stop, accepted, thread: Some(thread) }
+        Backend { addr, listener: waker, stop, accepted, thread: Some(thread) }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -252,8 +255,16 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        // Wake the blocking accept; the connection is refused or accepted and dropped.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        // Wake the blocking accept: shutting a listening socket down makes accept() fail at
+        // once (Linux), wherever the test stands, even outside the backend's network
+        // namespace; a connection is the fallback.
+        let woken = self
+            .listener
+            .take()
+            .is_some_and(|l| socket2::SockRef::from(&l).shutdown(Shutdown::Both).is_ok());
+        if !woken {
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

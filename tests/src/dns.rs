@@ -1,6 +1,7 @@
 //! A DNS server on loopback UDP for discovery tests: it answers A and SRV questions from a
-//! table the test changes while it runs (AAAA questions get an empty answer), or fails on
-//! purpose (SERVFAIL) to show that sluice keeps the last good set.
+//! table the test changes while it runs (AAAA questions get an empty answer), fails on
+//! purpose (SERVFAIL) to show that sluice keeps the last good set, or, as a hostile server,
+//! names SRV targets without their addresses and never answers for them.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -19,6 +20,11 @@ pub enum DnsAnswer {
     Srv(Vec<(u16, u16, u16, Ipv4Addr)>),
     /// SERVFAIL.
     Fail,
+    /// No answer at all, ever (a hostile or broken server).
+    Silent,
+    /// SRV records (priority, weight, port) of targets `t0.NAME`, `t1.NAME`... without
+    /// their addresses (no additional section): the client must ask for them.
+    SrvNoGlue(Vec<(u16, u16, u16)>),
 }
 
 type Table = Arc<Mutex<HashMap<String, DnsAnswer>>>;
@@ -80,6 +86,9 @@ fn serve(socket: &UdpSocket, table: &Table, queries: &AtomicUsize, stop: &Atomic
         let Some((name, qtype, question_end)) = question(&buf[..n]) else { continue };
         queries.fetch_add(1, Ordering::Relaxed);
         let answer = table.lock().expect("dns table").get(&name).cloned();
+        if answer == Some(DnsAnswer::Silent) {
+            continue;
+        }
         let reply = reply(&buf[..question_end], qtype, answer.as_ref());
         let _ = socket.send_to(&reply, from);
     }
@@ -126,7 +135,7 @@ fn reply(query: &[u8], qtype: u16, answer: Option<&DnsAnswer>) -> Vec<u8> {
             }
         }
         (Some(DnsAnswer::Srv(targets)), 33) => {
-            let target = |i: usize| [&[2, b't', b'0' + i as u8][..], &[0xc0, 12]].concat();
+            let target = |i: usize| target_name(i);
             for (i, (prio, weight, port, _)) in targets.iter().enumerate() {
                 let mut data = Vec::new();
                 for v in [prio, weight, port] {
@@ -141,9 +150,26 @@ fn reply(query: &[u8], qtype: u16, answer: Option<&DnsAnswer>) -> Vec<u8> {
                 additional += 1;
             }
         }
+        (Some(DnsAnswer::SrvNoGlue(targets)), 33) => {
+            for (i, (prio, weight, port)) in targets.iter().enumerate() {
+                let mut data = Vec::new();
+                for v in [prio, weight, port] {
+                    data.extend_from_slice(&v.to_be_bytes());
+                }
+                data.extend_from_slice(&target_name(i));
+                record(&mut m, &[0xc0, 12], 33, &data);
+                answers += 1;
+            }
+        }
         _ => {}
     }
     m[6..8].copy_from_slice(&answers.to_be_bytes());
     m[10..12].copy_from_slice(&additional.to_be_bytes());
     m
+}
+
+/// The name of SRV target `i`, `t{i}.` before the question's name (a pointer to offset 12).
+fn target_name(i: usize) -> Vec<u8> {
+    let label = format!("t{i}");
+    [&[label.len() as u8][..], label.as_bytes(), &[0xc0, 12]].concat()
 }

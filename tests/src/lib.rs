@@ -8,23 +8,33 @@
 //! - [`Admin`], [`Metrics`]: the admin API over a small HTTP/1.1 client, `/metrics` parsed.
 //! - [`read_json_lines`] and friends: connection-log records read back from JSON-lines files.
 //! - [`UdpServer`], [`udp_exchange`]: UDP echo and DNS servers and a bounded client.
+//! - [`Netns`]: network namespaces joined by veth pairs, made and deleted by one test.
+//! - [`timing_bound`], [`load_heavy`]: keep tests with timing bounds from running beside
+//!   load-heavy ones.
 //! - [`Stop`]: a time-bounded stop flag for helper threads, set on drop of its guard.
+//! - [`driver_independent!`]: runs a test that does not depend on the driver once.
 //! - [`for_each_driver!`]: runs a relay test once per driver; a driver that sluice cannot
-//!   run on this machine is skipped with a printed reason, never failed.
+//!   run on this machine is skipped with a reason, counted, and a failure under `CI=true`.
+//! - [`prerequisite`], [`skip`]: a test that cannot run here says why; skips are counted in
+//!   `scripts/test`'s summary and fail under `CI=true`.
 //!
-//! Invariants: only loopback addresses are used; every wait is bounded by a timeout; every
+//! Invariants: only loopback addresses are used, or addresses inside namespaces a test made; every wait is bounded by a timeout; every
 //! process and thread started here stops by itself or when its handle is dropped.
 #![forbid(unsafe_code)]
 
 mod admin;
 mod backend;
+pub mod browser;
 pub mod capture;
 mod client;
 mod dns;
+mod load;
+mod netns;
 mod payload;
 mod ports;
 mod process;
 mod records;
+mod skip;
 mod sluice;
 mod stop;
 mod udp;
@@ -32,22 +42,29 @@ mod udp;
 pub use admin::{Admin, AdminAddr, HttpResponse, Metrics};
 
 pub use backend::{Backend, Blackhole, Held, Reports};
+pub use browser::Browser;
 pub use client::{
     abort, connect, connect_from, drain, echo_exchange, echo_round_trip, read_exactly,
     set_timeouts, tagged_exchange, tagged_round_trip, try_connect, Drained, End, IO_TIMEOUT,
 };
 pub use dns::{DnsAnswer, DnsServer};
+pub use load::{load_heavy, timing_bound, LoadGuard};
+pub use netns::Netns;
 pub use nix::sys::signal::Signal;
 pub use payload::{hex, Digest, Payload, Verifier};
 pub use ports::{free_addr, free_port, free_udp_addr, refused_addr};
-pub use process::{cpu_time, raise_fd_limit};
+pub use process::{
+    bound_inodes, cpu_time, is_alive, raise_fd_limit, rss_kib, socket_inodes, status_field,
+    tcp_connections_on, thread_count, wait_gone, Adopted,
+};
 pub use records::{
     is_record_of, read_json_lines, records_of, rfc3339_ms, wait_for_close_record,
     wait_for_json_lines,
 };
+pub use skip::{prerequisite, program, skip, skip_for_now, uring_unavailable, SKIP_LOG};
 pub use sluice::{
     binary, scratch_dir, Config, Reload, ScratchDir, Service, SessionKey, SessionRecord, Sluice,
-    StartError, PRLIMIT,
+    StartError, IP, PRLIMIT,
 };
 pub use stop::{Stop, StopGuard};
 pub use udp::{dns_answer, udp_client, udp_exchange, udp_reply, UdpServer, BIG_REPLY, BIG_REQUEST};
@@ -55,10 +72,11 @@ pub use udp::{dns_answer, udp_client, udp_exchange, udp_reply, UdpServer, BIG_RE
 /// The relay drivers sluice offers; every relay test runs on each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Driver {
+    /// epoll with the copy relay.
     Epoll,
-    /// io_uring with the copy relay (the default).
+    /// io_uring with the copy relay.
     Uring,
-    /// io_uring with the splice relay (payload never enters user space).
+    /// io_uring with the splice relay (the default: payload never enters user space).
     UringSplice,
 }
 
@@ -74,8 +92,7 @@ impl Driver {
     /// The value of `engine.relay` for this variant, if it sets one.
     pub fn relay(self) -> Option<&'static str> {
         match self {
-            Driver::Epoll => None,
-            Driver::Uring => Some("copy"),
+            Driver::Epoll | Driver::Uring => Some("copy"),
             Driver::UringSplice => Some("splice"),
         }
     }
@@ -124,4 +141,37 @@ macro_rules! for_each_driver {
             )+
         }
     };
+}
+
+/// Turns test bodies that take a [`Driver`] but whose behaviour does not depend on it into
+/// one `#[test]` each, `any_driver::NAME`, on epoll (which every machine has): UDP (its loop
+/// runs on mio whatever the TCP driver), sinks, reports, DNS discovery, config handling.
+/// Use [`for_each_driver!`] for anything the relay drivers do.
+#[macro_export]
+macro_rules! driver_independent {
+    ($($name:ident),+ $(,)?) => {
+        mod any_driver {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::Driver::Epoll)
+                }
+            )+
+        }
+    };
+}
+
+/// A read token and a write token for `[admin] token_file`.
+pub const READ_TOKEN: &str = "read-token-for-tests-0123456789";
+pub const WRITE_TOKEN: &str = "write-token-for-tests-0123456789";
+
+/// Writes a token file (mode 0600) with [`READ_TOKEN`] and [`WRITE_TOKEN`] into `dir`;
+/// returns the `token_file = "..."` line of the `[admin]` section.
+pub fn write_token_file(dir: &std::path::Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("tokens.toml");
+    let text = format!("read = \"{READ_TOKEN}\"\nwrite = \"{WRITE_TOKEN}\"\n");
+    std::fs::write(&path, text).expect("write the token file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    format!("token_file = {:?}", path.display().to_string())
 }

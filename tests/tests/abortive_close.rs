@@ -29,6 +29,7 @@ fn config(driver: Driver, backend: &Backend, echo: &Backend) -> Config {
 /// 512 KiB then resets: the client reads a correct prefix of the stream, then
 /// ECONNRESET, no EOF, within 100 ms of the reset; logged `backend_rst`.
 fn backend_reset_midstream_reaches_client_as_reset(driver: Driver) {
+    let _timing = sluice_tests::timing_bound();
     let resets = Reports::default();
     let tx = resets.clone();
     let backend = Backend::spawn(move |mut stream| {
@@ -80,6 +81,7 @@ fn backend_reset_midstream_reaches_client_as_reset(driver: Driver) {
 /// client writes 512 KiB then resets: the backend reads a correct prefix of those bytes,
 /// then ECONNRESET, no EOF, within 100 ms of the reset; logged `client_rst`.
 fn client_reset_midstream_reaches_backend_as_reset(driver: Driver) {
+    let _timing = sluice_tests::timing_bound();
     let reports: Reports<Drained> = Reports::default();
     let tx = reports.clone();
     let backend = Backend::spawn(move |mut stream| {
@@ -123,7 +125,8 @@ fn client_reset_midstream_reaches_backend_as_reset(driver: Driver) {
 
 /// A backend that resets right after it accepted and wrote 64 KiB, before sluice may
 /// have handled its connect completion: the connect succeeded, so over 200 sessions every
-/// client sees a reset, never a clean EOF, and no session is logged as a connect failure.
+/// client sees a reset, never a clean EOF, every session is logged, and none as a connect
+/// failure.
 /// Guards against a bug seen on the epoll driver: it took the pending ECONNRESET (SO_ERROR)
 /// of such a backend socket for a refused connect, logged `connect_refused` and closed the
 /// client with a clean EOF and no byte.
@@ -147,6 +150,9 @@ fn backend_reset_right_after_accept_reaches_client_as_reset(driver: Driver) {
         }
     }
     let records = sluice.wait_for_sessions(SESSIONS, Duration::from_secs(5));
+    // Every connection was accepted (a reset that beat the client's connect came from an
+    // accepted one too), so every one is a session with its record.
+    assert_eq!(records.len(), SESSIONS, "session records of {SESSIONS} connections");
     let failures: Vec<_> = records.iter().filter(|r| r.reason.starts_with("connect_")).collect();
     assert!(
         clean_eofs.is_empty() && failures.is_empty(),

@@ -2,15 +2,20 @@
 //! `/stats` count exactly the sessions the clients made; `/connections` lists live sessions
 //! and honours `limit`; drain, disable and enable steer new sessions without touching open
 //! ones; `POST /reload` applies a changed file; bad requests get the documented 4xx and
-//! change nothing; the API also answers on a unix socket.
+//! change nothing; the API also answers on a unix socket. `DELETE /connections/{id}` cuts
+//! one live session abortively (both peers see a reset, the record says `admin_kill`) and
+//! nothing else; `/connections` filters by service and client network; `/healthz`,
+//! `/readyz` and `/history` answer what they promise; `sluice_build_info` and the
+//! `process_*` figures are the running process's own.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sluice_tests::{
-    connect, read_exactly, tagged_round_trip, Admin, Backend, Config, Driver, Payload, ScratchDir,
-    Service, Sluice,
+    connect, drain, echo_round_trip, read_exactly, set_timeouts, tagged_round_trip, udp_client,
+    udp_exchange, Admin, Backend, Config, Driver, End, Payload, ScratchDir, Service, SessionKey,
+    Sluice, UdpServer,
 };
 
 /// Tags of the two backends: the first byte each writes.
@@ -349,7 +354,224 @@ fn admin_on_a_unix_socket_answers_stats() {
     assert_eq!(stats["driver"], "epoll");
 }
 
+/// The `/connections` entry of the session whose client is `client`.
+fn entry_of(admin: &Admin, client: std::net::SocketAddr) -> Value {
+    let listed = admin.connections(None);
+    let entries = listed["connections"].as_array().expect("connections").clone();
+    entries
+        .into_iter()
+        .find(|e| e["client"] == client.to_string())
+        .unwrap_or_else(|| panic!("{client} not listed: {listed:#}"))
+}
+
+/// Two sessions relay through a sink backend; `DELETE /connections/{id}` of one answers
+/// 200, its client sees a reset (not a clean EOF) within a second, the backend side is
+/// reset too, its close record says `admin_kill`; the other session still relays. Killing
+/// it again answers 404, a malformed id 400, and neither touches the survivor.
+fn kill_cuts_one_session_abortively(driver: Driver) {
+    let (sink, drained) = Backend::sink();
+    let echo = Backend::echo();
+    let config = Config::new(driver)
+        .admin_tcp()
+        .service(Service::new("web", &[sink.addr()]))
+        .service(Service::new("echo", &[echo.addr()]));
+    let Some(sluice) = Sluice::start(config) else { return };
+    let admin = sluice.admin();
+    let mut victim = connect(sluice.addr("web"));
+    victim.write_all(b"before the cut").unwrap();
+    let mut survivor = connect(sluice.addr("echo"));
+    survivor.write_all(b"ping").unwrap();
+    assert_eq!(read_exactly(&mut survivor, 4), b"ping");
+    let key = SessionKey::of(&victim);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let entry = loop {
+        let e = entry_of(&admin, key.client);
+        if e["state"] == "relaying" || Instant::now() > deadline {
+            break e;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let id = entry["id"].as_str().expect("an id string").to_string();
+    assert!(id.parse::<u64>().is_ok(), "id {id} is a number");
+
+    let answer = admin.delete(&format!("/connections/{id}"));
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.json()["reason"], "admin_kill");
+    set_timeouts(&victim, Duration::from_secs(2));
+    let end = drain(&mut victim);
+    assert_eq!(end.end, End::Reset, "the client must see a reset, not {:?}", end.end);
+    let backend_side = drained.first(Duration::from_secs(2)).expect("the backend side ended");
+    assert_eq!(backend_side.end, End::Reset, "the backend must see a reset");
+    assert_eq!(backend_side.bytes, b"before the cut".len() as u64);
+    let record = sluice.wait_for_session(key, Duration::from_secs(5)).expect("a close record");
+    assert_eq!(record.reason, "admin_kill");
+
+    assert_eq!(admin.delete(&format!("/connections/{id}")).status, 404, "a second kill");
+    assert_eq!(admin.delete("/connections/not-a-number").status, 400);
+    assert_eq!(admin.request("GET", &format!("/connections/{id}"), b"").status, 405);
+    survivor.write_all(b"pong").unwrap();
+    assert_eq!(read_exactly(&mut survivor, 4), b"pong", "the other session is untouched");
+    echo_round_trip(sluice.addr("echo"), 3, 1000);
+}
+
+/// `/connections?service=S` lists that service's sessions only and `client=NET` those
+/// whose client is in NET; a bad network is a 400.
+fn connections_filter_by_service_and_client(driver: Driver) {
+    let echo = Backend::echo();
+    let config = Config::new(driver)
+        .admin_tcp()
+        .service(Service::new("web", &[echo.addr()]))
+        .service(Service::new("api", &[echo.addr()]));
+    let Some(sluice) = Sluice::start(config) else { return };
+    let admin = sluice.admin();
+    let open = |service: &str, ip: [u8; 4]| {
+        let mut c = sluice_tests::connect_from(ip.into(), sluice.addr(service));
+        c.write_all(b"x").unwrap();
+        assert_eq!(read_exactly(&mut c, 1), b"x");
+        c
+    };
+    let _clients =
+        [open("web", [127, 0, 0, 1]), open("web", [127, 0, 0, 2]), open("api", [127, 0, 0, 2])];
+    let count = |query: &str| {
+        let r = admin.get(&format!("/connections?{query}"));
+        assert_eq!(r.status, 200, "{query}: {}", r.text());
+        r.json()["count"].as_u64().expect("count")
+    };
+    assert_eq!(count("service=web"), 2);
+    assert_eq!(count("service=api"), 1);
+    assert_eq!(count("client=127.0.0.2"), 2);
+    assert_eq!(count("client=127.0.0.0%2F24&service=web"), 2);
+    assert_eq!(count("client=127.0.0.2&service=web&limit=1"), 1);
+    assert_eq!(count("service=nosuch"), 0);
+    assert_eq!(admin.get("/connections?client=banana").status, 400);
+}
+
+/// A UDP flow is listed with an id and `DELETE /connections/{id}` ends it (its record says
+/// `admin_kill`); the next datagram from the same client opens a new flow.
+fn kill_ends_a_udp_flow(driver: Driver) {
+    let server = UdpServer::tagged_echo(b'U');
+    let config = Config::new(driver).admin_tcp().service(Service::udp("dns", &[server.addr()]));
+    let Some(sluice) = Sluice::start(config) else { return };
+    let admin = sluice.admin();
+    let client = udp_client(std::net::Ipv4Addr::LOCALHOST, Duration::from_secs(2));
+    assert_eq!(udp_exchange(&client, sluice.addr("dns"), b"one").as_deref(), Some(&b"Uone"[..]));
+    let local = client.local_addr().unwrap().to_string();
+    let listed = admin.connections(None);
+    let flow =
+        listed["connections"].as_array().unwrap().iter().find(|e| e["client"] == local).cloned();
+    let flow = flow.unwrap_or_else(|| panic!("flow of {local} not listed: {listed:#}"));
+    assert_eq!(flow["state"], "udp");
+    let id = flow["id"].as_str().unwrap();
+    assert_eq!(admin.delete(&format!("/connections/{id}")).status, 200);
+    let line = sluice.wait_for_log("reason=admin_kill", Duration::from_secs(5));
+    assert!(line.is_some_and(|l| l.contains(&local)), "the flow's record names admin_kill");
+    assert_eq!(admin.delete(&format!("/connections/{id}")).status, 404);
+    assert_eq!(udp_exchange(&client, sluice.addr("dns"), b"two").as_deref(), Some(&b"Utwo"[..]));
+}
+
+/// `/healthz` and `/readyz` answer 200 with JSON while sluice serves; `/history` gains one
+/// sample a second whose totals count the sessions made, and `since` returns only newer
+/// ones.
+fn health_readiness_and_history(driver: Driver) {
+    let echo = Backend::echo();
+    let config = Config::new(driver).admin_tcp().service(Service::new("web", &[echo.addr()]));
+    let Some(sluice) = Sluice::start(config) else { return };
+    let admin = sluice.admin();
+    let health = admin.get("/healthz");
+    assert_eq!((health.status, health.json()["status"].clone()), (200, "alive".into()));
+    let ready = admin.get("/readyz");
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(ready.json()["ready"], true);
+    for i in 0..20 {
+        echo_round_trip(sluice.addr("web"), i, 10_000);
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let history = admin.get("/history");
+    assert_eq!(history.status, 200);
+    let history = history.json();
+    assert_eq!(history["services"][0], "web");
+    let samples = history["samples"].as_array().expect("samples").clone();
+    assert!(samples.len() >= 2, "a sample a second: {history:#}");
+    let new: u64 = samples.iter().map(|s| s[1][1].as_u64().unwrap()).sum();
+    let up: u64 = samples.iter().map(|s| s[1][2].as_u64().unwrap()).sum();
+    // The first sample has no earlier one to count from; the 20 sessions happened after it
+    // or are counted in its successors.
+    assert!(new <= 20 && up <= 200_000, "{history:#}");
+    let last = samples.last().unwrap()[0].as_u64().unwrap();
+    let since = admin.get(&format!("/history?since={last}")).json();
+    assert_eq!(since["samples"].as_array().map(Vec::len), Some(0));
+    assert_eq!(admin.get("/history?since=soon").status, 400);
+    // After the sessions, another second counts them all.
+    for i in 0..10 {
+        echo_round_trip(sluice.addr("web"), i, 1000);
+    }
+    std::thread::sleep(Duration::from_millis(2200));
+    let later = admin.get(&format!("/history?since={last}")).json();
+    let samples = later["samples"].as_array().unwrap();
+    let new: u64 = samples.iter().map(|s| s[2][0][1].as_u64().unwrap()).sum();
+    let up: u64 = samples.iter().map(|s| s[2][0][2].as_u64().unwrap()).sum();
+    assert_eq!((new, up), (10, 10_000), "{later:#}");
+}
+
+/// `sluice_build_info` names the build `sluice --version` names, and the `process_*`
+/// figures are the process's own as /proc shows them. Driver-independent: once.
+#[test]
+fn build_info_and_process_figures_are_the_processs_own() {
+    let backend = Backend::echo();
+    let config =
+        Config::new(Driver::Epoll).admin_tcp().service(Service::new("web", &[backend.addr()]));
+    let Some(sluice) = Sluice::start(config) else { return };
+    let version = sluice.command(&["--version"]);
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    let number = version.lines().next().and_then(|l| l.strip_prefix("sluice ")).unwrap();
+    let revision = version.lines().find_map(|l| l.strip_prefix("revision: ")).unwrap();
+    // Some CPU time to show (the clock counts in 10 ms ticks).
+    for i in 0..2000 {
+        if sluice_tests::cpu_time(sluice.pid()) > Duration::ZERO {
+            break;
+        }
+        echo_round_trip(sluice.addr("web"), i, 1000);
+    }
+    let cpu_before = sluice_tests::cpu_time(sluice.pid()).as_secs_f64();
+    let m = sluice.admin().metrics();
+    let cpu_after = sluice_tests::cpu_time(sluice.pid()).as_secs_f64();
+    assert_eq!(m.get("sluice_build_info", &[("version", number), ("revision", revision)]), 1.0);
+    assert_eq!(m.series("sluice_build_info"), 1);
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", sluice.pid())).unwrap();
+    let threads: f64 =
+        status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap();
+    assert_eq!(m.get("process_threads", &[]), threads);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", sluice.pid())).unwrap();
+    let soft: f64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(m.get("process_max_fds", &[]), soft);
+    // The scrape's own connection comes and goes around the count.
+    let fds = sluice.fd_count() as f64;
+    assert!((m.get("process_open_fds", &[]) - fds).abs() <= 2.0, "{fds} fds open");
+    let rss = (sluice.rss_kib() * 1024) as f64;
+    let resident = m.get("process_resident_memory_bytes", &[]);
+    assert!(resident > rss * 0.5 && resident < rss * 1.5, "{resident} against {rss}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let started = m.get("process_start_time_seconds", &[]);
+    assert!(started <= now.as_secs_f64() && started > now.as_secs_f64() - 60.0, "{started}");
+    let cpu = m.get("process_cpu_seconds_total", &[]);
+    assert!(
+        cpu > 0.0 && cpu >= cpu_before && cpu <= cpu_after,
+        "{cpu_before} <= {cpu} <= {cpu_after}"
+    );
+}
+
 sluice_tests::for_each_driver!(
+    kill_cuts_one_session_abortively,
+    connections_filter_by_service_and_client,
+    kill_ends_a_udp_flow,
+    health_readiness_and_history,
     metrics_count_exactly_the_closed_sessions_and_their_bytes,
     stats_show_the_same_figures,
     connections_list_live_sessions_and_honour_limit,

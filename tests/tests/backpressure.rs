@@ -23,6 +23,7 @@ const STALLED_BOUND: u64 = 1 << 20;
 /// 8 MiB, the backend's progress stops, and then the client gets exactly 1 GiB with the
 /// backend's SHA-256, followed by EOF; logged `bytes_down` = 1 GiB.
 fn paused_reader_bounds_memory_then_gets_every_byte(driver: Driver) {
+    let _load = sluice_tests::load_heavy();
     let written = Arc::new(AtomicU64::new(0));
     let (backend, digests) = Backend::streams(SEED, GIB, written.clone());
     let config = Config::new(driver).workers(1).service(Service::new("stream", &[backend.addr()]));

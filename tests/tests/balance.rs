@@ -77,7 +77,7 @@ fn each_algorithm_spreads_sessions_as_it_promises(driver: Driver) {
         .section(&pool("rr", "round_robin", &[plain(b(0)), plain(b(1)), plain(b(2))], ""))
         .section(&pool("wrr", "weighted", &[weighted(0, 3), weighted(1, 1)], ""))
         .section(&pool("least", "least_sessions", &[weighted(0, 1), weighted(1, 2)], ""))
-        .section(&pool("p2c", "two_choices", &[plain(b(0)), plain(b(1))], ""));
+        .section(&pool("p2c", "two_choices", &[plain(b(0)), plain(b(1)), plain(b(2))], ""));
     let Some(sluice) = Sluice::start(config) else { return };
 
     assert_eq!(tally(sluice.addr("rr"), 30, 3), vec![10, 10, 10]);
@@ -92,13 +92,16 @@ fn each_algorithm_spreads_sessions_as_it_promises(driver: Driver) {
     }
     assert_eq!(counts, [2, 4, 0], "least-sessions with weights 1 and 2");
 
-    let mut counts = [0; 3];
-    for _ in 0..20 {
+    // 60 sessions held on three backends: the less loaded of two random draws keeps every
+    // backend within 3 of the others (a load-blind random choice strays by about 9).
+    let mut counts = [0i32; 3];
+    for _ in 0..60 {
         let (tag, stream) = hold(sluice.addr("p2c"));
         counts[usize::from(tag) - 1] += 1;
         open.push(stream);
     }
-    assert!(counts[0] >= 5 && counts[1] >= 5 && counts[2] == 0, "two choices: {counts:?}");
+    let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
+    assert!(spread <= 3, "two choices: {counts:?}");
 }
 
 /// Two instances with the same pool map every client address to the same backend, and a

@@ -81,6 +81,7 @@ fn run_client(i: usize, addr: SocketAddr, all_connected: &Barrier) -> Result<Out
 /// receives exactly the multiset of (length, SHA-256) sent to it; every echo returns
 /// exactly what was sent; every session is logged `client_fin` with exact byte counts.
 fn thousand_concurrent_connections_relay_every_byte(driver: Driver) {
+    let _load = sluice_tests::load_heavy();
     raise_fd_limit(16_384);
     let (sink, received) = Backend::sink();
     let echo = Backend::echo();
@@ -165,6 +166,7 @@ fn thousand_concurrent_connections_relay_every_byte(driver: Driver) {
 /// One connection streams 1 GiB to the sink: it receives exactly 1 GiB with the same
 /// SHA-256, then a clean EOF.
 fn one_gib_stream_arrives_byte_exact(driver: Driver) {
+    let _load = sluice_tests::load_heavy();
     const GIB: u64 = 1 << 30;
     let (sink, received) = Backend::sink();
     let config = Config::new(driver).service(Service::new("sink", &[sink.addr()]));

@@ -24,8 +24,8 @@ const CPU_SHARE: f64 = 0.05;
 const PAUSED: &str = "accept paused";
 
 fn survives_running_out_of_fds(driver: Driver) {
-    if !Path::new(PRLIMIT).exists() {
-        println!("skipped: {PRLIMIT} (util-linux) is missing");
+    let _timing = sluice_tests::timing_bound();
+    if !sluice_tests::prerequisite(Path::new(PRLIMIT).exists(), "prlimit (util-linux)") {
         return;
     }
     raise_fd_limit(20_000);
@@ -45,7 +45,8 @@ fn survives_running_out_of_fds(driver: Driver) {
     while sluice.fd_count() + 8 < FD_LIMIT as usize && Instant::now() < saturated {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(sluice.fd_count() + 8 >= FD_LIMIT as usize, "sluice never ran out of fds");
+    let open = sluice.fd_count();
+    assert!(open + 8 >= FD_LIMIT as usize, "sluice never ran out of fds: {open} of {FD_LIMIT}");
     std::thread::sleep(Duration::from_millis(300));
     let before = cpu_time(sluice.pid());
     std::thread::sleep(CPU_WINDOW);

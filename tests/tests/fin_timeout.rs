@@ -55,6 +55,7 @@ fn is_reset(kind: Option<std::io::ErrorKind>) -> bool {
 /// The client sends bytes then SHUT_WR; the backend reads to EOF and stays silent. The
 /// client is reset one FIN timeout after its half-close, and so is the backend.
 fn silent_backend_after_client_half_close_is_cut_at_fin_timeout(driver: Driver) {
+    let _timing = sluice_tests::timing_bound();
     let reports: Reports<(Drained, Option<std::io::ErrorKind>)> = Reports::default();
     let tx = reports.clone();
     let backend = Backend::spawn(move |mut stream| {
@@ -92,6 +93,7 @@ fn silent_backend_after_client_half_close_is_cut_at_fin_timeout(driver: Driver) 
 /// silent. The client is reset one FIN timeout after it saw the EOF, and so is the
 /// backend.
 fn silent_client_after_backend_half_close_is_cut_at_fin_timeout(driver: Driver) {
+    let _timing = sluice_tests::timing_bound();
     let reports: Reports<Drained> = Reports::default();
     let tx = reports.clone();
     let backend = Backend::spawn(move |mut stream| {

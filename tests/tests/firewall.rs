@@ -43,7 +43,7 @@ fn start(driver: Driver, body: &str, services: usize) -> Option<(Sluice, PathBuf
     if !ready {
         let logs = sluice.logs().join("\n");
         if logs.contains("driver uring unavailable") {
-            println!("skipped: {logs}");
+            sluice_tests::uring_unavailable(&logs);
             return None;
         }
         panic!("sluice did not start:\n{logs}");
@@ -261,7 +261,7 @@ fn tls_request(openssl: &Path, to: SocketAddr, name: Option<&str>) -> (Option<St
 /// unknown or missing names hit the default, which resets.
 fn sni_routes_tls_by_name_untouched(driver: Driver) {
     let Some(openssl) = openssl() else {
-        println!("skipped: openssl is not installed");
+        sluice_tests::skip("openssl (Debian package openssl) is missing");
         return;
     };
     let dir = std::env::temp_dir().join(format!(

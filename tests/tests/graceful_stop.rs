@@ -60,7 +60,41 @@ fn open_session_relays_until_shutdown_timeout_then_is_reset(driver: Driver) {
     assert!(status.success(), "exit status {status}");
 }
 
+/// Issue 26 item 3: a `shutdown_timeout` beyond what the clock can hold passed `check`, and
+/// SIGTERM then made sluice exit 101 (a panic computing the drain deadline). Now it is
+/// refused at start (exit 2, naming the key and line), and the longest accepted one
+/// (365 days) stops cleanly: with no session open, at once and with exit 0.
+fn shutdown_timeout_is_bounded_and_the_longest_one_stops_cleanly(driver: Driver) {
+    let echo = Backend::echo();
+    let huge = Config::new(driver)
+        .shutdown_timeout("100000000000000d")
+        .service(Service::new("echo", &[echo.addr()]));
+    match Sluice::try_start(huge) {
+        Err(sluice_tests::StartError::Exited { status, logs }) => {
+            assert_eq!(status.code(), Some(2), "{logs:?}");
+            let named = logs.iter().any(|l| {
+                l.contains("sluice.toml:")
+                    && l.contains(": engine.shutdown_timeout: must be at most 365 days")
+            });
+            assert!(named, "no error naming the line and key: {logs:?}");
+        }
+        Err(e) => panic!("unexpected: {e}"),
+        Ok(mut sluice) => {
+            let status = sluice.terminate(Duration::from_secs(5));
+            panic!("a shutdown_timeout of 10^14 days was accepted; SIGTERM gave {status}");
+        }
+    }
+    let longest =
+        Config::new(driver).shutdown_timeout("365d").service(Service::new("echo", &[echo.addr()]));
+    let Some(mut sluice) = Sluice::start(longest) else { return };
+    let sent = Instant::now();
+    let status = sluice.terminate(Duration::from_secs(5));
+    assert!(status.success(), "exit status {status}");
+    assert!(sent.elapsed() < Duration::from_secs(1), "took {:?} to exit", sent.elapsed());
+}
+
 sluice_tests::for_each_driver!(
     idle_sluice_exits_zero_on_sigterm,
-    open_session_relays_until_shutdown_timeout_then_is_reset
+    open_session_relays_until_shutdown_timeout_then_is_reset,
+    shutdown_timeout_is_bounded_and_the_longest_one_stops_cleanly
 );

@@ -160,7 +160,31 @@ fn post_reload_with_a_bad_file_answers_422_with_the_error(driver: Driver) {
     assert_eq!(new.accepted(), 0, "the backend of the rejected files was reached");
 }
 
-sluice_tests::for_each_driver!(
+/// Issue 26 item 11: a config path that is not a regular file could hang the control
+/// thread (a FIFO blocks a plain open until a writer comes): the reload is now refused at
+/// once, saying what the path is, the old tables stay, and SIGTERM still stops sluice.
+fn a_reload_from_a_fifo_is_refused_at_once(driver: Driver) {
+    let (old, new) = (Backend::tagged_echo(OLD), Backend::tagged_echo(NEW));
+    let Some((mut sluice, _valid)) = start(driver, &old, &new) else { return };
+    let path = sluice.config_path();
+    std::fs::remove_file(&path).expect("remove the config file");
+    let made = std::process::Command::new("mkfifo").arg(&path).status().expect("run mkfifo");
+    assert!(made.success(), "mkfifo {}", path.display());
+    let Reload::Rejected(errors) = sluice.reload(Duration::from_secs(2)) else {
+        panic!("a FIFO was read as a config")
+    };
+    assert!(
+        errors.iter().any(|e| e.contains("(file): is a FIFO, not a regular file")),
+        "{errors:?}"
+    );
+    assert_eq!(tagged_round_trip(sluice.addr("web"), b"probe").0, OLD);
+    let status = sluice.terminate(Duration::from_secs(5));
+    assert!(status.success(), "{status}");
+}
+
+// A file is read, checked and refused before any driver sees it: once is enough.
+sluice_tests::driver_independent!(
     rejected_reload_names_line_and_key_and_keeps_the_old_tables,
-    post_reload_with_a_bad_file_answers_422_with_the_error
+    post_reload_with_a_bad_file_answers_422_with_the_error,
+    a_reload_from_a_fifo_is_refused_at_once
 );

@@ -120,6 +120,7 @@ fn fill_wait_and_resume(sluice: &Sluice, addrs: &[SocketAddr], active: impl Fn(&
 /// A service's `max_sessions`: connection N+1 waits, the first N are unaffected, accepting
 /// resumes within 100 ms of a place freeing up.
 fn service_cap_holds_the_next_connection_in_the_backlog(driver: Driver) {
+    let _timing = sluice_tests::timing_bound();
     let echo = Backend::echo();
     let service = Service::new("web", &[echo.addr()]).max_sessions(CAP as u64);
     let config = Config::new(driver).workers(2).admin_tcp().service(service);
@@ -132,6 +133,7 @@ fn service_cap_holds_the_next_connection_in_the_backlog(driver: Driver) {
 
 /// `engine.max_sessions` counts the sessions of every service on every worker together.
 fn engine_cap_is_shared_by_services_and_workers(driver: Driver) {
+    let _timing = sluice_tests::timing_bound();
     let echo = Backend::echo();
     let config = Config::new(driver)
         .workers(2)

@@ -28,8 +28,9 @@ use socket2::{Domain, Socket, Type};
 const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 /// How long a record may take to reach a file (batches of at most 50 ms, flushes).
 const RECORD_TIMEOUT: Duration = Duration::from_secs(5);
-/// Every field of a JSON record, as documented.
-const FIELDS: [&str; 20] = [
+/// Every field of a JSON record, in the order the README's "Fields:" paragraph gives them
+/// (checked against it by `the_documented_fields_are_these`).
+const FIELDS: [&str; 21] = [
     "kind",
     "start",
     "end",
@@ -50,7 +51,34 @@ const FIELDS: [&str; 20] = [
     "protocol",
     "packets_up",
     "packets_down",
+    "instance",
 ];
+
+/// The fields of a JSON record as the README lists them: the backquoted names of its
+/// "Fields:" paragraph up to "in templates also", leaving out parenthesised remarks.
+fn readme_fields() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(&path).expect("read README.md");
+    let start = readme.find("\nFields: ").expect("a \"Fields:\" paragraph in README.md");
+    let text = &readme[start..];
+    let text = &text[..text.find("; in templates also").expect("\"; in templates also\"")];
+    let (mut plain, mut depth) = (String::new(), 0);
+    for c in text.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            _ if depth == 0 => plain.push(c),
+            _ => {}
+        }
+    }
+    plain.split('`').skip(1).step_by(2).map(str::to_string).collect()
+}
+
+/// The field list the tests hold is the one the README documents, in its order.
+#[test]
+fn the_documented_fields_are_these() {
+    assert_eq!(readme_fields(), FIELDS);
+}
 
 /// A `[[log]]` section: a JSON-lines file sink at `path`.
 fn file_sink(path: &Path) -> String {
@@ -87,7 +115,7 @@ fn answers_after_eof(down: u64) -> Backend {
 /// bytes and closes. The close record has exactly the documented fields, and each one
 /// equals what the client did and saw: bytes each way, client address and port, backend,
 /// listener, service, start <= end within the client's own clock readings, duration, verdict
-/// allow, reason client_fin, worker, tables version 1.
+/// allow, reason client_fin, worker, tables version 1, and the host name as the instance.
 fn close_record_fields_match_what_the_client_did(driver: Driver) {
     const UP: u64 = 54_321;
     const DOWN: u64 = 12_345;
@@ -112,6 +140,7 @@ fn close_record_fields_match_what_the_client_did(driver: Driver) {
     let r = wait_for_close_record(&log, key, RECORD_TIMEOUT);
     let after = now_ms();
 
+    // serde_json's map sorts its keys: the order is checked on the line by control's tests.
     let mut fields: Vec<&str> =
         r.as_object().expect("a JSON object").keys().map(String::as_str).collect();
     fields.sort_unstable();
@@ -141,6 +170,8 @@ fn close_record_fields_match_what_the_client_did(driver: Driver) {
     assert_eq!(r["rule"], Value::Null, "{r}");
     assert!(u64_of(&r, "worker") < 2, "{r}");
     assert_eq!(u64_of(&r, "tables_version"), 1, "{r}");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("the host name");
+    assert_eq!(r["instance"].as_str(), Some(host.trim()), "{r}");
     let (start, end, duration) =
         (time_of(&r, "start"), time_of(&r, "end"), u64_of(&r, "duration_ms"));
     assert!(
@@ -356,20 +387,23 @@ fn interim_records_grow_while_a_session_is_held_open(driver: Driver) {
 }
 
 /// A text sink with a template writes, for a session from 127.0.0.2, exactly the template
-/// with each field rendered.
+/// with each field rendered, the instance as `[records] instance` names it.
 fn text_sink_renders_the_template_fields(driver: Driver) {
     let dir = ScratchDir::new();
     let log = dir.join("sessions.log");
     let backend = answers_after_eof(77);
     let template = concat!(
         "{kind} {client} -> {backend} {service} up={bytes_up} down={bytes_down} ",
-        "{reason} {verdict} rule={rule} v={tables_version}"
+        "{reason} {verdict} rule={rule} v={tables_version} at={instance}"
     );
     let sink = format!(
         "[[log]]\ntype = \"file\"\npath = {:?}\nformat = \"text\"\ntemplate = {template:?}\n",
         log.display().to_string()
     );
-    let config = Config::new(driver).service(Service::new("web", &[backend.addr()])).section(&sink);
+    let config = Config::new(driver)
+        .service(Service::new("web", &[backend.addr()]))
+        .section("[records]\ninstance = \"edge-7.fra\"\n")
+        .section(&sink);
     let Some(sluice) = Sluice::start(config) else { return };
 
     let mut client = connect_from(CLIENT_IP, sluice.addr("web"));
@@ -379,7 +413,7 @@ fn text_sink_renders_the_template_fields(driver: Driver) {
     assert_eq!(drain(&mut client).bytes, 77);
     drop(client);
     let expected = format!(
-        "close {} -> {} web up=33 down=77 client_fin allow rule=- v=1",
+        "close {} -> {} web up=33 down=77 client_fin allow rule=- v=1 at=edge-7.fra",
         key.client,
         backend.addr()
     );
@@ -589,6 +623,7 @@ impl Drop for DeafPeer {
 /// plus 250 ms. All complete, and `/stats` accounts for every record of the sink as written
 /// or dropped, with some dropped.
 fn blocked_syslog_sink_slows_no_traffic_and_counts_drops(driver: Driver) {
+    let _timing = sluice_tests::timing_bound();
     const SESSIONS: usize = 2000;
     let echo = Backend::tagged_echo(b'A');
     let plain = Config::new(driver)
@@ -637,10 +672,10 @@ struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, r: &Value) {
-        self.sessions += 1;
-        self.bytes_up += u64_of(r, "bytes_up");
-        self.bytes_down += u64_of(r, "bytes_down");
+    fn plus(&mut self, other: Tally) {
+        self.sessions += other.sessions;
+        self.bytes_up += other.bytes_up;
+        self.bytes_down += other.bytes_down;
     }
 
     fn of(v: &Value) -> Tally {
@@ -682,45 +717,47 @@ fn assert_report(
 
 /// A JSON log of sessions on two services and three backends (open records too), then
 /// `sluice report --json` on it and on a gzip'd copy: total sessions and bytes, and the
-/// sums per service and per backend, equal those the test computes from the close records.
+/// sums per service and per backend, equal what the clients sent and received (each
+/// backend's tag says which one served a session).
 fn report_sums_equal_the_records(driver: Driver) {
     let dir = ScratchDir::new();
     let log = dir.join("sessions.jsonl");
     let (a, b, c) =
-        (Backend::tagged_echo(b'A'), Backend::tagged_echo(b'A'), Backend::tagged_echo(b'A'));
+        (Backend::tagged_echo(b'A'), Backend::tagged_echo(b'B'), Backend::tagged_echo(b'C'));
     let config = Config::new(driver)
         .service(Service::new("web", &[a.addr(), b.addr()]))
         .service(Service::new("db", &[c.addr()]))
         .section("[records]\nopen = true\n")
         .section(&file_sink(&log));
     let Some(sluice) = Sluice::start(config) else { return };
+    let backend_of = |tag: u8| match tag {
+        b'A' => a.addr().to_string(),
+        b'B' => b.addr().to_string(),
+        b'C' => c.addr().to_string(),
+        _ => panic!("unknown tag {tag}"),
+    };
     let sessions = 12usize;
+    let (mut total, mut services, mut backends) =
+        (Tally::default(), BTreeMap::new(), BTreeMap::new());
     for i in 0..sessions {
         let service = if i % 3 == 0 { "db" } else { "web" };
         let stream = connect_from(CLIENT_IP, sluice.addr(service));
-        assert_eq!(tagged_exchange(stream, &Payload::bytes(i as u64, 100 * i + 1)), Ok(b'A'));
+        let sent = Payload::bytes(i as u64, 100 * i + 1);
+        let tag = tagged_exchange(stream, &sent).expect("tagged exchange");
+        // Up: what the client sent; down: its echo and the tag byte before it.
+        let client =
+            Tally { sessions: 1, bytes_up: sent.len() as u64, bytes_down: sent.len() as u64 + 1 };
+        total.plus(client);
+        services.entry(service.to_string()).or_insert_with(Tally::default).plus(client);
+        backends.entry(backend_of(tag)).or_insert_with(Tally::default).plus(client);
     }
+    // 12 sessions of 1, 101, ..., 1101 bytes up; each echoed with a tag byte.
+    assert_eq!(total, Tally { sessions: 12, bytes_up: 6_612, bytes_down: 6_624 });
+    assert_eq!(backends.len(), 3, "{backends:?}");
     let paths = [log.clone()];
-    let records = wait_for_json_lines(&paths, RECORD_TIMEOUT, |lines| {
+    wait_for_json_lines(&paths, RECORD_TIMEOUT, |lines| {
         lines.iter().filter(|r| r["kind"] == "close").count() >= sessions
     });
-    let (mut total, mut services, mut backends) =
-        (Tally::default(), BTreeMap::new(), BTreeMap::new());
-    for r in records.iter().filter(|r| r["kind"] == "close") {
-        total.add(r);
-        services
-            .entry(r["service"].as_str().expect("service").to_string())
-            .or_insert_with(Tally::default)
-            .add(r);
-        let backend = format!(
-            "{}:{}",
-            r["backend_addr"].as_str().expect("backend_addr"),
-            u64_of(r, "backend_port")
-        );
-        backends.entry(backend).or_insert_with(Tally::default).add(r);
-    }
-    assert_eq!(total.sessions, sessions as u64);
-    assert_eq!(backends.len(), 3, "{backends:?}");
 
     let plain = report(&[&log]);
     assert_eq!(plain["records"], sessions, "open records must not count: {plain:#}");
@@ -735,11 +772,16 @@ fn report_sums_equal_the_records(driver: Driver) {
     assert_report(&report(&[&gz]), total, &services, &backends);
 }
 
+// What a driver records about its sessions: on every driver.
 sluice_tests::for_each_driver!(
     close_record_fields_match_what_the_client_did,
     every_close_path_is_logged_with_its_reason,
     open_records_are_logged_when_enabled,
     interim_records_grow_while_a_session_is_held_open,
+);
+
+// Sinks and reports take the records from the log thread, whatever driver made them.
+sluice_tests::driver_independent!(
     text_sink_renders_the_template_fields,
     syslog_udp_datagrams_are_rfc5424_with_the_json_record,
     renamed_log_and_sigusr1_lose_no_record,

@@ -184,8 +184,7 @@ impl Haproxy {
     const BINARY: &'static str = "/usr/sbin/haproxy";
 
     fn start() -> Option<Haproxy> {
-        if !Path::new(Self::BINARY).exists() {
-            println!("skipped: {} is not installed", Self::BINARY);
+        if !sluice_tests::prerequisite(Path::new(Self::BINARY).exists(), Self::BINARY) {
             return None;
         }
         let dir = ScratchDir::new();

@@ -194,6 +194,7 @@ fn reload_loop(
 /// over 500 connections/s with none failed, every connection made within one reload's
 /// tenure served by its backend, and each long-lived stream echoed byte-exact.
 fn reload_under_load_loses_nothing_and_routes_by_the_tables_in_force(driver: Driver) {
+    let _load = sluice_tests::load_heavy();
     let (a, b) = (Backend::tagged_echo(A), Backend::tagged_echo(B));
     let config = Config::new(driver)
         .service(Service::new("web", &[a.addr()]))

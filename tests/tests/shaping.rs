@@ -31,6 +31,20 @@ fn firehose() -> Backend {
     })
 }
 
+/// A firehose that starts once the client has sent a byte: a session cut within
+/// milliseconds must not be cut before the client's connect() has returned (a reset that
+/// arrives first turns the connect itself into ECONNRESET).
+fn firehose_on_request() -> Backend {
+    Backend::spawn(|mut stream| {
+        let mut request = [0u8; 1];
+        if stream.read_exact(&mut request).is_err() {
+            return;
+        }
+        let chunk = vec![0u8; 64 * 1024];
+        while stream.write_all(&chunk).is_ok() {}
+    })
+}
+
 /// A backend that reads everything and adds, per read, the bytes that arrived inside the
 /// measuring window of its connection (which opens `WARMUP` after the first byte).
 fn measuring_sink(window_bytes: Arc<AtomicU64>) -> Backend {
@@ -84,6 +98,7 @@ fn assert_near(what: &str, measured: f64, expected: f64, tolerance: f64) {
 /// Shaped streams keep to their rate within 5%, each direction on its own budget: a slow
 /// download, a faster download, and an upload shaped while its download is not.
 fn shaped_streams_move_at_their_configured_rate(driver: Driver) {
+    let _timing = sluice_tests::timing_bound();
     let source = firehose();
     let uploaded = Arc::new(AtomicU64::new(0));
     let sink = measuring_sink(uploaded.clone());
@@ -119,6 +134,7 @@ fn shaped_streams_move_at_their_configured_rate(driver: Driver) {
 /// Four sessions under one service-wide budget, spread over two workers, each get a quarter
 /// of it (within 10%), and together the budget (within 5%).
 fn sessions_under_a_shared_budget_get_equal_shares(driver: Driver) {
+    let _timing = sluice_tests::timing_bound();
     let source = firehose();
     let config = Config::new(driver).service(
         Service::new("shared", &[source.addr()]).key(r#"bandwidth_down = { total = "4 MB/s" }"#),
@@ -232,7 +248,7 @@ fn new_sessions_per_client_are_throttled(driver: Driver) {
 /// A session that reaches its byte cap is cut (reset) having relayed exactly the cap; one
 /// that reaches its maximum duration is cut then, whatever its traffic.
 fn byte_cap_and_maximum_duration_cut_sessions(driver: Driver) {
-    let source = firehose();
+    let source = firehose_on_request();
     let echo = Backend::echo();
     let config = Config::new(driver)
         .service(
@@ -242,11 +258,14 @@ fn byte_cap_and_maximum_duration_cut_sessions(driver: Driver) {
     let Some(sluice) = Sluice::start(config) else { return };
     let mut stream = connect(sluice.addr("capped"));
     let key = SessionKey::of(&stream);
+    stream.write_all(b"g").unwrap();
     let got = drain(&mut stream);
-    assert!(got.bytes <= 100_000, "the client got {} bytes past the cap", got.bytes);
+    // The cap counts both directions: the request byte up, then 99,999 bytes down.
+    assert!(got.bytes <= 99_999, "the client got {} bytes past the cap", got.bytes);
     assert_eq!(got.end, End::Reset, "a cut session ends with a reset");
     let record = sluice.wait_for_session(key, RECORD).expect("a record of the capped session");
-    assert_eq!((record.reason.as_str(), record.bytes_down), ("byte_cap", 100_000));
+    let counted = (record.reason.as_str(), record.bytes_up, record.bytes_down);
+    assert_eq!(counted, ("byte_cap", 1, 99_999));
 
     let start = Instant::now();
     let mut stream = connect(sluice.addr("brief"));
@@ -271,7 +290,8 @@ fn byte_cap_and_maximum_duration_cut_sessions(driver: Driver) {
 }
 
 /// A reload that raises `per_client` admits new sessions at once; sessions opened before it
-/// still hold their places.
+/// still hold their places. The new limit is a fleet-wide 6 split over `fleet_size = 2`
+/// instances: this instance's share is 3.
 fn a_reload_changes_limits_for_new_sessions(driver: Driver) {
     let echo = Backend::tagged_echo(1);
     let mut config = Config::new(driver)
@@ -280,7 +300,7 @@ fn a_reload_changes_limits_for_new_sessions(driver: Driver) {
     let addr = sluice.addr("web");
     let _a = open_from([127, 0, 0, 7], addr).expect("first session");
     refused_with_limit(&sluice, open_from([127, 0, 0, 7], addr), End::Eof);
-    config.service_mut("web").keys = vec!["limits = { per_client = 3 }".into()];
+    config.service_mut("web").keys = vec!["limits = { per_client = 6, fleet_size = 2 }".into()];
     config.services[0].listen = vec![addr];
     sluice.write_config(&config);
     assert!(matches!(sluice.reload(RECORD), Reload::Applied(_)));

@@ -85,6 +85,7 @@ fn sees_end(s: &mut TcpStream, timeout: Duration) -> bool {
 }
 
 fn slow_clients_are_closed_at_idle_timeout_and_fresh_ones_keep_their_latency(driver: Driver) {
+    let _timing = sluice_tests::timing_bound();
     let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     raise_fd_limit(20_000);
     let (holder, _held) = Backend::holds();

@@ -2,7 +2,8 @@
 //! `sluice-bench soak` for 20 s on each driver, with mixed traffic and a reload every
 //! second. It must finish with no failed connection, no panic, no fd held beyond warm-up
 //! (counted with no session open, which is exact even in a short run), and write its CSV and
-//! SVG. (RSS drift is judged only by full-length runs: `scripts/soak`.)
+//! SVG. (RSS drift is judged only by full-length runs, `scripts/soak`: this one reports
+//! INCOMPLETE, never PASS.)
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,15 +17,16 @@ fn bench_binary() -> Option<PathBuf> {
 }
 
 fn short_soak_has_no_failure_and_writes_its_figures(driver: Driver) {
+    let _load = sluice_tests::load_heavy();
     let Some(bench) = bench_binary() else {
-        println!("skipped: sluice-bench is not built (cargo build --workspace --bins)");
+        sluice_tests::skip("sluice-bench is not built (cargo build --workspace --bins)");
         return;
     };
     let scratch = ScratchDir::new();
     let out = scratch.path();
     let output = Command::new(bench)
         .arg("soak")
-        .arg("--sluice")
+        .arg("--sluice-bin")
         .arg(binary())
         .args(["--duration", "20s", "--warmup", "4s", "--sample", "1s", "--reload-every", "1s"])
         .args(["--driver", driver.as_str(), "--relay", driver.relay().unwrap_or("copy")])
@@ -36,12 +38,15 @@ fn short_soak_has_no_failure_and_writes_its_figures(driver: Driver) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     let log = std::fs::read_to_string(out.join("sluice.log")).unwrap_or_default();
     if log.contains("driver uring unavailable") {
-        println!("skipped: {}", log.lines().next().unwrap_or_default());
+        sluice_tests::uring_unavailable(log.lines().next().unwrap_or_default());
         return;
     }
     assert!(output.status.success(), "soak failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("PASS") && stdout.contains("failures 0"), "{stdout}");
-    assert!(stdout.contains("panics 0"), "{stdout}");
+    // 20 s cannot judge RSS drift: the run is INCOMPLETE, never a PASS, and says why.
+    assert!(stdout.contains("INCOMPLETE: ") && !stdout.contains("PASS"), "{stdout}");
+    assert!(stdout.contains("rss drift not judged: run shorter than 300 s"), "{stdout}");
+    assert!(stdout.contains("failures 0") && stdout.contains("panics 0"), "{stdout}");
+    assert!(stdout.contains("quiet fds pass") && stdout.contains("failure rate pass"), "{stdout}");
     // The fds held with no session open, after warm-up and after the run: measured, and
     // no higher after (a leaked fd would still be held).
     let quiet = stdout.split("quiet fds ").nth(1).expect("quiet fd counts reported");
@@ -55,7 +60,9 @@ fn short_soak_has_no_failure_and_writes_its_figures(driver: Driver) {
     let last: Vec<u64> =
         rows.last().unwrap().split(',').skip(1).map(|v| v.parse().expect("number")).collect();
     let (connections, failures, reloads) = (last[3], last[4], last[5]);
-    assert!(connections > 1000, "{connections} connections in 20 s");
+    // 20,000 (1,000 a second) leaves a loaded machine room, and fails a sluice that spends
+    // 5 ms over each new connection (4,622 in 20 s when tried).
+    assert!(connections >= 20_000, "{connections} connections in 20 s");
     assert_eq!(failures, 0);
     assert!(reloads >= 10, "a reload a second was applied: {reloads}");
     let svg = std::fs::read_to_string(out.join("soak.svg")).expect("soak.svg");

@@ -16,7 +16,7 @@ const SIZE: (u32, u32) = (820, 480);
 const FONT: &str = "sans-serif";
 
 /// Colours by contender, in `ContenderKind::ALL` order; others cycle through the rest.
-const PALETTE: [RGBColor; 8] = [
+const PALETTE: [RGBColor; 11] = [
     RGBColor(120, 120, 120),
     RGBColor(31, 119, 180),
     RGBColor(44, 160, 44),
@@ -25,9 +25,20 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
     RGBColor(23, 190, 207),
+    RGBColor(188, 189, 34),
+    RGBColor(227, 119, 194),
+    RGBColor(31, 60, 120),
 ];
-const KNOWN: [&str; 6] =
-    ["direct", "sluice-uring", "sluice-uring-splice", "sluice-epoll", "haproxy", "nginx"];
+const KNOWN: [&str; 8] = [
+    "direct",
+    "sluice-uring",
+    "sluice-uring-splice",
+    "sluice-epoll",
+    "haproxy",
+    "nginx",
+    "sluice-uring-nopin",
+    "haproxy-splice",
+];
 
 /// The colour of a contender.
 pub fn colour(name: &str) -> RGBColor {

@@ -1,16 +1,17 @@
 //! The contenders of a comparison, and the lifecycle of a proxy process.
 //!
 //! LIFECYCLE of a proxy: its config is rendered into a private run directory; it is
-//! spawned in a process group of its own with output to a log file; it counts as ready
-//! once every listen port shows LISTEN in /proc/net/tcp (if it exits first, the error
-//! carries the tail of its log); after the measurement the whole group gets SIGTERM, then
+//! spawned in a process group of its own with output to a log file (in the proxy network
+//! namespace through `ip netns exec` on the veth topology); it counts as ready once every
+//! listen address shows LISTEN in /proc/PID/net/tcp, the table of its own namespace (if it
+//! exits first, the error carries the tail of its log); after the measurement the whole group gets SIGTERM, then
 //! SIGKILL after a grace period, and the leader is reaped. `Drop` performs the stop, so an
 //! error or a panic leaves no process behind; nginx workers die with their group.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,9 +24,10 @@ use serde::Serialize;
 use crate::compare::template::{render, Templates};
 use crate::error::{file_context, io_context, BenchError, Result};
 use crate::net;
-use crate::procfs::listening_ports;
+use crate::procfs::{is_listening, listening_addresses};
 use crate::scenario::Scenario;
 use crate::timeline;
+use crate::topology::{Side, Topology};
 
 /// How long a proxy may take to listen on all its ports.
 const READY_LIMIT: Duration = Duration::from_secs(10);
@@ -48,21 +50,50 @@ const EXTRA_PROGRAM_DIRS: [&str; 3] = ["/usr/sbin", "/usr/local/sbin", "/sbin"];
 pub enum ContenderKind {
     /// No proxy: clients talk to the backend.
     Direct,
-    /// sluice with the io_uring driver (copy relay, the default).
+    /// sluice with its own defaults: no driver, relay or pin key in its config (`pin` only
+    /// when `--pin` is given).
+    Sluice,
+    /// sluice with the io_uring driver and the copy relay.
     SluiceUring,
+    /// sluice with the io_uring driver and copy relay, workers not pinned (`pin = false`).
+    SluiceUringNopin,
     /// sluice with the io_uring driver and the splice relay.
     SluiceUringSplice,
     /// sluice with the epoll driver.
     SluiceEpoll,
-    /// HAProxy in TCP mode with splice.
+    /// A baseline build of sluice (`--baseline-bin`), io_uring, copy relay: the same
+    /// configuration as `sluice-uring`, to compare two builds in one run.
+    BaseUring,
+    /// The baseline build, io_uring, splice relay.
+    BaseUringSplice,
+    /// The baseline build, epoll.
+    BaseEpoll,
+    /// HAProxy in TCP mode with `option splice-auto` (splice when the kernel buffers
+    /// suggest it pays).
     Haproxy,
+    /// HAProxy in TCP mode with forced splice (`option splice-request` and
+    /// `option splice-response`).
+    HaproxySplice,
     /// nginx stream module.
     Nginx,
 }
 
 impl ContenderKind {
     /// Every contender, in the order a comparison interleaves them.
-    pub const ALL: [ContenderKind; 6] = [
+    pub const ALL: [ContenderKind; 8] = [
+        ContenderKind::Direct,
+        ContenderKind::SluiceUring,
+        ContenderKind::SluiceUringNopin,
+        ContenderKind::SluiceUringSplice,
+        ContenderKind::SluiceEpoll,
+        ContenderKind::Haproxy,
+        ContenderKind::HaproxySplice,
+        ContenderKind::Nginx,
+    ];
+
+    /// The contenders of `--quick`, when none are named: one of each kind of proxy, so the
+    /// run stays within 20 s.
+    pub const QUICK: [ContenderKind; 6] = [
         ContenderKind::Direct,
         ContenderKind::SluiceUring,
         ContenderKind::SluiceUringSplice,
@@ -75,31 +106,99 @@ impl ContenderKind {
     pub fn name(self) -> &'static str {
         match self {
             ContenderKind::Direct => "direct",
+            ContenderKind::Sluice => "sluice",
             ContenderKind::SluiceUring => "sluice-uring",
+            ContenderKind::SluiceUringNopin => "sluice-uring-nopin",
             ContenderKind::SluiceUringSplice => "sluice-uring-splice",
             ContenderKind::SluiceEpoll => "sluice-epoll",
+            ContenderKind::BaseUring => "base-uring",
+            ContenderKind::BaseUringSplice => "base-uring-splice",
+            ContenderKind::BaseEpoll => "base-epoll",
             ContenderKind::Haproxy => "haproxy",
+            ContenderKind::HaproxySplice => "haproxy-splice",
             ContenderKind::Nginx => "nginx",
         }
     }
 
-    /// True for the sluice contenders.
+    /// True for the sluice contenders of the build under test.
     pub fn is_sluice(self) -> bool {
         matches!(
             self,
-            ContenderKind::SluiceUring
+            ContenderKind::Sluice
+                | ContenderKind::SluiceUring
+                | ContenderKind::SluiceUringNopin
                 | ContenderKind::SluiceUringSplice
                 | ContenderKind::SluiceEpoll
         )
     }
+
+    /// True for the HAProxy contenders.
+    pub fn is_haproxy(self) -> bool {
+        matches!(self, ContenderKind::Haproxy | ContenderKind::HaproxySplice)
+    }
+
+    /// The `[engine]` keys of a sluice contender's config besides `workers`: driver and
+    /// relay as the contender names them, and `pin` when told (`--pin`) or when the
+    /// contender is the unpinned one. Empty for `sluice`, which keeps the binary's defaults.
+    pub fn engine_keys(self, pin: Option<bool>) -> String {
+        let (driver, relay) = match self {
+            ContenderKind::SluiceEpoll | ContenderKind::BaseEpoll => (Some("epoll"), Some("copy")),
+            ContenderKind::SluiceUringSplice | ContenderKind::BaseUringSplice => {
+                (Some("uring"), Some("splice"))
+            }
+            ContenderKind::SluiceUring
+            | ContenderKind::SluiceUringNopin
+            | ContenderKind::BaseUring => (Some("uring"), Some("copy")),
+            _ => (None, None),
+        };
+        let pin = match self {
+            ContenderKind::SluiceUringNopin => Some(false),
+            _ => pin,
+        };
+        let mut keys = Vec::new();
+        if let Some(driver) = driver {
+            keys.push(format!("driver = \"{driver}\""));
+        }
+        if let Some(relay) = relay {
+            keys.push(format!("relay = \"{relay}\""));
+        }
+        if let Some(pin) = pin {
+            keys.push(format!("pin = {pin}"));
+        }
+        keys.join("\n")
+    }
+
+    /// HAProxy's splice options for the HAProxy contenders.
+    pub fn splice_options(self) -> &'static str {
+        match self {
+            ContenderKind::HaproxySplice => "option splice-request\n    option splice-response",
+            _ => "option splice-auto",
+        }
+    }
+
+    /// True for the contenders of the baseline build.
+    pub fn is_baseline(self) -> bool {
+        matches!(
+            self,
+            ContenderKind::BaseUring | ContenderKind::BaseUringSplice | ContenderKind::BaseEpoll
+        )
+    }
+
+    /// The baseline contenders, in the order they join a comparison.
+    pub const BASELINE: [ContenderKind; 3] =
+        [ContenderKind::BaseUring, ContenderKind::BaseUringSplice, ContenderKind::BaseEpoll];
 }
 
-/// Where the proxy programs are.
+/// Where the proxy programs are, and options that apply to every sluice contender.
 #[derive(Debug, Clone)]
 pub struct Programs {
     pub sluice: PathBuf,
+    /// A second sluice build to compare with (`--baseline-bin`).
+    pub baseline: Option<PathBuf>,
     pub haproxy: PathBuf,
     pub nginx: PathBuf,
+    /// `[engine] pin` for the sluice contenders (`--pin`); `None` keeps sluice's default.
+    pub pin: Option<bool>,
 }
 
 /// Sizing shared by every proxy so they are configured alike.
@@ -149,27 +248,24 @@ pub fn prepare(
     let mut fixed = BTreeMap::new();
     let (program, template) = match kind {
         ContenderKind::Direct => (PathBuf::new(), String::new()),
-        ContenderKind::SluiceUring
-        | ContenderKind::SluiceUringSplice
-        | ContenderKind::SluiceEpoll => {
-            if !programs.sluice.is_file() {
+        kind if kind.is_sluice() || kind.is_baseline() => {
+            let program = match kind.is_baseline() {
+                true => programs.baseline.clone().ok_or("no --baseline-bin given")?,
+                false => programs.sluice.clone(),
+            };
+            if !program.is_file() {
                 return Err(format!(
                     "sluice binary missing at {} (build it with `cargo build --release -p sluice`)",
-                    programs.sluice.display()
+                    program.display()
                 ));
             }
-            let (driver, relay) = match kind {
-                ContenderKind::SluiceEpoll => ("epoll", "copy"),
-                ContenderKind::SluiceUringSplice => ("uring", "splice"),
-                _ => ("uring", "copy"),
-            };
-            fixed.insert("DRIVER".into(), driver.into());
-            fixed.insert("RELAY".into(), relay.into());
-            (programs.sluice.clone(), templates.sluice.clone())
+            fixed.insert("ENGINE_KEYS".into(), kind.engine_keys(programs.pin));
+            (program, templates.sluice.clone())
         }
-        ContenderKind::Haproxy => {
+        kind if kind.is_haproxy() => {
             let program = find_program(&programs.haproxy)
                 .ok_or("haproxy not installed (scripts/compare installs it with apt-get)")?;
+            fixed.insert("SPLICE_OPTIONS".into(), kind.splice_options().into());
             (program, templates.haproxy.clone())
         }
         ContenderKind::Nginx => {
@@ -178,6 +274,7 @@ pub fn prepare(
             fixed.insert("NGINX_MODULES".into(), nginx_modules_line(&program)?);
             (program, templates.nginx.clone())
         }
+        _ => return Err(format!("{} is not a proxy this bench can start", kind.name())),
     };
     Ok(Contender { kind, program, template, fixed })
 }
@@ -193,32 +290,28 @@ impl Contender {
         self.kind != ContenderKind::Direct
     }
 
-    /// Renders the config into `run_dir`, starts the proxy and waits until it listens.
-    pub fn start(&self, routes: &[Route], sizing: Sizing, run_dir: &Path) -> Result<RunningProxy> {
+    /// Renders the config into `run_dir`, starts the proxy (in the proxy namespace of
+    /// `topology`) and waits until it listens.
+    pub fn start(
+        &self,
+        routes: &[Route],
+        sizing: Sizing,
+        run_dir: &Path,
+        topology: &Topology,
+    ) -> Result<RunningProxy> {
         fs::create_dir_all(run_dir).map_err(file_context(run_dir))?;
         let config = self.write_config(routes, sizing, run_dir)?;
+        let command = topology.command(Side::Proxy, self.command(&config, run_dir));
+        let listens: Vec<SocketAddr> = routes.iter().map(|r| r.listen).collect();
         let log = run_dir.join(format!("{}.log", self.name()));
-        let output = File::create(&log).map_err(file_context(&log))?;
-        let errors = output.try_clone().map_err(file_context(&log))?;
-        let child = self
-            .command(&config, run_dir)
-            .stdin(Stdio::null())
-            .stdout(output)
-            .stderr(errors)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| self.start_error(format!("cannot run {}: {e}", self.program.display())))?;
-        let mut proxy = RunningProxy { name: self.name(), child, log, config, stopped: false };
-        let ports: Vec<u16> = routes.iter().map(|r| r.listen.port()).collect();
-        proxy.wait_ready(&ports)?;
-        Ok(proxy)
+        start_server(self.name(), command, &log, config, &listens)
     }
 
     fn write_config(&self, routes: &[Route], sizing: Sizing, run_dir: &Path) -> Result<PathBuf> {
         let values = self.values(routes, sizing, run_dir);
         let text = render(self.name(), &self.template, &values)?;
         let extension = match self.kind {
-            ContenderKind::Haproxy => "cfg",
+            kind if kind.is_haproxy() => "cfg",
             ContenderKind::Nginx => "conf",
             _ => "toml",
         };
@@ -251,7 +344,7 @@ impl Contender {
     fn command(&self, config: &Path, run_dir: &Path) -> Command {
         let mut command = Command::new(&self.program);
         match self.kind {
-            ContenderKind::Haproxy => command.arg("-db").arg("-f").arg(config),
+            kind if kind.is_haproxy() => command.arg("-db").arg("-f").arg(config),
             ContenderKind::Nginx => command
                 .arg("-p")
                 .arg(run_dir)
@@ -260,17 +353,48 @@ impl Contender {
                 .arg("-c")
                 .arg(config),
             // No per-session log line, as the peers' configs log nothing either.
-            _ => command.arg("run").arg("--config").arg(config).arg("--log-level").arg("warn"),
+            // Its pid file and control socket go to the run dir, not /run/sluice.
+            _ => command
+                .env("RUNTIME_DIRECTORY", run_dir)
+                .arg("run")
+                .arg("--config")
+                .arg(config)
+                .arg("--log-level")
+                .arg("warn"),
         };
         command
     }
-
-    fn start_error(&self, detail: String) -> BenchError {
-        BenchError::ProxyStart { contender: self.name().into(), detail }
-    }
 }
 
-/// A started proxy; dropping it stops its whole process group.
+/// Spawns `command` in a process group of its own, output to `log`, and waits until it
+/// listens on every address of `listens`; `config` is the file it runs with. `name` names
+/// it in errors.
+pub fn start_server(
+    name: &'static str,
+    mut command: Command,
+    log: &Path,
+    config: PathBuf,
+    listens: &[SocketAddr],
+) -> Result<RunningProxy> {
+    let output = File::create(log).map_err(file_context(log))?;
+    let errors = output.try_clone().map_err(file_context(log))?;
+    let program = command.get_program().to_string_lossy().into_owned();
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(output)
+        .stderr(errors)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| BenchError::ProxyStart {
+            contender: name.into(),
+            detail: format!("cannot run {program}: {e}"),
+        })?;
+    let mut server = RunningProxy { name, child, log: log.to_path_buf(), config, stopped: false };
+    server.wait_ready(listens)?;
+    Ok(server)
+}
+
+/// A started proxy (or server); dropping it stops its whole process group.
 pub struct RunningProxy {
     name: &'static str,
     child: Child,
@@ -290,20 +414,22 @@ impl RunningProxy {
         &self.config
     }
 
-    fn wait_ready(&mut self, ports: &[u16]) -> Result<()> {
+    /// Waits until every address listens in the proxy's own network namespace (read
+    /// through /proc/PID/net, so it works inside a namespace too).
+    fn wait_ready(&mut self, listens: &[SocketAddr]) -> Result<()> {
         let began = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().map_err(io_context("waiting for proxy"))? {
                 self.stopped = true;
                 return Err(self.error(format!("exited with {status}")));
             }
-            let listening = listening_ports();
-            if ports.iter().all(|p| listening.contains(p)) {
+            let listening = listening_addresses(self.child.id());
+            if listens.iter().all(|&addr| is_listening(&listening, addr)) {
                 return Ok(());
             }
             if began.elapsed() > READY_LIMIT {
                 return Err(
-                    self.error(format!("not listening on ports {ports:?} after {READY_LIMIT:?}"))
+                    self.error(format!("not listening on {listens:?} after {READY_LIMIT:?}"))
                 );
             }
             timeline::pause(Duration::from_millis(10))?;
@@ -364,27 +490,29 @@ pub fn check_forwarding(addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-/// Hands out free loopback ports for proxy listeners, never the same one twice in a run.
+/// Hands out free ports for proxy listeners on one address, never the same one twice in a
+/// run. Call [`PortPool::take`] in the proxies' network namespace.
 #[derive(Debug)]
 pub struct PortPool {
+    ip: IpAddr,
     next: u16,
 }
 
 impl PortPool {
-    pub fn new(base: u16) -> Self {
-        Self { next: base }
+    pub fn new(ip: IpAddr, base: u16) -> Self {
+        Self { ip, next: base }
     }
 
-    /// The next port that can be bound on 127.0.0.1 right now.
+    /// The next port that can be bound on the pool's address right now.
     pub fn take(&mut self) -> Result<SocketAddr> {
         while self.next < u16::MAX {
-            let addr = SocketAddr::from(([127, 0, 0, 1], self.next));
+            let addr = SocketAddr::new(self.ip, self.next);
             self.next += 1;
             if TcpListener::bind(addr).is_ok() {
                 return Ok(addr);
             }
         }
-        Err(BenchError::Usage("no free loopback port left above --base-port".into()))
+        Err(BenchError::Usage(format!("no free port left on {} above --base-port", self.ip)))
     }
 }
 
@@ -408,7 +536,7 @@ pub fn stream_module(configure_output: &str) -> StreamModule {
     StreamModule::Missing
 }
 
-fn nginx_modules_line(nginx: &Path) -> std::result::Result<String, String> {
+pub(crate) fn nginx_modules_line(nginx: &Path) -> std::result::Result<String, String> {
     let output = Command::new(nginx)
         .arg("-V")
         .output()
@@ -440,7 +568,7 @@ pub fn find_program(program: &Path) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn log_tail(path: &Path, lines: usize) -> String {
+pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -449,6 +577,18 @@ fn log_tail(path: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn routes() -> Vec<Route> {
+        Scenario::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, &scenario)| Route {
+                scenario,
+                listen: SocketAddr::from(([127, 0, 0, 1], 30000 + i as u16)),
+                backend: SocketAddr::from(([127, 0, 0, 1], 31000 + i as u16)),
+            })
+            .collect()
+    }
 
     #[test]
     fn stream_module_kinds() {
@@ -466,7 +606,7 @@ mod tests {
 
     #[test]
     fn ports_are_never_handed_out_twice() {
-        let mut pool = PortPool::new(DEFAULT_BASE_PORT);
+        let mut pool = PortPool::new(IpAddr::from([127, 0, 0, 1]), DEFAULT_BASE_PORT);
         let a = pool.take().unwrap();
         let held = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], a.port() + 1))).ok();
         let b = pool.take().unwrap();
@@ -481,8 +621,10 @@ mod tests {
     fn sluice_skips_with_a_reason_when_missing() {
         let programs = Programs {
             sluice: PathBuf::from("/nonexistent/sluice"),
+            baseline: None,
             haproxy: PathBuf::from("haproxy"),
             nginx: PathBuf::from("nginx"),
+            pin: None,
         };
         let reason =
             prepare(ContenderKind::SluiceUring, &programs, &Templates::builtin()).unwrap_err();
@@ -493,23 +635,17 @@ mod tests {
     fn values_cover_every_route_and_driver() {
         let programs = Programs {
             sluice: std::env::current_exe().unwrap(),
+            baseline: None,
             haproxy: PathBuf::from("haproxy"),
             nginx: PathBuf::from("nginx"),
+            pin: None,
         };
         let contender =
             prepare(ContenderKind::SluiceEpoll, &programs, &Templates::builtin()).unwrap();
-        let routes: Vec<Route> = Scenario::ALL
-            .iter()
-            .enumerate()
-            .map(|(i, &scenario)| Route {
-                scenario,
-                listen: SocketAddr::from(([127, 0, 0, 1], 30000 + i as u16)),
-                backend: SocketAddr::from(([127, 0, 0, 1], 31000 + i as u16)),
-            })
-            .collect();
+        let routes = routes();
         let sizing = Sizing { workers: 2, maxconn: 100, nofile: 1000 };
         let values = contender.values(&routes, sizing, Path::new("/tmp/run"));
-        assert_eq!(values["DRIVER"], "epoll");
+        assert_eq!(values["ENGINE_KEYS"], "driver = \"epoll\"\nrelay = \"copy\"");
         assert_eq!(values["WORKER_CONNECTIONS"], "264");
         let tight = Sizing { workers: 2, maxconn: 7500, nofile: 10_000 };
         assert_eq!(tight.worker_connections(), 9_936, "capped by the descriptor limit");
@@ -518,6 +654,102 @@ mod tests {
         let text = render("sluice", &contender.template, &values).unwrap();
         assert!(text.contains("driver = \"epoll\""));
         assert!(text.contains("listen = [\"127.0.0.1:30000\"]"));
+    }
+
+    #[test]
+    fn engine_keys_follow_the_contender_and_pin() {
+        use ContenderKind::*;
+        assert_eq!(Sluice.engine_keys(None), "", "the defaults are sluice's own");
+        assert_eq!(Sluice.engine_keys(Some(false)), "pin = false");
+        assert_eq!(SluiceUring.engine_keys(None), "driver = \"uring\"\nrelay = \"copy\"");
+        assert_eq!(
+            SluiceUringSplice.engine_keys(Some(true)),
+            "driver = \"uring\"\nrelay = \"splice\"\npin = true"
+        );
+        assert_eq!(
+            SluiceUringNopin.engine_keys(None),
+            "driver = \"uring\"\nrelay = \"copy\"\npin = false"
+        );
+        assert_eq!(
+            SluiceUringNopin.engine_keys(Some(true)),
+            SluiceUringNopin.engine_keys(None),
+            "the unpinned contender stays unpinned"
+        );
+        assert_eq!(BaseEpoll.engine_keys(Some(false)), SluiceEpoll.engine_keys(Some(false)));
+    }
+
+    #[test]
+    fn haproxy_contenders_differ_only_in_splice() {
+        let programs = Programs {
+            sluice: PathBuf::from("sluice"),
+            baseline: None,
+            haproxy: std::env::current_exe().unwrap(),
+            nginx: PathBuf::from("nginx"),
+            pin: None,
+        };
+        let render_for = |kind| {
+            let contender = prepare(kind, &programs, &Templates::builtin()).unwrap();
+            let values = contender.values(
+                &routes(),
+                Sizing { workers: 2, maxconn: 100, nofile: 1000 },
+                Path::new("/tmp/run"),
+            );
+            let text = render(contender.name(), &contender.template, &values).unwrap();
+            text.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")
+        };
+        let auto = render_for(ContenderKind::Haproxy);
+        let forced = render_for(ContenderKind::HaproxySplice);
+        assert!(auto.contains("    option splice-auto\n") && !auto.contains("splice-request"));
+        assert!(forced.contains("    option splice-request\n    option splice-response\n"));
+        assert!(!forced.contains("splice-auto"));
+        let strip = |text: &str| {
+            text.lines().filter(|l| !l.contains("option splice")).collect::<Vec<_>>().join("\n")
+        };
+        assert_eq!(strip(&auto), strip(&forced));
+    }
+
+    #[test]
+    fn sluice_config_with_pin_false_parses_as_toml_lines() {
+        let programs = Programs {
+            sluice: std::env::current_exe().unwrap(),
+            baseline: None,
+            haproxy: PathBuf::from("haproxy"),
+            nginx: PathBuf::from("nginx"),
+            pin: Some(false),
+        };
+        let contender =
+            prepare(ContenderKind::SluiceUring, &programs, &Templates::builtin()).unwrap();
+        let values = contender.values(
+            &routes(),
+            Sizing { workers: 2, maxconn: 100, nofile: 1000 },
+            Path::new("/tmp/run"),
+        );
+        let text = render("sluice", &contender.template, &values).unwrap();
+        let engine: Vec<&str> =
+            text.lines().skip_while(|l| *l != "[engine]").take_while(|l| !l.is_empty()).collect();
+        assert_eq!(
+            engine,
+            ["[engine]", "workers = 2", "driver = \"uring\"", "relay = \"copy\"", "pin = false"]
+        );
+        let plain = prepare(
+            ContenderKind::Sluice,
+            &Programs { pin: None, ..programs },
+            &Templates::builtin(),
+        )
+        .unwrap();
+        let text = render(
+            "sluice",
+            &plain.template,
+            &plain.values(
+                &routes(),
+                Sizing { workers: 2, maxconn: 100, nofile: 1000 },
+                Path::new("/tmp/run"),
+            ),
+        )
+        .unwrap();
+        let engine: Vec<&str> =
+            text.lines().skip_while(|l| *l != "[engine]").take_while(|l| !l.is_empty()).collect();
+        assert_eq!(engine, ["[engine]", "workers = 2"], "{text}");
     }
 
     #[test]

@@ -1,21 +1,26 @@
 //! `compare`: every scenario against direct, sluice (uring and epoll), HAProxy and nginx.
 //!
-//! LIFECYCLE: the four in-process backends (bulk, echo, reply, hold) start once and are
-//! shared by all contenders. Each contender is checked (program present, starts, forwards a
+//! LIFECYCLE: the topology is set up first (loopback, or the veth namespaces; see
+//! [`crate::topology`]), and removed last. The four in-process backends (bulk, echo,
+//! reply, hold) start once and are shared by all contenders. Each contender is checked (program present, starts, forwards a
 //! probe) or skipped with the reason. Then, per scenario and round, the contenders run in
 //! turn (A B C, A B C, ...) so slow drift of the machine hits them alike; every
 //! measurement gets a freshly started proxy on new ports, so none inherits memory or
 //! connections from the one before. At the end: medians, ratios, verdicts on the targets,
 //! markdown, JSON and SVG charts. Every proxy is stopped after its measurement and on any
-//! error or interruption.
+//! error or interruption. On the veth topology, backends start in the backend namespace,
+//! proxies in the proxy namespace, and every client connection (probes included) is opened
+//! from the client namespace.
 
 pub mod chart;
 pub mod contender;
+pub mod goals;
 pub mod summary;
 pub mod template;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,9 +32,11 @@ use crate::cli::CompareArgs;
 use crate::compare::contender::{
     check_forwarding, prepare, Contender, ContenderKind, PortPool, Programs, Route, Sizing,
 };
-use crate::compare::summary::{verdict_table, Outcome, Summary, Verdict};
+use crate::compare::goals::{verdict_table, verdicts, Outcome, Verdict};
+use crate::compare::summary::{machine_notes, machine_table, Summary, HEADLINES};
 use crate::compare::template::Templates;
 use crate::error::{file_context, BenchError, Result};
+use crate::net;
 use crate::procfs::{cores, load_average, raise_fd_limit};
 use crate::report::{append_json_lines, Report};
 use crate::scenario::connect::ConnectParams;
@@ -39,6 +46,7 @@ use crate::scenario::throughput::{Direction, ThroughputParams};
 use crate::scenario::{self, Scenario, Target, TimingParams};
 use crate::stats::{cdf_points, latency_histogram};
 use crate::timeline;
+use crate::topology::{Side, Topology, TopologyInfo, TopologyKind};
 
 /// Quick mode: one round of short windows, sized to finish within 20 s.
 const QUICK_TIMING: TimingParams =
@@ -50,6 +58,10 @@ const QUICK_IDLE_BASELINE_SETTLE: Duration = Duration::from_millis(100);
 /// Pause between "all idle connections established" and the second reading.
 const IDLE_SETTLE: Duration = Duration::from_millis(500);
 const QUICK_IDLE_SETTLE: Duration = Duration::from_millis(200);
+/// How the CPU columns are read.
+const CPU_NOTE: &str = "CPU columns: user + system CPU seconds of the proxy's processes (sluice's and HAProxy's one process; nginx's master and workers) over each measured window, per GB moved (10^9 bytes), per 100,000 requests and per 10,000 connections (lower is better); direct has no proxy and so no figure. The idle scenario's `cpu_s` (in compare.json) covers opening and holding its connections.\n\n";
+/// How the table of what else ran is read.
+const MACHINE_NOTE: &str = "CPU in cores (CPU seconds per second of window), median over the windows of each scenario (all contenders, all rounds) and the highest. *Other processes* is the machine's busy time less the proxy's and the load generator's (sluice-bench: clients and in-process backends); kernel threads such as ksoftirqd count there. Load average: one-minute, lowest and highest at a window's start or end.\n\n";
 /// Connection limit written into every proxy config. HAProxy asks for about 2.5
 /// descriptors per connection (both sockets plus splice pipes), which must fit in 20000.
 const PROXY_MAXCONN: u64 = 7_500;
@@ -78,6 +90,8 @@ pub struct Plan {
     pub sizing: Sizing,
     pub base_port: u16,
     pub out_dir: PathBuf,
+    pub topology: TopologyKind,
+    pub veth_mtu: u32,
 }
 
 impl Plan {
@@ -102,7 +116,10 @@ impl Plan {
             timing,
             quick,
             scenarios: dedup(&args.scenarios),
-            contenders: dedup(&args.contenders),
+            contenders: with_baseline(
+                dedup(&default_contenders(&args.contenders, quick)),
+                args.baseline_bin.is_some(),
+            ),
             streams: args.streams,
             direction: args.direction,
             size: args.size,
@@ -123,13 +140,15 @@ impl Plan {
                 nofile: fd_limit,
             },
             base_port: args.base_port,
+            topology: args.topology,
+            veth_mtu: args.veth_mtu,
             out_dir: args.out_dir.clone().unwrap_or_else(default_out_dir),
         })
     }
 }
 
 /// A skipped contender as a list item; a log excerpt becomes an indented code block.
-fn skip_entry(skip: &Skipped) -> String {
+pub fn skip_entry(skip: &Skipped) -> String {
     let mut lines = skip.reason.lines();
     let mut entry =
         format!("- **{} skipped**: {}\n", skip.contender, lines.next().unwrap_or_default());
@@ -152,6 +171,37 @@ fn direction_name(direction: Direction) -> &'static str {
     }
 }
 
+/// Each contender of the build under test with its counterpart in the baseline build.
+const BASELINE_PAIRS: [(ContenderKind, ContenderKind); 3] = [
+    (ContenderKind::SluiceUring, ContenderKind::BaseUring),
+    (ContenderKind::SluiceUringSplice, ContenderKind::BaseUringSplice),
+    (ContenderKind::SluiceEpoll, ContenderKind::BaseEpoll),
+];
+
+/// The contenders with the baseline build's beside the sluice ones, when a baseline binary
+/// is given and none of them was named.
+fn with_baseline(mut contenders: Vec<ContenderKind>, baseline: bool) -> Vec<ContenderKind> {
+    if !baseline || contenders.iter().any(|k| k.is_baseline()) {
+        return contenders;
+    }
+    let at = contenders.iter().rposition(|k| k.is_sluice()).map_or(contenders.len(), |i| i + 1);
+    contenders.splice(at..at, ContenderKind::BASELINE);
+    contenders
+}
+
+fn scenario_names(scenarios: &[Scenario]) -> Vec<&'static str> {
+    scenarios.iter().map(|s| s.name()).collect()
+}
+
+/// The contenders named, or the default list of the mode when none are.
+fn default_contenders(named: &[ContenderKind], quick: bool) -> Vec<ContenderKind> {
+    match (named.is_empty(), quick) {
+        (false, _) => named.to_vec(),
+        (true, true) => ContenderKind::QUICK.to_vec(),
+        (true, false) => ContenderKind::ALL.to_vec(),
+    }
+}
+
 fn dedup<T: PartialEq + Copy>(items: &[T]) -> Vec<T> {
     let mut out = Vec::new();
     for item in items {
@@ -163,7 +213,7 @@ fn dedup<T: PartialEq + Copy>(items: &[T]) -> Vec<T> {
 }
 
 /// `bench/results/YYYY-MM-DD` of this workspace, by today's UTC date.
-fn default_out_dir() -> PathBuf {
+pub fn default_out_dir() -> PathBuf {
     let seconds = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     Path::new(env!("CARGO_MANIFEST_DIR")).join("results").join(utc_date(seconds))
 }
@@ -194,8 +244,9 @@ struct Backends {
 }
 
 impl Backends {
-    fn start(plan: &Plan) -> Result<Backends> {
-        let any = "127.0.0.1:0".parse().expect("constant address");
+    /// Starts the backends on `ip`, each on a free port.
+    fn start(plan: &Plan, ip: IpAddr) -> Result<Backends> {
+        let any = SocketAddr::new(ip, 0);
         let size = plan.size;
         Ok(Backends {
             bulk: Backend::start(any, plan.direction.backend())?,
@@ -217,31 +268,31 @@ impl Backends {
 
 /// A contender left out, and why.
 #[derive(Debug, Clone, Serialize)]
-struct Skipped {
-    contender: &'static str,
-    reason: String,
+pub struct Skipped {
+    pub contender: &'static str,
+    pub reason: String,
 }
 
 /// A measurement that failed; the others go on.
 #[derive(Debug, Clone, Serialize)]
-struct Failure {
-    contender: &'static str,
-    scenario: &'static str,
-    round: u32,
-    error: String,
+pub struct Failure {
+    pub contender: &'static str,
+    pub scenario: &'static str,
+    pub round: u32,
+    pub error: String,
 }
 
 /// Private directory for proxy configs, pid files and logs; removed when dropped.
-struct RunDir(PathBuf);
+pub struct RunDir(PathBuf);
 
 impl RunDir {
-    fn create() -> Result<RunDir> {
+    pub fn create() -> Result<RunDir> {
         let path = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
         fs::create_dir_all(&path).map_err(file_context(&path))?;
         Ok(RunDir(path))
     }
 
-    fn for_contender(&self, name: &str) -> PathBuf {
+    pub fn for_contender(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
 }
@@ -264,6 +315,10 @@ struct Comparison {
     skipped: Vec<Skipped>,
     reports: Vec<Report>,
     failures: Vec<Failure>,
+    /// Addresses, MTU and offloads of the topology, for the report.
+    topology_info: TopologyInfo,
+    /// Last, so the namespaces go after every socket and proxy of the run.
+    topology: Topology,
 }
 
 /// Runs `compare` from parsed arguments.
@@ -272,38 +327,52 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     let fd_limit = raise_fd_limit()?;
     let plan = Plan::from_args(args, fd_limit)?;
     let programs = Programs {
-        sluice: args.sluice_bin.clone().unwrap_or_else(default_sluice_bin),
+        sluice: args.sluice_bin.clone(),
+        baseline: args.baseline_bin.clone(),
         haproxy: args.haproxy_bin.clone(),
         nginx: args.nginx_bin.clone(),
+        pin: args.pin,
     };
     let templates = match &args.peers_dir {
         Some(dir) => Templates::load(dir)?,
         None => Templates::builtin(),
     };
+    let topology = Topology::set_up(plan.topology, plan.veth_mtu)?;
     fs::create_dir_all(&plan.out_dir).map_err(file_context(&plan.out_dir))?;
+    if plan.topology == TopologyKind::Veth {
+        net::allow_veth_network();
+        eprintln!(
+            "[compare] veth topology: clients {}, proxies {}, backends {}, MTU {}",
+            topology.address(Side::Client),
+            topology.address(Side::Proxy),
+            topology.address(Side::Backend),
+            plan.veth_mtu
+        );
+    }
+    let backend_ip = topology.address(Side::Backend);
     let mut comparison = Comparison {
         began,
         load_at_start: load_average(),
-        backends: Backends::start(&plan)?,
-        ports: PortPool::new(plan.base_port),
+        backends: topology.run_in(Side::Backend, || Backends::start(&plan, backend_ip))?,
+        ports: PortPool::new(topology.address(Side::Proxy), plan.base_port),
         run_dir: RunDir::create()?,
         plan,
         ready: Vec::new(),
         skipped: Vec::new(),
         reports: Vec::new(),
         failures: Vec::new(),
+        topology_info: topology.describe(),
+        topology,
     };
     comparison.prepare_contenders(&programs, &templates)?;
     comparison.measure_all(args.output.out.as_deref())?;
     let written = comparison.write_results(args.output.json, began.elapsed())?;
+    if !args.no_udp && !args.udp_scenarios.is_empty() {
+        comparison.say("UDP scenarios");
+        crate::udp::compare_phase(args, &comparison.plan.out_dir, comparison.plan.sizing)?;
+    }
     comparison.say(&format!("finished; wrote {}", written.display()));
     Ok(())
-}
-
-/// `target/release/sluice` of this workspace.
-pub fn default_sluice_bin() -> PathBuf {
-    let bench = Path::new(env!("CARGO_MANIFEST_DIR"));
-    bench.parent().unwrap_or(bench).join("target/release/sluice")
 }
 
 impl Comparison {
@@ -341,10 +410,10 @@ impl Comparison {
         }
         let routes = self.routes()?;
         let run_dir = self.run_dir.for_contender(contender.name());
-        let proxy = contender.start(&routes, self.plan.sizing, &run_dir)?;
+        let proxy = contender.start(&routes, self.plan.sizing, &run_dir, &self.topology)?;
         let echo =
             routes.iter().find(|r| r.scenario == Scenario::Rr).expect("every scenario routed");
-        check_forwarding(echo.listen)?;
+        self.topology.run_in(Side::Client, || check_forwarding(echo.listen))?;
         let configs = self.plan.out_dir.join("configs");
         fs::create_dir_all(&configs).map_err(file_context(&configs))?;
         let copy = configs.join(proxy.config().file_name().unwrap_or_default());
@@ -354,17 +423,19 @@ impl Comparison {
         Ok(())
     }
 
+    /// A fresh listen address per scenario, free in the proxies' namespace.
     fn routes(&mut self) -> Result<Vec<Route>> {
-        Scenario::ALL
-            .iter()
-            .map(|&scenario| {
-                Ok(Route {
-                    scenario,
-                    listen: self.ports.take()?,
-                    backend: self.backends.get(scenario).addr(),
-                })
-            })
-            .collect()
+        let ports = &mut self.ports;
+        let listens: Vec<SocketAddr> = self
+            .topology
+            .run_in(Side::Proxy, || Scenario::ALL.iter().map(|_| ports.take()).collect())?;
+        let backends = &self.backends;
+        let routes = Scenario::ALL.iter().zip(listens).map(|(&scenario, listen)| Route {
+            scenario,
+            listen,
+            backend: backends.get(scenario).addr(),
+        });
+        Ok(routes.collect())
     }
 
     fn measure_all(&mut self, json_lines: Option<&Path>) -> Result<()> {
@@ -428,7 +499,8 @@ impl Comparison {
     fn measure(&mut self, contender: &Contender, scenario: Scenario) -> Result<Report> {
         let backend_addr = self.backends.get(scenario).addr();
         if !contender.is_proxy() {
-            return self.run_scenario(scenario, &Target::direct(backend_addr), None);
+            let target = Target::direct(backend_addr);
+            return self.topology.run_in(Side::Client, || self.run_scenario(scenario, &target));
         }
         let routes = self.routes()?;
         let listen =
@@ -437,19 +509,19 @@ impl Comparison {
             &routes,
             self.plan.sizing,
             &self.run_dir.for_contender(contender.name()),
+            &self.topology,
         )?;
-        let target = Target { addr: listen, label: format!("{} ({listen})", contender.name()) };
-        let report = self.run_scenario(scenario, &target, Some(proxy.pid()));
+        let target = Target {
+            addr: listen,
+            label: format!("{} ({listen})", contender.name()),
+            pid: Some(proxy.pid()),
+        };
+        let report = self.topology.run_in(Side::Client, || self.run_scenario(scenario, &target));
         drop(proxy);
         report
     }
 
-    fn run_scenario(
-        &self,
-        scenario: Scenario,
-        target: &Target,
-        pid: Option<u32>,
-    ) -> Result<Report> {
+    fn run_scenario(&self, scenario: Scenario, target: &Target) -> Result<Report> {
         let plan = &self.plan;
         let backend = self.backends.get(scenario);
         match scenario {
@@ -484,7 +556,7 @@ impl Comparison {
                 let params = IdleParams {
                     connections: plan.idle_connections,
                     settle: plan.idle_settle,
-                    pid,
+                    pid: target.pid,
                 };
                 scenario::idle::run(&params, target, Some(backend))
             }
@@ -506,7 +578,7 @@ impl Comparison {
     }
 
     fn verdicts(&self, summary: &Summary) -> Vec<Verdict> {
-        let mut verdicts = summary.verdicts(&self.sluice_names(), self.plan.streams);
+        let mut verdicts = verdicts(summary, &self.sluice_names(), self.plan.streams);
         for verdict in &mut verdicts {
             if self.skipped.iter().any(|s| s.contender == verdict.contender) {
                 verdict.outcome =
@@ -518,12 +590,16 @@ impl Comparison {
 
     fn write_results(&self, json_stdout: bool, elapsed: Duration) -> Result<PathBuf> {
         let out_dir = &self.plan.out_dir;
-        let summary = Summary::build(&self.names(), &self.reports);
+        let summary = Summary::build(&self.names(), &self.reports, &HEADLINES);
         let verdicts = self.verdicts(&summary);
         let charts = self.draw_charts(&summary)?;
         let markdown = self.markdown(&summary, &verdicts, &charts, elapsed);
         let report_path = out_dir.join("report.md");
         fs::write(&report_path, &markdown).map_err(file_context(&report_path))?;
+        if !self.topology_info.raw.is_empty() {
+            let path = out_dir.join("topology.txt");
+            fs::write(&path, &self.topology_info.raw).map_err(file_context(&path))?;
+        }
         let json = self.json(&summary, &verdicts)?;
         let json_path = out_dir.join("compare.json");
         fs::write(&json_path, &json).map_err(file_context(&json_path))?;
@@ -541,6 +617,7 @@ impl Comparison {
             "scenario": "compare",
             "date": utc_date(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())),
             "parameters": self.plan,
+            "topology": self.topology_info,
             "contenders": self.names(),
             "load_average_start": self.load_at_start,
             "load_average_end": load_average(),
@@ -549,7 +626,15 @@ impl Comparison {
             "medians": summary.medians(),
             "ratios_to_direct": summary.ratios(ContenderKind::Direct.name()),
             "ratios_to_haproxy": summary.ratios(haproxy),
+            "ratios_to_baseline": BASELINE_PAIRS
+                .iter()
+                .filter_map(|(this, base)| {
+                    let pair = summary.ratios(base.name()).remove(this.name())?;
+                    Some((format!("{} / {}", this.name(), base.name()), pair))
+                })
+                .collect::<std::collections::BTreeMap<_, _>>(),
             "targets": verdicts,
+            "machine_during_windows": machine_notes(&self.reports, &scenario_names(&self.plan.scenarios)),
             "runs": self.reports,
         });
         Ok(serde_json::to_string_pretty(&document)?)
@@ -576,9 +661,11 @@ impl Comparison {
         );
         text += &format!("{}\n\n", self.load_note());
         text += &format!(
-            "Scenarios: throughput {} stream(s) {}; rr {} B x {} connections; connect {} B x {} in flight; idle {} connections. Backends run in-process on 127.0.0.1.\n\n",
-            plan.streams, direction_name(plan.direction), plan.size, plan.rr_concurrency, plan.size, plan.connect_concurrency, plan.idle_connections,
+            "Scenarios: throughput {} stream(s) {}; rr {} B x {} connections; connect {} B x {} in flight; idle {} connections. Backends run in-process on {}.\n\n",
+            plan.streams, direction_name(plan.direction), plan.size, plan.rr_concurrency, plan.size, plan.connect_concurrency, plan.idle_connections, self.topology_info.backend_address,
         );
+        text += &self.topology_info.markdown();
+        text += CPU_NOTE;
         for skip in &self.skipped {
             text += &skip_entry(skip);
         }
@@ -591,7 +678,16 @@ impl Comparison {
         text += &summary.ratio_table(ContenderKind::Direct.name()).render();
         text += "\n## Ratio to HAProxy\n\n";
         text += &summary.ratio_table(ContenderKind::Haproxy.name()).render();
-        text += "\n## Targets (ratio sluice / HAProxy)\n\n";
+        if self.plan.contenders.iter().any(|k| k.is_baseline()) {
+            text += "\n## This build against the baseline build (same driver and relay)\n\n";
+            text +=
+                &summary.pair_table(&BASELINE_PAIRS.map(|(a, b)| (a.name(), b.name()))).render();
+        }
+        text += "\n## What else ran during the measured windows\n\n";
+        text += MACHINE_NOTE;
+        text += &machine_table(&machine_notes(&self.reports, &scenario_names(&plan.scenarios)))
+            .render();
+        text += "\n## Targets (ratios of sluice to a peer, or bounds on sluice alone)\n\n";
         text += &verdict_table(verdicts, &self.sluice_names()).render();
         if !self.failures.is_empty() {
             text += "\n## Failed measurements\n\n";
@@ -649,7 +745,9 @@ impl Comparison {
             let items: Vec<(String, f64)> = self
                 .names()
                 .into_iter()
-                .filter_map(|name| Some((name.clone(), summary.median(&name, scenario, figure)?)))
+                .filter_map(|name| {
+                    Some((name.clone(), summary.median(&name, scenario.name(), figure)?))
+                })
                 .collect();
             if items.is_empty() {
                 continue;
@@ -716,6 +814,39 @@ mod tests {
         assert!(text.contains("\n  [ALERT] bad\n  [ALERT] worse\n  ```\n"));
         let plain = skip_entry(&Skipped { contender: "nginx", reason: "not installed".into() });
         assert_eq!(plain, "- **nginx skipped**: not installed\n");
+    }
+
+    #[test]
+    fn a_baseline_build_runs_right_after_the_build_under_test() {
+        use ContenderKind::*;
+        let all = with_baseline(ContenderKind::ALL.to_vec(), true);
+        assert_eq!(
+            all,
+            [
+                Direct,
+                SluiceUring,
+                SluiceUringNopin,
+                SluiceUringSplice,
+                SluiceEpoll,
+                BaseUring,
+                BaseUringSplice,
+                BaseEpoll,
+                Haproxy,
+                HaproxySplice,
+                Nginx
+            ]
+        );
+        assert_eq!(with_baseline(vec![Haproxy], false), [Haproxy]);
+        assert_eq!(with_baseline(vec![BaseEpoll, Haproxy], true), [BaseEpoll, Haproxy]);
+    }
+
+    #[test]
+    fn quick_mode_measures_fewer_contenders_unless_named() {
+        use ContenderKind::*;
+        assert_eq!(default_contenders(&[], false), ContenderKind::ALL);
+        assert_eq!(default_contenders(&[], true), ContenderKind::QUICK);
+        assert!(ContenderKind::QUICK.iter().all(|k| ContenderKind::ALL.contains(k)));
+        assert_eq!(default_contenders(&[HaproxySplice], true), [HaproxySplice]);
     }
 
     #[test]

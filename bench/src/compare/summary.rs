@@ -1,5 +1,6 @@
 //! From the reports of every round to the figures a reader needs: the median per
-//! contender, ratios to "direct" and to HAProxy, and a plain verdict on each target.
+//! contender, ratios to "direct" and to HAProxy, and what else the machine was doing
+//! during the windows (the verdicts on the targets are in [`crate::compare::goals`]).
 //!
 //! Medians, not means, so one disturbed round cannot move a result. A ratio whose
 //! denominator is not a positive number is "n/a", never a made-up value.
@@ -8,97 +9,44 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::compare::contender::ContenderKind;
+use crate::cpu::OtherProcess;
 use crate::report::Report;
 use crate::scenario::Scenario;
 use crate::stats::{format_figure, format_ratio, median, ratio};
 use crate::table::Table;
 
-/// A figure shown in the comparison tables.
+/// A figure shown in the comparison tables: a scenario (or test) by name, a figure of its
+/// reports, and the column label.
 #[derive(Debug, Clone, Copy)]
 pub struct Headline {
-    pub scenario: Scenario,
+    pub scenario: &'static str,
     pub figure: &'static str,
     pub label: &'static str,
 }
 
-/// The columns of the comparison tables, in order.
-pub const HEADLINES: [Headline; 9] = [
-    Headline { scenario: Scenario::Throughput, figure: "gbit_s_total", label: "throughput Gbit/s" },
-    Headline { scenario: Scenario::Rr, figure: "requests_per_s", label: "rr req/s" },
-    Headline { scenario: Scenario::Rr, figure: "latency_us_p50", label: "rr p50 µs" },
-    Headline { scenario: Scenario::Rr, figure: "latency_us_p99", label: "rr p99 µs" },
-    Headline { scenario: Scenario::Rr, figure: "latency_us_p999", label: "rr p99.9 µs" },
-    Headline { scenario: Scenario::Connect, figure: "connections_per_s", label: "connect conn/s" },
-    Headline { scenario: Scenario::Connect, figure: "latency_us_p99", label: "connect p99 µs" },
-    Headline { scenario: Scenario::Idle, figure: "kib_per_connection", label: "idle KiB/conn" },
-    Headline { scenario: Scenario::Idle, figure: "fds_per_connection", label: "idle fds/conn" },
-];
+const THROUGHPUT: &str = Scenario::Throughput.name();
+const RR: &str = Scenario::Rr.name();
+const CONNECT: &str = Scenario::Connect.name();
+const IDLE: &str = Scenario::Idle.name();
 
-/// How a ratio must compare with its threshold.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Bound {
-    AtLeast(f64),
-    AtMost(f64),
-}
-
-impl Bound {
-    fn holds(self, value: f64) -> bool {
-        match self {
-            Bound::AtLeast(limit) => value >= limit,
-            Bound::AtMost(limit) => value <= limit,
-        }
-    }
-
-    fn describe(self) -> String {
-        match self {
-            Bound::AtLeast(limit) => format!(">= {limit}"),
-            Bound::AtMost(limit) => format!("<= {limit}"),
-        }
-    }
-}
-
-/// A target for sluice, stated as a ratio sluice / HAProxy.
-#[derive(Debug, Clone, Copy)]
-pub struct Goal {
-    pub label: &'static str,
-    pub scenario: Scenario,
-    pub figure: &'static str,
-    pub bound: Bound,
-}
-
-/// The targets, as ratios of sluice to HAProxy.
-pub const GOALS: [Goal; 5] = [
-    Goal {
-        label: "throughput, one stream",
-        scenario: Scenario::Throughput,
-        figure: "gbit_s_total",
-        bound: Bound::AtLeast(1.3),
-    },
-    Goal {
-        label: "rr requests/s",
-        scenario: Scenario::Rr,
-        figure: "requests_per_s",
-        bound: Bound::AtLeast(1.2),
-    },
-    Goal {
-        label: "connect connections/s",
-        scenario: Scenario::Connect,
-        figure: "connections_per_s",
-        bound: Bound::AtLeast(1.2),
-    },
-    Goal {
-        label: "rr p99 latency",
-        scenario: Scenario::Rr,
-        figure: "latency_us_p99",
-        bound: Bound::AtMost(0.8),
-    },
-    Goal {
-        label: "idle KiB per connection",
-        scenario: Scenario::Idle,
-        figure: "kib_per_connection",
-        bound: Bound::AtMost(0.6),
+/// The columns of the comparison tables, in order; the CPU costs come last so the older
+/// columns keep their places.
+pub const HEADLINES: [Headline; 12] = [
+    Headline { scenario: THROUGHPUT, figure: "gbit_s_total", label: "throughput Gbit/s" },
+    Headline { scenario: RR, figure: "requests_per_s", label: "rr req/s" },
+    Headline { scenario: RR, figure: "latency_us_p50", label: "rr p50 µs" },
+    Headline { scenario: RR, figure: "latency_us_p99", label: "rr p99 µs" },
+    Headline { scenario: RR, figure: "latency_us_p999", label: "rr p99.9 µs" },
+    Headline { scenario: CONNECT, figure: "connections_per_s", label: "connect conn/s" },
+    Headline { scenario: CONNECT, figure: "latency_us_p99", label: "connect p99 µs" },
+    Headline { scenario: IDLE, figure: "kib_per_connection", label: "idle KiB/conn" },
+    Headline { scenario: IDLE, figure: "fds_per_connection", label: "idle fds/conn" },
+    Headline { scenario: THROUGHPUT, figure: "cpu_s_per_gb", label: "throughput CPU s/GB" },
+    Headline { scenario: RR, figure: "cpu_s_per_100k_requests", label: "rr CPU s/100k req" },
+    Headline {
+        scenario: CONNECT,
+        figure: "cpu_s_per_10k_connections",
+        label: "connect CPU s/10k conn",
     },
 ];
 
@@ -121,75 +69,47 @@ impl Spread {
     }
 }
 
-/// Whether a goal was met.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "status", rename_all = "snake_case")]
-pub enum Outcome {
-    Met { ratio: f64 },
-    NotMet { ratio: f64 },
-    NotMeasured { reason: String },
-}
-
-/// One goal judged for one sluice contender.
-#[derive(Debug, Clone, Serialize)]
-pub struct Verdict {
-    pub goal: &'static str,
-    pub contender: String,
-    pub bound: Bound,
-    #[serde(flatten)]
-    pub outcome: Outcome,
-}
-
-impl Verdict {
-    /// The verdict in words, e.g. `MET (1.42x, needs >= 1.3)`.
-    pub fn text(&self) -> String {
-        let needs = self.bound.describe();
-        match &self.outcome {
-            Outcome::Met { ratio } => format!("MET ({}, needs {needs})", format_ratio(*ratio)),
-            Outcome::NotMet { ratio } => {
-                format!("NOT MET ({}, needs {needs})", format_ratio(*ratio))
-            }
-            Outcome::NotMeasured { reason } => format!("NOT MEASURED ({reason})"),
-        }
-    }
-}
-
 /// Key of a figure: contender, scenario, figure name.
-type Key = (String, Scenario, String);
+type Key = (String, String, String);
 
 /// Every figure of every contender, reduced over rounds.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Summary {
     contenders: Vec<String>,
+    headlines: &'static [Headline],
     spreads: BTreeMap<Key, Spread>,
 }
 
 impl Summary {
-    /// Reduces reports; `contenders` fixes the row order.
-    pub fn build(contenders: &[String], reports: &[Report]) -> Summary {
+    /// Reduces reports (grouped by contender and scenario name); `contenders` fixes the row
+    /// order, `headlines` the columns of the tables.
+    pub fn build(
+        contenders: &[String],
+        reports: &[Report],
+        headlines: &'static [Headline],
+    ) -> Summary {
         let mut values: BTreeMap<Key, Vec<f64>> = BTreeMap::new();
         for report in reports {
-            let (Some(contender), Some(scenario)) = (&report.contender, scenario_of(report)) else {
-                continue;
-            };
+            let Some(contender) = &report.contender else { continue };
             for (figure, &value) in &report.figures {
                 values
-                    .entry((contender.clone(), scenario, figure.clone()))
+                    .entry((contender.clone(), report.scenario.clone(), figure.clone()))
                     .or_default()
                     .push(value);
             }
         }
         let spreads = values.into_iter().filter_map(|(k, v)| Some((k, Spread::of(&v)?))).collect();
-        Summary { contenders: contenders.to_vec(), spreads }
+        Summary { contenders: contenders.to_vec(), headlines, spreads }
     }
 
     /// Median of a figure, if measured.
-    pub fn median(&self, contender: &str, scenario: Scenario, figure: &str) -> Option<f64> {
+    pub fn median(&self, contender: &str, scenario: &str, figure: &str) -> Option<f64> {
         self.spread(contender, scenario, figure).map(|s| s.median)
     }
 
-    fn spread(&self, contender: &str, scenario: Scenario, figure: &str) -> Option<Spread> {
-        self.spreads.get(&(contender.to_string(), scenario, figure.to_string())).copied()
+    fn spread(&self, contender: &str, scenario: &str, figure: &str) -> Option<Spread> {
+        let key = (contender.to_string(), scenario.to_string(), figure.to_string());
+        self.spreads.get(&key).copied()
     }
 
     /// Ratio of two contenders' medians for a figure.
@@ -197,7 +117,7 @@ impl Summary {
         &self,
         contender: &str,
         baseline: &str,
-        scenario: Scenario,
+        scenario: &str,
         figure: &str,
     ) -> Option<f64> {
         ratio(self.median(contender, scenario, figure)?, self.median(baseline, scenario, figure)?)
@@ -206,10 +126,10 @@ impl Summary {
     /// Medians (with min-max over rounds when there are several) of the headline figures.
     pub fn absolute_table(&self) -> Table {
         let mut table =
-            Table::new(std::iter::once("contender").chain(HEADLINES.iter().map(|h| h.label)));
+            Table::new(std::iter::once("contender").chain(self.headlines.iter().map(|h| h.label)));
         for contender in &self.contenders {
             let cells =
-                HEADLINES.iter().map(|h| match self.spread(contender, h.scenario, h.figure) {
+                self.headlines.iter().map(|h| match self.spread(contender, h.scenario, h.figure) {
                     None => "–".to_string(),
                     Some(s) if s.rounds > 1 => {
                         format!(
@@ -229,9 +149,9 @@ impl Summary {
     /// Headline figures of every contender divided by those of `baseline`.
     pub fn ratio_table(&self, baseline: &str) -> Table {
         let mut table =
-            Table::new(std::iter::once("contender").chain(HEADLINES.iter().map(|h| h.label)));
+            Table::new(std::iter::once("contender").chain(self.headlines.iter().map(|h| h.label)));
         for contender in &self.contenders {
-            let cells = HEADLINES.iter().map(|h| {
+            let cells = self.headlines.iter().map(|h| {
                 self.ratio(contender, baseline, h.scenario, h.figure)
                     .map_or("n/a".into(), format_ratio)
             });
@@ -240,51 +160,28 @@ impl Summary {
         table
     }
 
-    /// Judges every goal for every sluice contender against HAProxy.
-    pub fn verdicts(&self, sluice: &[String], throughput_streams: usize) -> Vec<Verdict> {
-        let mut verdicts = Vec::new();
-        for contender in sluice {
-            for goal in &GOALS {
-                let outcome = self.judge(contender, goal, throughput_streams);
-                verdicts.push(Verdict {
-                    goal: goal.label,
-                    contender: contender.clone(),
-                    bound: goal.bound,
-                    outcome,
-                });
-            }
+    /// Headline figures of each contender of the build under test divided by those of its
+    /// counterpart in the baseline build (same driver and relay): `pairs` of (this, base).
+    pub fn pair_table(&self, pairs: &[(&str, &str)]) -> Table {
+        let mut table = Table::new(
+            std::iter::once("this / baseline").chain(self.headlines.iter().map(|h| h.label)),
+        );
+        for (this, base) in pairs {
+            let cells = self.headlines.iter().map(|h| {
+                self.ratio(this, base, h.scenario, h.figure).map_or("n/a".into(), format_ratio)
+            });
+            table.row(std::iter::once(format!("{this} / {base}")).chain(cells));
         }
-        verdicts
-    }
-
-    fn judge(&self, contender: &str, goal: &Goal, throughput_streams: usize) -> Outcome {
-        let haproxy = ContenderKind::Haproxy.name();
-        if goal.scenario == Scenario::Throughput && throughput_streams != 1 {
-            return not_measured("needs --streams 1");
-        }
-        let Some(mine) = self.median(contender, goal.scenario, goal.figure) else {
-            return not_measured(&format!("no {} figure for {contender}", goal.scenario.name()));
-        };
-        let Some(theirs) = self.median(haproxy, goal.scenario, goal.figure) else {
-            return not_measured(&format!("no {} figure for haproxy", goal.scenario.name()));
-        };
-        match ratio(mine, theirs) {
-            None => {
-                not_measured(&format!("haproxy figure {} is not positive", format_figure(theirs)))
-            }
-            Some(r) if goal.bound.holds(r) => Outcome::Met { ratio: r },
-            Some(r) => Outcome::NotMet { ratio: r },
-        }
+        table
     }
 
     /// Medians as nested maps contender -> scenario -> figure -> value, for JSON.
-    pub fn medians(&self) -> BTreeMap<String, BTreeMap<&'static str, BTreeMap<String, f64>>> {
-        let mut out: BTreeMap<String, BTreeMap<&'static str, BTreeMap<String, f64>>> =
-            BTreeMap::new();
+    pub fn medians(&self) -> BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>> {
+        let mut out: BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>> = BTreeMap::new();
         for ((contender, scenario, figure), spread) in &self.spreads {
             out.entry(contender.clone())
                 .or_default()
-                .entry(scenario.name())
+                .entry(scenario.clone())
                 .or_default()
                 .insert(figure.clone(), spread.median);
         }
@@ -295,11 +192,11 @@ impl Summary {
     pub fn ratios(&self, baseline: &str) -> BTreeMap<String, BTreeMap<String, f64>> {
         let mut out: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
         for contender in &self.contenders {
-            for h in &HEADLINES {
+            for h in self.headlines {
                 if let Some(r) = self.ratio(contender, baseline, h.scenario, h.figure) {
                     out.entry(contender.clone())
                         .or_default()
-                        .insert(format!("{}.{}", h.scenario.name(), h.figure), r);
+                        .insert(format!("{}.{}", h.scenario, h.figure), r);
                 }
             }
         }
@@ -307,30 +204,120 @@ impl Summary {
     }
 }
 
-fn not_measured(reason: &str) -> Outcome {
-    Outcome::NotMeasured { reason: reason.into() }
+/// What else the machine was doing during one scenario's measured windows, over all
+/// contenders and rounds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MachineNote {
+    pub scenario: String,
+    pub windows: usize,
+    /// One-minute load average, lowest and highest at a window's start or end.
+    pub load_average: Option<[f64; 2]>,
+    /// Cores used by other processes: median and highest over the windows.
+    pub other_cores: Option<[f64; 2]>,
+    /// Cores spent in irq and softirq: median and highest.
+    pub interrupt_cores: Option<[f64; 2]>,
+    /// Cores used by the load generator (this process): median and highest.
+    pub load_generator_cores: Option<[f64; 2]>,
+    /// The busiest other programs, CPU seconds summed over the windows, busiest first.
+    pub busiest_others: Vec<OtherProcess>,
 }
 
-fn scenario_of(report: &Report) -> Option<Scenario> {
-    Scenario::ALL.into_iter().find(|s| s.name() == report.scenario)
+/// One [`MachineNote`] per scenario (by name) that has windows.
+pub fn machine_notes(reports: &[Report], scenarios: &[&str]) -> Vec<MachineNote> {
+    scenarios
+        .iter()
+        .filter_map(|&scenario| {
+            let windows: Vec<&Report> = reports.iter().filter(|r| r.scenario == scenario).collect();
+            (!windows.is_empty()).then(|| machine_note(scenario, &windows))
+        })
+        .collect()
 }
 
-/// The verdicts as a table: one row per goal, one column per sluice contender.
-pub fn verdict_table(verdicts: &[Verdict], sluice: &[String]) -> Table {
-    let mut table = Table::new(
-        std::iter::once("target (sluice / haproxy)".to_string()).chain(sluice.iter().cloned()),
-    );
-    for goal in &GOALS {
-        let label = format!("{} {}", goal.label, goal.bound.describe());
-        let cells = sluice.iter().map(|contender| {
-            verdicts
-                .iter()
-                .find(|v| v.goal == goal.label && &v.contender == contender)
-                .map_or("NOT MEASURED".into(), Verdict::text)
-        });
-        table.row(std::iter::once(label).chain(cells));
+fn machine_note(scenario: &str, windows: &[&Report]) -> MachineNote {
+    let loads: Vec<f64> = windows
+        .iter()
+        .flat_map(|r| [r.figures.get("load_average_start"), r.figures.get("load_average_end")])
+        .flatten()
+        .copied()
+        .collect();
+    let cores = |figure: &str| -> Option<[f64; 2]> {
+        let values: Vec<f64> =
+            windows.iter().filter_map(|r| per_window_second(r, figure)).collect();
+        Some([median(&values)?, highest(&values)])
+    };
+    MachineNote {
+        scenario: scenario.to_string(),
+        windows: windows.len(),
+        load_average: (!loads.is_empty()).then(|| [lowest(&loads), highest(&loads)]),
+        other_cores: cores("other_cpu_s"),
+        interrupt_cores: cores("interrupt_cpu_s"),
+        load_generator_cores: cores("bench_cpu_s"),
+        busiest_others: busiest_programs(windows),
+    }
+}
+
+/// The notes as a table, one row per scenario.
+pub fn machine_table(notes: &[MachineNote]) -> Table {
+    let mut table = Table::new([
+        "scenario",
+        "windows",
+        "load average",
+        "other processes, cores",
+        "interrupts, cores",
+        "load generator, cores",
+        "busiest other programs (CPU s)",
+    ]);
+    let pair =
+        |value: Option<[f64; 2]>, text: fn([f64; 2]) -> String| value.map_or("–".into(), text);
+    for note in notes {
+        let busiest: Vec<String> =
+            note.busiest_others.iter().map(|o| format!("{} {:.2}", o.name, o.cpu_s)).collect();
+        table.row([
+            note.scenario.clone(),
+            note.windows.to_string(),
+            pair(note.load_average, |[low, high]| format!("{low:.2}–{high:.2}")),
+            pair(note.other_cores, median_and_max),
+            pair(note.interrupt_cores, median_and_max),
+            pair(note.load_generator_cores, median_and_max),
+            if busiest.is_empty() { "none".into() } else { busiest.join(", ") },
+        ]);
     }
     table
+}
+
+/// A CPU-seconds figure of one window divided by the window's length: cores.
+fn per_window_second(report: &Report, figure: &str) -> Option<f64> {
+    let seconds = *report.figures.get("cpu_window_s")?;
+    (seconds > 0.0).then_some(report.figures.get(figure)? / seconds)
+}
+
+fn lowest(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn highest(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+fn median_and_max([middle, high]: [f64; 2]) -> String {
+    format!("{middle:.2} (max {high:.2})")
+}
+
+/// The three programs other than the proxies and the load generator that used the most CPU
+/// over all `windows`, with their seconds.
+fn busiest_programs(windows: &[&Report]) -> Vec<OtherProcess> {
+    const SHOWN: usize = 3;
+    let mut by_name: BTreeMap<&str, f64> = BTreeMap::new();
+    for other in windows.iter().flat_map(|r| &r.other_processes) {
+        *by_name.entry(&other.name).or_default() += other.cpu_s;
+    }
+    let mut busiest: Vec<(&str, f64)> = by_name.into_iter().collect();
+    busiest.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
+    busiest
+        .into_iter()
+        .take(SHOWN)
+        .map(|(name, cpu_s)| OtherProcess { name: name.to_string(), cpu_s })
+        .collect()
 }
 
 #[cfg(test)]
@@ -358,56 +345,49 @@ mod tests {
             report("haproxy", "rr", &[("requests_per_s", 200.0), ("latency_us_p99", 60.0)]),
             report("sluice-epoll", "rr", &[("requests_per_s", 260.0), ("latency_us_p99", 45.0)]),
         ];
-        let summary = Summary::build(&names(&["haproxy", "sluice-epoll"]), &reports);
-        assert_eq!(summary.median("haproxy", Scenario::Rr, "requests_per_s"), Some(200.0));
-        assert_eq!(
-            summary.ratio("sluice-epoll", "haproxy", Scenario::Rr, "requests_per_s"),
-            Some(1.3)
-        );
-        assert_eq!(
-            summary.ratio("sluice-epoll", "haproxy", Scenario::Rr, "latency_us_p99"),
-            Some(0.75)
-        );
-        assert_eq!(summary.median("haproxy", Scenario::Connect, "connections_per_s"), None);
+        let summary = Summary::build(&names(&["haproxy", "sluice-epoll"]), &reports, &HEADLINES);
+        assert_eq!(summary.median("haproxy", RR, "requests_per_s"), Some(200.0));
+        assert_eq!(summary.ratio("sluice-epoll", "haproxy", RR, "requests_per_s"), Some(1.3));
+        assert_eq!(summary.ratio("sluice-epoll", "haproxy", RR, "latency_us_p99"), Some(0.75));
+        assert_eq!(summary.median("haproxy", CONNECT, "connections_per_s"), None);
     }
 
     #[test]
-    fn verdicts_compare_against_the_bound() {
+    fn machine_note_per_scenario() {
+        let window = |contender: &str, load: (f64, f64), other: f64, rustc: f64| {
+            let mut r = report(
+                contender,
+                "rr",
+                &[
+                    ("cpu_window_s", 2.0),
+                    ("load_average_start", load.0),
+                    ("load_average_end", load.1),
+                    ("other_cpu_s", other),
+                    ("interrupt_cpu_s", 0.2),
+                    ("bench_cpu_s", 1.8),
+                ],
+            );
+            r.other_processes = vec![
+                OtherProcess { name: "rustc".into(), cpu_s: rustc },
+                OtherProcess { name: "sshd".into(), cpu_s: 0.01 },
+            ];
+            r
+        };
         let reports = vec![
-            report("haproxy", "rr", &[("requests_per_s", 100.0), ("latency_us_p99", 100.0)]),
-            report("sluice-uring", "rr", &[("requests_per_s", 119.0), ("latency_us_p99", 90.0)]),
-            report("haproxy", "idle", &[("kib_per_connection", 0.0)]),
-            report("sluice-uring", "idle", &[("kib_per_connection", 1.0)]),
-            report("haproxy", "throughput", &[("gbit_s_total", 10.0)]),
-            report("sluice-uring", "throughput", &[("gbit_s_total", 13.0)]),
+            window("haproxy", (1.5, 1.75), 0.4, 0.3),
+            window("nginx", (1.75, 2.5), 1.0, 0.5),
+            window("direct", (2.5, 2.0), 0.6, 0.2),
         ];
-        let sluice = names(&["sluice-uring"]);
-        let summary = Summary::build(&names(&["haproxy", "sluice-uring"]), &reports);
-        let verdicts = summary.verdicts(&sluice, 1);
-        let by_goal =
-            |goal: &str| verdicts.iter().find(|v| v.goal == goal).unwrap().outcome.clone();
-        assert_eq!(by_goal("throughput, one stream"), Outcome::Met { ratio: 1.3 });
-        assert!(matches!(by_goal("rr requests/s"), Outcome::NotMet { .. }));
-        assert_eq!(by_goal("rr p99 latency"), Outcome::NotMet { ratio: 0.9 });
-        assert!(matches!(by_goal("connect connections/s"), Outcome::NotMeasured { .. }));
-        assert!(matches!(by_goal("idle KiB per connection"), Outcome::NotMeasured { .. }));
-        let four_streams = summary.verdicts(&sluice, 4);
-        assert!(matches!(four_streams[0].outcome, Outcome::NotMeasured { .. }));
-        let table = verdict_table(&verdicts, &sluice).render();
-        assert!(table.contains("MET (1.30x, needs >= 1.3)"), "{table}");
-        assert!(table.contains("NOT MET (1.19x, needs >= 1.2)"), "{table}");
-    }
-
-    #[test]
-    fn p99_at_exactly_the_bound_is_met() {
-        let reports = vec![
-            report("haproxy", "rr", &[("latency_us_p99", 100.0)]),
-            report("sluice-uring", "rr", &[("latency_us_p99", 80.0)]),
-        ];
-        let summary = Summary::build(&names(&["haproxy", "sluice-uring"]), &reports);
-        let verdicts = summary.verdicts(&names(&["sluice-uring"]), 1);
-        let p99 = verdicts.iter().find(|v| v.goal == "rr p99 latency").unwrap();
-        assert_eq!(p99.outcome, Outcome::Met { ratio: 0.8 });
+        let notes = machine_notes(&reports, &[THROUGHPUT, RR]);
+        assert_eq!(notes.len(), 1);
+        assert_eq!(notes[0].load_average, Some([1.5, 2.5]));
+        let table = machine_table(&notes).render();
+        assert!(!table.contains("| throughput"), "a scenario without windows has no row: {table}");
+        assert!(table.contains("| rr "), "{table}");
+        assert!(table.contains("1.50–2.50"), "{table}");
+        assert!(table.contains("0.30 (max 0.50)"), "other cores: 0.2, 0.5, 0.3: {table}");
+        assert!(table.contains("0.90 (max 0.90)"), "load generator: {table}");
+        assert!(table.contains("rustc 1.00, sshd 0.03"), "{table}");
     }
 
     #[test]
@@ -417,7 +397,7 @@ mod tests {
             report("direct", "rr", &[("requests_per_s", 300.0)]),
             report("nginx", "rr", &[("requests_per_s", 50.0)]),
         ];
-        let summary = Summary::build(&names(&["direct", "nginx"]), &reports);
+        let summary = Summary::build(&names(&["direct", "nginx"]), &reports, &HEADLINES);
         let absolute = summary.absolute_table().render();
         assert!(absolute.contains("200 (100–300)"), "{absolute}");
         assert!(absolute.contains("–"));

@@ -17,22 +17,31 @@ pub const HAPROXY: &str = include_str!("../../peers/haproxy.cfg.tmpl");
 pub const NGINX: &str = include_str!("../../peers/nginx.conf.tmpl");
 /// Built-in sluice template.
 pub const SLUICE: &str = include_str!("../../peers/sluice.toml.tmpl");
+/// Built-in template of the nginx HTTP server behind the proxies in `crosscheck`.
+pub const NGINX_HTTP: &str = include_str!("../../peers/nginx-http.conf.tmpl");
 
-/// The three templates, as text.
+/// The templates, as text.
 #[derive(Debug, Clone)]
 pub struct Templates {
     pub haproxy: String,
     pub nginx: String,
     pub sluice: String,
+    pub nginx_http: String,
 }
 
 impl Templates {
     /// The templates built into the binary.
     pub fn builtin() -> Self {
-        Self { haproxy: HAPROXY.into(), nginx: NGINX.into(), sluice: SLUICE.into() }
+        Self {
+            haproxy: HAPROXY.into(),
+            nginx: NGINX.into(),
+            sluice: SLUICE.into(),
+            nginx_http: NGINX_HTTP.into(),
+        }
     }
 
-    /// Templates read from `dir` (haproxy.cfg.tmpl, nginx.conf.tmpl, sluice.toml.tmpl).
+    /// Templates read from `dir` (haproxy.cfg.tmpl, nginx.conf.tmpl, sluice.toml.tmpl,
+    /// nginx-http.conf.tmpl).
     pub fn load(dir: &Path) -> Result<Self> {
         let read = |name: &str| {
             let path = dir.join(name);
@@ -42,6 +51,7 @@ impl Templates {
             haproxy: read("haproxy.cfg.tmpl")?,
             nginx: read("nginx.conf.tmpl")?,
             sluice: read("sluice.toml.tmpl")?,
+            nginx_http: read("nginx-http.conf.tmpl")?,
         })
     }
 }
@@ -114,9 +124,11 @@ mod tests {
             ("NOFILE", "19500"),
             ("WORKER_CONNECTIONS", "15064"),
             ("RUN_DIR", "/tmp/x"),
-            ("DRIVER", "epoll"),
-            ("RELAY", "copy"),
+            ("ENGINE_KEYS", "driver = \"epoll\""),
+            ("SPLICE_OPTIONS", "option splice-auto"),
             ("NGINX_MODULES", ""),
+            ("LISTEN", "127.0.0.1:2"),
+            ("ROOT", "/tmp/x/www"),
         ]);
         for scenario in ["THROUGHPUT", "RR", "CONNECT", "IDLE"] {
             all.insert(format!("{scenario}_LISTEN"), "127.0.0.1:1".into());
@@ -127,6 +139,7 @@ mod tests {
             ("haproxy", &templates.haproxy),
             ("nginx", &templates.nginx),
             ("sluice", &templates.sluice),
+            ("nginx-http", &templates.nginx_http),
         ] {
             let rendered = render(name, text, &all).unwrap();
             assert!(!rendered.contains("{{"), "{name} left a placeholder");

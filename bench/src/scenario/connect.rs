@@ -17,8 +17,9 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Registry, Token};
 use serde::Serialize;
 
+use crate::cpu::CONNECTIONS_PER_UNIT;
 use crate::error::{BenchError, Result};
-use crate::net::{read_some, require_loopback, write_some};
+use crate::net::{read_some, require_local, write_some};
 use crate::report::Report;
 use crate::scenario::rr::merge;
 use crate::scenario::{spawn_load, Target, TimingParams};
@@ -215,7 +216,7 @@ impl Client<'_> {
 /// Runs the scenario against a fixed-reply service at `target`.
 pub fn run(params: &ConnectParams, target: &Target) -> Result<Report> {
     validate(params)?;
-    let addr = require_loopback(target.addr)?;
+    let addr = require_local(target.addr)?;
     let control = RunControl::new();
     let threads = params.threads.clamp(1, params.concurrency);
     let mut tallies = Vec::new();
@@ -252,7 +253,8 @@ pub fn run(params: &ConnectParams, target: &Target) -> Result<Report> {
             now[1] - before[1]
         )
     };
-    let meter = Meter { label: "connect", counters: &counters, describe: &describe };
+    let meter =
+        Meter { label: "connect", counters: &counters, describe: &describe, proxy: target.pid };
     let window = drive(&control, params.timing.into(), &meter);
     let histogram = merge(handles)?;
     let window = window?;
@@ -262,6 +264,14 @@ pub fn run(params: &ConnectParams, target: &Target) -> Result<Report> {
     report.figure("failed", window.delta(1) as f64);
     report.figure("timed_out", window.delta(2) as f64);
     report.figure("seconds", window.seconds());
+    window.cpu.add_to(&mut report);
+    let connections = window.delta(0) as f64;
+    window.cpu.add_cost(
+        &mut report,
+        "cpu_s_per_10k_connections",
+        connections,
+        CONNECTIONS_PER_UNIT,
+    );
     for (name, value) in latency_figures(&histogram) {
         report.figure(name, value);
     }

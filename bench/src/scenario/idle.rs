@@ -5,7 +5,8 @@
 //! (so each is established end to end), lets the proxy settle, and reads them again. The
 //! difference divided by N is the cost per connection. Our own process holds two
 //! descriptors per connection when the backend is in-process, which bounds N by the file
-//! limit.
+//! limit. The CPU time figures cover the same span, from the first reading to the second:
+//! what it cost to accept, connect and then hold the N connections.
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::backend::{Backend, Behaviour};
+use crate::cpu::{clock_ticks, CpuSample, CpuUse};
 use crate::error::{BenchError, Result};
 use crate::net;
 use crate::procfs::{footprint, Footprint};
@@ -57,6 +59,7 @@ pub fn run(params: &IdleParams, target: &Target, hold: Option<&Backend>) -> Resu
         }
     }
     let before = params.pid.map(footprint).transpose()?;
+    let cpu_before = CpuSample::take();
     let accepted = hold.map_or(0, |b| b.stats().accepted());
     let open_before = hold.map_or(0, |b| b.stats().open());
     let accept_errors = hold.map_or(0, |b| b.stats().accept_errors());
@@ -70,6 +73,7 @@ pub fn run(params: &IdleParams, target: &Target, hold: Option<&Backend>) -> Resu
     let established = began.elapsed();
     timeline::pause(params.settle)?;
     let after = params.pid.map(footprint).transpose()?;
+    let cpu_after = CpuSample::take();
     drop(connections);
     if let Some(backend) = hold {
         wait_closed(backend, open_before);
@@ -84,6 +88,8 @@ pub fn run(params: &IdleParams, target: &Target, hold: Option<&Backend>) -> Resu
             (backend.stats().accept_errors() - accept_errors) as f64,
         );
     }
+    let own = std::process::id();
+    CpuUse::between(&cpu_before, &cpu_after, params.pid, own, clock_ticks()).add_to(&mut report);
     if let (Some(before), Some(after)) = (before, after) {
         add_footprint(&mut report, before, after, params.connections);
     }

@@ -37,7 +37,7 @@ impl Scenario {
         [Scenario::Throughput, Scenario::Rr, Scenario::Connect, Scenario::Idle];
 
     /// Name used in reports and file names.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Scenario::Throughput => "throughput",
             Scenario::Rr => "rr",
@@ -57,22 +57,24 @@ impl Scenario {
     }
 }
 
-/// Where clients connect, and how to name it in reports.
+/// Where clients connect, how to name it in reports, and whose CPU time to read.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub addr: SocketAddr,
     pub label: String,
+    /// The proxy process (root of its tree) whose CPU time each measured window reads.
+    pub pid: Option<u32>,
 }
 
 impl Target {
     /// Clients talk straight to the backend, no proxy in between.
     pub fn direct(backend: SocketAddr) -> Self {
-        Self { addr: backend, label: format!("direct ({backend})") }
+        Self { addr: backend, label: format!("direct ({backend})"), pid: None }
     }
 
     /// Clients talk to a proxy listening on `addr`.
     pub fn proxy(addr: SocketAddr) -> Self {
-        Self { addr, label: addr.to_string() }
+        Self { addr, label: addr.to_string(), pid: None }
     }
 }
 

@@ -15,6 +15,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 
+use crate::cpu::REQUESTS_PER_UNIT;
 use crate::error::{BenchError, Result};
 use crate::net::{self, read_some, write_some};
 use crate::report::Report;
@@ -142,7 +143,7 @@ pub fn run(params: &RrParams, target: &Target) -> Result<Report> {
     let describe = |before: &[u64], now: &[u64], seconds: f64| {
         format!("{:.0} req/s", per_second(now[0] - before[0], seconds))
     };
-    let meter = Meter { label: "rr", counters: &counters, describe: &describe };
+    let meter = Meter { label: "rr", counters: &counters, describe: &describe, proxy: target.pid };
     let window = drive(&control, params.timing.into(), &meter);
     let histogram = merge(handles)?;
     let window = window?;
@@ -151,6 +152,9 @@ pub fn run(params: &RrParams, target: &Target) -> Result<Report> {
     report.figure("requests", window.delta(0) as f64);
     report.figure("connections_lost", window.end[1] as f64);
     report.figure("seconds", window.seconds());
+    window.cpu.add_to(&mut report);
+    let requests = window.delta(0) as f64;
+    window.cpu.add_cost(&mut report, "cpu_s_per_100k_requests", requests, REQUESTS_PER_UNIT);
     for (name, value) in latency_figures(&histogram) {
         report.figure(name, value);
     }

@@ -14,6 +14,7 @@ use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 
 use crate::backend::{Backend, Behaviour};
+use crate::cpu::BYTES_PER_GB;
 use crate::error::{BenchError, Result};
 use crate::net;
 use crate::report::Report;
@@ -170,7 +171,8 @@ fn measure(
         let bytes: u64 = now.iter().zip(before).map(|(n, b)| n - b).sum();
         format!("{:.2} Gbit/s", gbit_per_s(bytes, seconds))
     };
-    let meter = Meter { label: "throughput", counters: &counters, describe: &describe };
+    let meter =
+        Meter { label: "throughput", counters: &counters, describe: &describe, proxy: target.pid };
     let window = drive(&control, params.timing.into(), &meter);
     let closed_early = join_load(handle)?;
     let window = window?;
@@ -183,6 +185,8 @@ fn measure(
     report.figure("bytes_total", total as f64);
     report.figure("seconds", seconds);
     report.figure("streams_closed_early", closed_early as f64);
+    window.cpu.add_to(&mut report);
+    window.cpu.add_cost(&mut report, "cpu_s_per_gb", total as f64, BYTES_PER_GB);
     add_direction_figures(&mut report, params.direction, flows, &deltas, seconds);
     add_spread_figures(&mut report);
     report.parameters["counted_at"] =

@@ -1,5 +1,6 @@
-//! UDP request/response: datagrams per second and round-trip latency, through a UDP
-//! forwarder and straight to the backend ("direct") in the same run.
+//! UDP request/response: datagrams per second and round-trip latency of many clients
+//! against a UDP echo (through a forwarder, or "direct"); the comparison that runs it is
+//! `crate::udp`.
 //!
 //! Each client is its own UDP socket (so its own flow in the forwarder), connected to the
 //! target, with one datagram of SIZE bytes in flight (closed loop); the in-process backend
@@ -9,8 +10,6 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -20,14 +19,12 @@ use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 
+use crate::cpu::REQUESTS_PER_UNIT;
 use crate::error::{io_context, BenchError, Result};
 use crate::report::Report;
 use crate::scenario::rr::merge;
 use crate::scenario::{spawn_load, spread, Target, TimingParams};
-use crate::stats::{
-    format_figure, format_ratio, latency_figures, latency_histogram, median, per_second, ratio,
-};
-use crate::table::Table;
+use crate::stats::{latency_figures, latency_histogram, per_second};
 use crate::timeline::{drive, Meter, RunControl};
 
 /// A request unanswered this long is counted lost and the next one is sent.
@@ -35,8 +32,6 @@ pub const LOSS_TIMEOUT: Duration = Duration::from_millis(200);
 /// Largest datagram accepted on the command line (the largest IPv4 UDP payload).
 pub const MAX_SIZE: usize = 65507;
 const POLL_TICK: Duration = Duration::from_millis(10);
-/// How long a started sluice may take to forward its first datagram.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Parameters of a UDP request/response run.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -126,7 +121,7 @@ pub fn run(params: &UdpParams, target: &Target) -> Result<Report> {
     let describe = |before: &[u64], now: &[u64], seconds: f64| {
         format!("{:.0} round trips/s", per_second(now[0] - before[0], seconds))
     };
-    let meter = Meter { label: "udp", counters: &counters, describe: &describe };
+    let meter = Meter { label: "udp", counters: &counters, describe: &describe, proxy: target.pid };
     let window = drive(&control, params.timing.into(), &meter);
     let histogram = merge(handles)?;
     let window = window?;
@@ -140,6 +135,9 @@ pub fn run(params: &UdpParams, target: &Target) -> Result<Report> {
     for (name, value) in latency_figures(&histogram) {
         report.figure(name, value);
     }
+    window.cpu.add_to(&mut report);
+    let datagrams = 2.0 * window.delta(0) as f64;
+    window.cpu.add_cost(&mut report, "cpu_s_per_100k_datagrams", datagrams, REQUESTS_PER_UNIT);
     report.attach_histogram(histogram);
     Ok(report)
 }
@@ -222,141 +220,6 @@ fn resend_lost(clients: &mut [Client], request: &[u8], tally: &Tally) {
         let _ = c.socket.send(request);
         c.sent = now;
     }
-}
-
-/// A sluice process forwarding one UDP address to the echo backend, until dropped.
-#[derive(Debug)]
-pub struct UdpSluice {
-    child: Child,
-    dir: PathBuf,
-    pub listen: SocketAddr,
-}
-
-impl UdpSluice {
-    /// Starts `binary` with a UDP service on `listen` forwarding to `backend`, with
-    /// `workers` workers, and waits until a datagram makes the round trip.
-    pub fn start(
-        binary: &Path,
-        listen: SocketAddr,
-        backend: SocketAddr,
-        workers: usize,
-    ) -> Result<UdpSluice> {
-        let dir = std::env::temp_dir().join(format!("sluice-bench-udp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .map_err(|source| BenchError::File { path: dir.clone(), source })?;
-        let config = dir.join("sluice.toml");
-        let text = format!(
-            "[engine]\nworkers = {workers}\n\n[[service]]\nname = \"udp\"\nprotocol = \"udp\"\nlisten = [\"{listen}\"]\nbackends = [\"{backend}\"]\n"
-        );
-        std::fs::write(&config, text)
-            .map_err(|source| BenchError::File { path: config.clone(), source })?;
-        let log = std::fs::File::create(dir.join("sluice.log"))
-            .map_err(|source| BenchError::File { path: dir.join("sluice.log"), source })?;
-        let child = Command::new(binary)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| BenchError::ProxyStart {
-                contender: "sluice".into(),
-                detail: format!("{}: {e}", binary.display()),
-            })?;
-        let mut sluice = UdpSluice { child, dir, listen };
-        sluice.wait_ready()?;
-        Ok(sluice)
-    }
-
-    fn wait_ready(&mut self) -> Result<()> {
-        let probe = UdpSocket::bind("127.0.0.1:0").map_err(io_context("udp probe"))?;
-        probe
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .map_err(io_context("udp probe"))?;
-        let began = Instant::now();
-        let mut buf = [0u8; 16];
-        while began.elapsed() < READY_TIMEOUT {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let log = std::fs::read_to_string(self.dir.join("sluice.log")).unwrap_or_default();
-                let detail = format!("exited with {status}: {log}");
-                return Err(BenchError::ProxyStart { contender: "sluice".into(), detail });
-            }
-            let _ = probe.send_to(b"probe", self.listen);
-            if matches!(probe.recv_from(&mut buf), Ok((5, _))) {
-                return Ok(());
-            }
-        }
-        let detail =
-            format!("no datagram came back through {} within {READY_TIMEOUT:?}", self.listen);
-        Err(BenchError::ProxyStart { contender: "sluice".into(), detail })
-    }
-}
-
-impl Drop for UdpSluice {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Who the load goes to in one measurement of a comparison.
-#[derive(Debug, Clone)]
-pub struct Contender {
-    pub name: String,
-    pub target: Target,
-}
-
-/// Measures every contender once per round, in turn (so drift hits them alike), and
-/// returns every report, tagged with its contender and round.
-pub fn compare(params: &UdpParams, contenders: &[Contender], rounds: u32) -> Result<Vec<Report>> {
-    let mut reports = Vec::new();
-    for round in 1..=rounds.max(1) {
-        for c in contenders {
-            eprintln!("[udp] round {round}: {}", c.name);
-            let mut report = run(params, &c.target)?;
-            report.contender = Some(c.name.clone());
-            report.round = Some(round);
-            reports.push(report);
-        }
-    }
-    Ok(reports)
-}
-
-/// Medians over rounds per contender, with ratios to the first contender (direct).
-pub fn summary(reports: &[Report], contenders: &[Contender]) -> String {
-    let figures = [
-        "round_trips_per_s",
-        "datagrams_per_s",
-        "latency_us_p50",
-        "latency_us_p99",
-        "latency_us_p999",
-        "lost",
-    ];
-    let median_of = |name: &str, figure: &str| {
-        let values: Vec<f64> = reports
-            .iter()
-            .filter(|r| r.contender.as_deref() == Some(name))
-            .filter_map(|r| r.figures.get(figure).copied())
-            .collect();
-        median(&values).unwrap_or(f64::NAN)
-    };
-    let mut header = vec!["contender".to_string()];
-    header.extend(figures.iter().map(|f| f.to_string()));
-    header.push("rate vs direct".into());
-    header.push("p99 vs direct".into());
-    let mut table = Table::new(header);
-    let base = contenders.first().map(|c| c.name.as_str()).unwrap_or_default();
-    for c in contenders {
-        let mut row = vec![c.name.clone()];
-        row.extend(figures.iter().map(|f| format_figure(median_of(&c.name, f))));
-        for figure in ["round_trips_per_s", "latency_us_p99"] {
-            let r = ratio(median_of(&c.name, figure), median_of(base, figure));
-            row.push(r.map_or("n/a".into(), format_ratio));
-        }
-        table.row(row);
-    }
-    table.render()
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use crate::procfs;
 use crate::timeline::{self, RunControl};
 
 pub use self::load::{Gate, Tally};
-pub use self::verdict::{judge, QuietFds, Sample, Verdict, DRIFT_LIMIT, FAILURE_LIMIT};
+pub use self::verdict::{judge, Outcome, QuietFds, Sample, Verdict, DRIFT_LIMIT, FAILURE_LIMIT};
 
 /// What a soak run does.
 #[derive(Debug, Clone)]
@@ -107,6 +107,7 @@ fn start_proxy(p: &SoakParams, backend: SocketAddr) -> Result<Proxy> {
     let log_path = p.out_dir.join("sluice.log");
     let log = File::create(&log_path).map_err(file_error(&log_path))?;
     let child = Command::new(&p.sluice)
+        .env("RUNTIME_DIRECTORY", &p.out_dir)
         .args(["run", "--config"])
         .arg(&config)
         .args(["--log-level", "warn"])

@@ -79,9 +79,40 @@ impl QuietFds {
     }
 
     /// Flat: nothing more is held than after warm-up. A run that measured the first count
-    /// but could not drain its sessions for the second is not flat.
-    fn flat(&self) -> bool {
-        self.before.is_none() || self.leaked().is_some_and(|n| n <= 0)
+    /// but could not drain its sessions for the second is not flat; one that never took the
+    /// first (shorter than its warm-up) is not judged.
+    fn judged(&self) -> Judgement {
+        match self.before {
+            None => Judgement::NotJudged("no count with no session open after warm-up"),
+            Some(_) => Judgement::of(self.leaked().is_some_and(|n| n <= 0)),
+        }
+    }
+}
+
+/// How one criterion of a soak came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Judgement {
+    Pass,
+    Fail,
+    /// Not judged, and why: it counts neither for nor against the run.
+    NotJudged(&'static str),
+}
+
+impl Judgement {
+    fn of(passed: bool) -> Judgement {
+        if passed {
+            Judgement::Pass
+        } else {
+            Judgement::Fail
+        }
+    }
+
+    fn word(&self) -> String {
+        match self {
+            Judgement::Pass => "pass".into(),
+            Judgement::Fail => "FAIL".into(),
+            Judgement::NotJudged(why) => format!("not judged: {why}"),
+        }
     }
 }
 
@@ -97,9 +128,25 @@ pub struct Verdict {
     pub panics: u64,
     pub connections: u64,
     pub failures: u64,
-    /// Whether the run was long enough for drift to count.
-    pub drift_judged: bool,
-    pub passed: bool,
+    /// RSS flat after warm-up (judged over at least [`DRIFT_WINDOW`]).
+    pub rss: Judgement,
+    /// No fd held beyond warm-up (counted with no session open).
+    pub fds: Judgement,
+    /// No panic in sluice's log.
+    pub no_panic: Judgement,
+    /// Connections made, and the failure rate under [`FAILURE_LIMIT`].
+    pub failure_rate_ok: Judgement,
+}
+
+/// The outcome of a whole soak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every criterion was judged and passed.
+    Pass,
+    /// A criterion failed.
+    Fail,
+    /// Nothing failed, but some criterion was not judged: not a pass.
+    Incomplete,
 }
 
 impl Verdict {
@@ -107,22 +154,52 @@ impl Verdict {
         self.failures as f64 / (self.connections + self.failures).max(1) as f64
     }
 
+    /// Each criterion by name.
+    pub fn criteria(&self) -> [(&'static str, Judgement); 4] {
+        [
+            ("rss drift", self.rss),
+            ("quiet fds", self.fds),
+            ("panics", self.no_panic),
+            ("failure rate", self.failure_rate_ok),
+        ]
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        let criteria = self.criteria();
+        if criteria.iter().any(|(_, j)| *j == Judgement::Fail) {
+            Outcome::Fail
+        } else if criteria.iter().all(|(_, j)| *j == Judgement::Pass) {
+            Outcome::Pass
+        } else {
+            Outcome::Incomplete
+        }
+    }
+
+    /// One line: the outcome (`PASS` only when every criterion was judged and passed,
+    /// `INCOMPLETE` when nothing failed but something was not judged, else `FAIL`), the
+    /// figures, and each criterion's judgement.
     pub fn summary(&self) -> String {
         let pct = |d: Option<f64>| d.map_or("n/a".into(), |d| format!("{d:+.3}%/10min"));
         let count = |n: Option<u64>| n.map_or("n/a".into(), |n| n.to_string());
+        let outcome = match self.outcome() {
+            Outcome::Pass => "PASS",
+            Outcome::Fail => "FAIL",
+            Outcome::Incomplete => "INCOMPLETE",
+        };
+        let judged: Vec<String> =
+            self.criteria().iter().map(|(name, j)| format!("{name} {}", j.word())).collect();
         format!(
-            "{}: rss drift {}{}, quiet fds {} -> {} (sampled under load: {}), panics {}, \
-             connections {}, failures {} (rate {:.2e})",
-            if self.passed { "PASS" } else { "FAIL" },
+            "{outcome}: rss drift {}, quiet fds {} -> {} (sampled under load: {}), panics {}, \
+             connections {}, failures {} (rate {:.2e}); {}",
             pct(self.rss_drift),
-            if self.drift_judged { "" } else { " (not judged: run too short)" },
             count(self.quiet_fds.before),
             count(self.quiet_fds.after),
             pct(self.fd_drift),
             self.panics,
             self.connections,
             self.failures,
-            self.failure_rate()
+            self.failure_rate(),
+            judged.join(", ")
         )
     }
 }
@@ -163,8 +240,13 @@ pub fn judge(samples: &[Sample], warmup: Duration, quiet_fds: QuietFds, panics: 
         (Some(a), Some(b)) => b.seconds - a.seconds,
         _ => 0.0,
     };
-    let drift_judged = window >= DRIFT_WINDOW.as_secs_f64();
-    let flat = |d: Option<f64>| !drift_judged || d.is_some_and(|d| d.abs() < DRIFT_LIMIT);
+    let rss = match rss_drift {
+        _ if window < DRIFT_WINDOW.as_secs_f64() => {
+            Judgement::NotJudged("run shorter than 300 s after warm-up")
+        }
+        None => Judgement::NotJudged("too few samples"),
+        Some(d) => Judgement::of(d.abs() < DRIFT_LIMIT),
+    };
     let mut v = Verdict {
         rss_drift,
         fd_drift,
@@ -172,14 +254,12 @@ pub fn judge(samples: &[Sample], warmup: Duration, quiet_fds: QuietFds, panics: 
         panics,
         connections,
         failures,
-        drift_judged,
-        passed: false,
+        rss,
+        fds: quiet_fds.judged(),
+        no_panic: Judgement::of(panics == 0),
+        failure_rate_ok: Judgement::Pass,
     };
-    v.passed = flat(rss_drift)
-        && quiet_fds.flat()
-        && panics == 0
-        && connections > 0
-        && v.failure_rate() < FAILURE_LIMIT;
+    v.failure_rate_ok = Judgement::of(connections > 0 && v.failure_rate() < FAILURE_LIMIT);
     v
 }
 
@@ -292,7 +372,7 @@ mod tests {
             })
             .collect();
         let v = judge(&s, Duration::from_secs(60), QUIET, 0);
-        assert!(v.passed, "{}", v.summary());
+        assert_eq!(v.outcome(), Outcome::Pass, "{}", v.summary());
         assert!(v.fd_drift.unwrap().abs() < 1e-9, "sessions' fds are not drift");
     }
 
@@ -300,7 +380,7 @@ mod tests {
     fn a_leak_of_two_percent_per_ten_minutes_fails() {
         let s = samples(|t| 20_000.0 * (1.0 + 0.02 * t / 600.0), |_| 20.0);
         let v = judge(&s, Duration::from_secs(60), QUIET, 0);
-        assert!(!v.passed);
+        assert_eq!((v.outcome(), v.rss), (Outcome::Fail, Judgement::Fail));
         let d = v.rss_drift.unwrap();
         assert!((1.5..2.5).contains(&d), "measured {d}%/10min");
     }
@@ -309,33 +389,40 @@ mod tests {
     fn fds_are_judged_quiet_and_any_fd_held_beyond_warm_up_fails() {
         // Under load the sampled count wanders by several fds: not judged.
         let s = samples(|_| 20_000.0, |t| 20.0 + (t * 13.0) % 9.0);
-        assert!(judge(&s, Duration::from_secs(60), QUIET, 0).passed);
+        let outcome = |q| judge(&s, Duration::from_secs(60), q, 0).outcome();
+        assert_eq!(outcome(QUIET), Outcome::Pass);
         let leaked = QuietFds { before: Some(20), after: Some(21) };
         let v = judge(&s, Duration::from_secs(60), leaked, 0);
-        assert!(!v.passed, "one fd held beyond warm-up fails: {}", v.summary());
+        assert_eq!(v.outcome(), Outcome::Fail, "one fd held beyond warm-up fails: {}", v.summary());
         assert_eq!(leaked.leaked(), Some(1));
-        let fewer = QuietFds { before: Some(20), after: Some(19) };
-        assert!(judge(&s, Duration::from_secs(60), fewer, 0).passed);
-        let never_drained = QuietFds { before: Some(20), after: None };
-        assert!(!judge(&s, Duration::from_secs(60), never_drained, 0).passed);
+        assert_eq!(outcome(QuietFds { before: Some(20), after: Some(19) }), Outcome::Pass);
+        assert_eq!(outcome(QuietFds { before: Some(20), after: None }), Outcome::Fail);
     }
 
     #[test]
     fn a_panic_or_one_failure_in_a_hundred_thousand_fails() {
         let s = samples(|_| 20_000.0, |_| 20.0);
-        assert!(!judge(&s, Duration::from_secs(60), QUIET, 1).passed);
+        assert_eq!(judge(&s, Duration::from_secs(60), QUIET, 1).outcome(), Outcome::Fail);
         let mut s = s;
         s.last_mut().unwrap().failures = 10;
         let v = judge(&s, Duration::from_secs(60), QUIET, 0);
-        assert!(!v.passed && v.failure_rate() > FAILURE_LIMIT);
+        assert!(v.outcome() == Outcome::Fail && v.failure_rate() > FAILURE_LIMIT);
     }
 
+    /// Issue 26 item 18: a short run printed PASS although it had judged neither RSS drift
+    /// nor (without a quiet count) fds.
     #[test]
-    fn a_short_run_reports_drift_but_judges_only_panics_and_failures() {
+    fn a_short_run_is_incomplete_never_a_pass() {
         let s = samples(|t| 20_000.0 * (1.0 + 0.1 * t / 600.0), |_| 20.0);
         let v = judge(&s[..12], Duration::ZERO, QuietFds::default(), 0);
-        assert!(!v.drift_judged && v.passed, "{}", v.summary());
-        assert!(v.rss_drift.unwrap() > 5.0);
-        assert!(!judge(&s[..12], Duration::ZERO, QuietFds::default(), 1).passed);
+        assert_eq!(v.outcome(), Outcome::Incomplete, "{}", v.summary());
+        let line = v.summary();
+        assert!(line.starts_with("INCOMPLETE: ") && !line.contains("PASS"), "{line}");
+        assert!(line.contains("rss drift not judged: run shorter than 300 s"), "{line}");
+        assert!(line.contains("quiet fds not judged"), "{line}");
+        assert!(line.contains("panics pass"), "{line}");
+        assert!(v.rss_drift.unwrap() > 5.0, "drift is still reported");
+        let v = judge(&s[..12], Duration::ZERO, QuietFds::default(), 1);
+        assert_eq!(v.outcome(), Outcome::Fail);
     }
 }

@@ -29,7 +29,8 @@ use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::Sender;
 
-use crate::session::{CloseReason, Direction, Side};
+use crate::record::CloseReason;
+use crate::side::{Direction, Side};
 use crate::sys::{self, Pipe};
 
 /// A capture file is rotated before it would grow past this many bytes.
@@ -350,7 +351,7 @@ impl Tap {
         let at = SystemTime::now();
         let mut done = 0;
         while done < len {
-            match sys::tee(relay.read_fd(), pipe.write_fd(), len) {
+            match sys::tee(relay.read_end(), pipe.write_end(), len) {
                 // tee always starts at the head of the relay pipe: only a whole copy is
                 // usable, so a short one means the capture pipe is full.
                 Ok(n) if n == len => done = n,
@@ -457,7 +458,7 @@ mod tests {
         let (mut tap, rx, _) = stalled_tap();
         let relay = Pipe::new(1 << 16).unwrap();
         let chunk = vec![5u8; 1 << 16];
-        let written = sys::write_all_to_pipe(&relay, &chunk);
+        let written = crate::sys::pipe::write_all_to_pipe(&relay, &chunk);
         assert_eq!(written, chunk.len());
         let started = std::time::Instant::now();
         for _ in 0..64 {

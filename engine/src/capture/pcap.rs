@@ -11,7 +11,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::session::{Direction, Side};
+use crate::side::{Direction, Side};
 
 /// Largest frame captured by default (tcpdump's default snapshot length).
 pub const DEFAULT_SNAPLEN: u32 = 262_144;

@@ -22,7 +22,7 @@ use super::pcap::{pcapng, Frame, TcpSynth};
 use super::{
     CapturePolicy, CaptureStats, Msg, StopReason, FLUSH_INTERVAL, MARKER_RESERVE, MESSAGE_COST,
 };
-use crate::session::{Direction, Side};
+use crate::side::{Direction, Side};
 use crate::sys::{self, Pipe};
 
 /// Buffer of each open capture file.
@@ -311,7 +311,7 @@ fn read_exactly(pipe: &Pipe, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
     out.resize(len, 0);
     let mut got = 0;
     while got < len {
-        match sys::read(pipe.read_fd(), &mut out[got..]) {
+        match sys::read(pipe.read_end(), &mut out[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

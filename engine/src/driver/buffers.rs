@@ -38,9 +38,9 @@ impl Class {
 }
 
 impl BufferPool {
-    /// A pool whose large buffers are `max` bytes.
+    /// A pool whose large buffers are `max` bytes (at most 1 GiB).
     pub fn new(max: usize) -> Self {
-        let max = max.max(4096);
+        let max = max.clamp(4096, 1 << 30);
         let small = SMALL_BUFFER.min(max);
         Self {
             small: Class { size: small, spare: Vec::new() },
@@ -61,8 +61,9 @@ impl BufferPool {
 #[derive(Debug, Default)]
 pub(crate) struct Buffer {
     data: Option<Box<[u8]>>,
-    start: usize,
-    end: usize,
+    /// Offsets into `data` (a buffer is far smaller than 4 GiB).
+    start: u32,
+    end: u32,
     /// A read once filled a whole buffer: take large ones from now on.
     bulk: bool,
 }
@@ -70,12 +71,12 @@ pub(crate) struct Buffer {
 impl Buffer {
     /// The bytes still to write.
     pub fn pending(&self) -> &[u8] {
-        self.data.as_deref().map_or(&[], |d| &d[self.start..self.end])
+        self.data.as_deref().map_or(&[], |d| &d[self.start as usize..self.end as usize])
     }
 
     /// `n` pending bytes were written.
     pub fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.end);
+        self.start = (self.start as usize + n).min(self.end as usize) as u32;
     }
 
     /// A whole empty buffer to read into (taken from the pool if none is held).
@@ -86,10 +87,15 @@ impl Buffer {
         self.data.get_or_insert_with(|| class.take())
     }
 
+    /// Reads into small buffers from now on, however full they come back.
+    pub fn stay_small(&mut self) {
+        self.bulk = false;
+    }
+
     /// `n` bytes were read into the space.
     pub fn filled(&mut self, n: usize) {
         self.start = 0;
-        self.end = n;
+        self.end = n as u32;
         if self.data.as_ref().is_some_and(|d| n == d.len()) {
             self.bulk = true;
         }

@@ -1,29 +1,38 @@
-//! One driver interface, two drivers. A driver runs one worker's loop: accept on the
-//! worker's listeners, decide each connection with the current tables, connect to a
-//! backend, relay both directions, enforce timeouts, report a record per session, and obey
-//! [`Command`](crate::worker::Command)s.
+//! The executors of the session core: a driver runs one worker's loop, accepts on the
+//! worker's listeners and carries out what each session's core asks, with the system calls
+//! of its kind. What both drivers share is written once: [`host`] (the session table, the
+//! action loop, timers, admission and pauses) and [`inline`] (the I/O actions, inline and
+//! non-blocking); each driver adds its [`Reactor`](host::Reactor) only:
 //!
-//! - `uring`: io_uring with multishot accept, async connect and splice through a per-worker
-//!   pipe pool: payload never enters user space.
-//! - `epoll`: mio readiness with a bounded user-space buffer per direction.
+//! - `uring`: one io_uring per worker: multishot accept, connect, readiness polls, cancels
+//!   and timed waits are ring operations;
+//! - `epoll`: mio (edge-triggered epoll) readiness and a non-blocking `connect`.
 //!
-//! Both pass the same end-to-end suite. [`select`] probes once at start and says why.
+//! Payload moves with `relay = "splice"` (the default) through a per-direction pipe
+//! (splice(2) in and out: payload never enters user space), or with `relay = "copy"`
+//! through a per-direction user-space buffer (ring receives into provided buffers and ring
+//! sends on io_uring; read(2), send(2) on epoll). Imports go
+//! downward only: drivers -> session core -> pure modules. [`select`] probes once at start
+//! and says what it chose and why.
 
 use std::fmt;
 use std::io;
-use std::os::fd::RawFd;
 use std::str::FromStr;
 
-use crate::sys;
 use crate::worker::WorkerContext;
 use crate::EngineError;
 
 mod buffers;
-pub mod epoll;
-mod peek;
+mod conn;
+mod epoll;
+mod host;
+mod inline;
+mod pipes;
 mod schedule;
 mod slots;
-pub mod uring;
+mod uring;
+
+pub use uring::DEFAULT_RING_BUFFERS;
 
 /// What the configuration asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -105,50 +114,14 @@ pub fn select(choice: DriverChoice) -> Result<Selection, EngineError> {
     }
 }
 
-/// Whether an error ending a connect attempt means the backend could not be reached (try
-/// the next one), as opposed to a connection that was made and then reset (a backend
-/// reset, which the client must see as one).
-pub(crate) fn is_connect_failure(errno: i32) -> bool {
-    matches!(
-        errno,
-        libc::ECONNREFUSED
-            | libc::ETIMEDOUT
-            | libc::EHOSTUNREACH
-            | libc::ENETUNREACH
-            | libc::EHOSTDOWN
-            | libc::ENETDOWN
-            | libc::EADDRNOTAVAIL
-            | libc::ECANCELED
-    )
-}
-
-/// Reads what socket `src` holds into `buf`: `(bytes, reached the end of stream)`. With
-/// `read_on`, a short read is followed by another until the socket would block or its end is
-/// read, so that an end of stream right behind the bytes is known before they are sent on
-/// (and its FIN can leave with them, see [`sys::Then`]). A reset found that way loses the
-/// bytes read before it, as a reset does anyway.
-pub(crate) fn read_burst(src: RawFd, buf: &mut [u8], read_on: bool) -> io::Result<(usize, bool)> {
-    let mut got = 0;
-    loop {
-        match sys::read(src, &mut buf[got..]) {
-            Ok(0) => return Ok((got, true)),
-            Ok(n) => {
-                got += n;
-                if !read_on || got == buf.len() {
-                    return Ok((got, false));
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if got > 0 && e.kind() == io::ErrorKind::WouldBlock => return Ok((got, false)),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// Runs one worker's loop on the chosen driver until it is drained.
 pub(crate) fn run(kind: DriverKind, ctx: WorkerContext) -> io::Result<()> {
     match kind {
-        DriverKind::Uring => uring::run(ctx),
-        DriverKind::Epoll => epoll::run(ctx),
+        DriverKind::Uring => {
+            host::run(ctx, uring::Uring::new, "ring", host::Host::<uring::Uring>::run_loop)
+        }
+        DriverKind::Epoll => {
+            host::run(ctx, epoll::Epoll::new, "poll", host::Host::<epoll::Epoll>::run_loop)
+        }
     }
 }

@@ -8,7 +8,9 @@
 //!   [`FlowTable::pop_expired`] returns it at the first call at or after that instant;
 //! - every operation is O(1) except expiry (O(log n) per expired or rescheduled flow):
 //!   recency is an intrusive doubly-linked list over a slab, deadlines a lazy min-heap
-//!   with at most one live entry per flow, re-armed only when its flow was used meanwhile.
+//!   with at most one live entry per flow, re-armed only when its flow was used meanwhile;
+//! - deadlines saturate ([`deadline_after`]): an idle timeout longer than the clock can
+//!   hold never expires and never panics.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -90,6 +92,12 @@ impl<K: Hash + Eq + Clone, V> FlowTable<K, V> {
         self.slots.get_mut(id)?.as_mut().map(|e| &mut e.value)
     }
 
+    /// The low 32 bits of a live flow's generation: what tells it from earlier and later
+    /// occupants of its slot in an id that outlives it.
+    pub fn generation(&self, id: FlowId) -> Option<u32> {
+        self.slots.get(id)?.as_ref().map(|e| e.generation as u32)
+    }
+
     /// Marks a flow used at `now`: it becomes the most recent and its idle time restarts.
     pub fn touch(&mut self, id: FlowId, now: Instant) {
         let Some(e) = self.slots.get_mut(id).and_then(Option::as_mut) else { return };
@@ -136,7 +144,7 @@ impl<K: Hash + Eq + Clone, V> FlowTable<K, V> {
         };
         self.index.insert(key, id);
         self.link_newest(id);
-        self.timers.push(Reverse((now + idle, generation, id)));
+        self.timers.push(Reverse((deadline_after(now, idle), generation, id)));
         (id, displaced)
     }
 
@@ -167,7 +175,7 @@ impl<K: Hash + Eq + Clone, V> FlowTable<K, V> {
             if e.generation != generation {
                 continue;
             }
-            let deadline = e.last_used + e.idle;
+            let deadline = deadline_after(e.last_used, e.idle);
             if deadline > now {
                 self.timers.push(Reverse((deadline, generation, id)));
                 continue;
@@ -236,6 +244,13 @@ impl<K: Hash + Eq + Clone, V> FlowTable<K, V> {
             self.oldest = newer;
         }
     }
+}
+
+/// `now + d`, saturating: a duration too long for the clock gives a deadline a century
+/// away (never reached) instead of a panic.
+pub fn deadline_after(now: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 86_400);
+    now.checked_add(d).or_else(|| now.checked_add(FAR)).unwrap_or(now)
 }
 
 #[cfg(test)]
@@ -363,6 +378,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Issue 26 item 3: an idle timeout too long for the clock panicked the UDP loop on the
+    /// flow's first datagram (`overflow when adding duration to instant`).
+    #[test]
+    fn an_idle_timeout_beyond_the_clock_never_expires_and_never_panics() {
+        let now = Instant::now();
+        let mut t = FlowTable::new(2);
+        let (id, _) = t.insert("a", 1, Duration::MAX, now);
+        t.touch(id, now + IDLE);
+        assert!(t.pop_expired(now + IDLE * 1000).is_none());
+        assert!(t.next_deadline().is_some_and(|d| d > now + IDLE * 1000));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use sluice_engine::balance::{Backend, Pool};
 use sluice_engine::events::EventSink;
 use sluice_engine::tables::{Service, Tables, Timeouts};
-use sluice_engine::worker::Relay;
+use sluice_engine::Relay;
 use sluice_engine::{DriverChoice, Engine, EngineConfig, EngineError};
 
 /// Starts one worker on `driver` and `relay` with a single service forwarding to `backend`;
@@ -22,17 +22,39 @@ pub fn one_service(
     driver: DriverChoice,
     relay: Relay,
 ) -> Option<(Engine, SocketAddr)> {
+    one_service_with(name, backend, driver, relay, |s| Tables::new(1, vec![s]))
+}
+
+/// [`one_service`] with the tables `make` builds around the service.
+pub fn one_service_with(
+    name: &str,
+    backend: SocketAddr,
+    driver: DriverChoice,
+    relay: Relay,
+    make: impl FnOnce(Service) -> Tables,
+) -> Option<(Engine, SocketAddr)> {
+    let config = EngineConfig { workers: 1, pin: false, driver, relay, ..EngineConfig::default() };
+    one_service_on(name, backend, config, make)
+}
+
+/// [`one_service_with`] on an engine configured as `config` says.
+pub fn one_service_on(
+    name: &str,
+    backend: SocketAddr,
+    config: EngineConfig,
+    make: impl FnOnce(Service) -> Tables,
+) -> Option<(Engine, SocketAddr)> {
+    let driver = config.driver;
     let listen = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let pool = Pool::new(vec![Backend::new(backend)]);
     let service = Service::new(name, vec![listen], pool, Timeouts::default());
-    let published = Arc::new(ArcSwap::from_pointee(Tables::new(1, vec![service])));
+    let published = Arc::new(ArcSwap::from_pointee(make(service)));
     let (sink, records) = EventSink::bounded(1 << 16);
     thread::spawn(move || while records.recv().is_ok() {});
-    let config = EngineConfig { workers: 1, pin: false, driver, relay, ..EngineConfig::default() };
     match Engine::start(&config, published, sink) {
         Ok(engine) => Some((engine, listen)),
         Err(EngineError::DriverUnavailable { reason, .. }) => {
-            eprintln!("skipped: {driver:?} unavailable: {reason}");
+            sluice_tests::uring_unavailable(&format!("{driver:?} unavailable: {reason}"));
             None
         }
         Err(e) => panic!("engine did not start: {e}"),
@@ -53,14 +75,14 @@ macro_rules! every_driver {
         mod epoll {
             $(#[test]
             fn $name() {
-                super::$name(sluice_engine::DriverChoice::Epoll, sluice_engine::worker::Relay::Copy)
+                super::$name(sluice_engine::DriverChoice::Epoll, sluice_engine::Relay::Copy)
             })+
         }
 
         mod uring {
             $(#[test]
             fn $name() {
-                super::$name(sluice_engine::DriverChoice::Uring, sluice_engine::worker::Relay::Copy)
+                super::$name(sluice_engine::DriverChoice::Uring, sluice_engine::Relay::Copy)
             })+
         }
 
@@ -69,7 +91,7 @@ macro_rules! every_driver {
             fn $name() {
                 super::$name(
                     sluice_engine::DriverChoice::Uring,
-                    sluice_engine::worker::Relay::Splice,
+                    sluice_engine::Relay::Splice,
                 )
             })+
         }
