@@ -77,7 +77,9 @@ pub fn raise_fd_limit(wanted: Option<u64>) -> Result<FdLimit, String> {
 pub fn fd_budget_warning(config: &Config, limit: FdLimit) -> Option<String> {
     let workers = config.engine.workers as u64;
     let per_session = match config.engine.relay {
-        sluice_engine::worker::Relay::Splice => FDS_PER_SESSION_SPLICE,
+        sluice_engine::worker::Relay::Splice | sluice_engine::worker::Relay::Auto => {
+            FDS_PER_SESSION_SPLICE
+        }
         sluice_engine::worker::Relay::Copy => FDS_PER_SESSION_COPY,
     };
     // Flows of shared upstream sockets hold no fd; connected ones one each.

@@ -755,7 +755,7 @@ const PIPE_MAX_SIZE: &str = "/proc/sys/fs/pipe-max-size";
 /// keep its 64 KiB default. Probed once at start with one pipe: when the size is refused,
 /// pipes take the largest size allowed instead, and one warning says the figure in force.
 fn settle_pipe_size(engine: &mut EngineConfig) {
-    if engine.relay != Relay::Splice {
+    if engine.relay == Relay::Copy {
         return;
     }
     let wanted = engine.pipe_size;

@@ -25,14 +25,18 @@ use crate::tables::Tables;
 /// user-space buffer and sends it on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Relay {
-    /// splice(2) through a pipe: payload never enters user space. The default: it moved
-    /// one bulk stream 1.20x as fast as the copy relay across a veth path (and four
-    /// streams 1.19x) at two thirds of its CPU per GB (bench/results/2026-12-05/veth).
-    #[default]
+    /// splice(2) through a pipe: payload never enters user space.
     Splice,
     /// Through a bounded user-space buffer: on io_uring, ring receives into provided
     /// buffers and ring sends; on epoll, read(2)/send(2). Cheaper per small message.
     Copy,
+    /// `copy` until a direction proves to carry a bulk stream (a read fills a whole large
+    /// ring buffer on io_uring, a whole first buffer on epoll), `splice` for that direction
+    /// from then on: small messages at copy's cost, bulk streams and their stalled peers at
+    /// splice's (what HAProxy's `option splice-auto` does). The default: see the README's
+    /// Relay section for the figures that chose it.
+    #[default]
+    Auto,
 }
 
 impl std::str::FromStr for Relay {
@@ -42,7 +46,10 @@ impl std::str::FromStr for Relay {
         match s {
             "splice" => Ok(Relay::Splice),
             "copy" => Ok(Relay::Copy),
-            other => Err(format!("unknown relay {other:?}; expected \"splice\" or \"copy\"")),
+            "auto" => Ok(Relay::Auto),
+            other => {
+                Err(format!("unknown relay {other:?}; expected \"auto\", \"splice\" or \"copy\""))
+            }
         }
     }
 }

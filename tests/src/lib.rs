@@ -74,9 +74,10 @@ pub use udp::{dns_answer, udp_client, udp_exchange, udp_reply, UdpServer, BIG_RE
 pub enum Driver {
     /// epoll with the copy relay.
     Epoll,
-    /// io_uring with the copy relay.
+    /// io_uring with the auto relay (the default: ring copies for messages, splice for a
+    /// direction once it carries a bulk stream).
     Uring,
-    /// io_uring with the splice relay (the default: payload never enters user space).
+    /// io_uring with the splice relay (payload never enters user space).
     UringSplice,
 }
 
@@ -92,7 +93,8 @@ impl Driver {
     /// The value of `engine.relay` for this variant, if it sets one.
     pub fn relay(self) -> Option<&'static str> {
         match self {
-            Driver::Epoll | Driver::Uring => Some("copy"),
+            Driver::Epoll => Some("copy"),
+            Driver::Uring => Some("auto"),
             Driver::UringSplice => Some("splice"),
         }
     }

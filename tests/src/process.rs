@@ -7,6 +7,23 @@ use std::time::Duration;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
 /// Number of open fds of process `pid`.
+/// The fds of process `pid` that are not pipes, and its pipe fds (read and write ends).
+pub fn fds_and_pipes(pid: u32) -> (usize, usize) {
+    let dir = PathBuf::from(format!("/proc/{pid}/fd"));
+    let entries =
+        std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
+    let (mut other, mut pipes) = (0, 0);
+    for entry in entries.flatten() {
+        // An fd closed between the listing and the readlink counts as neither.
+        match std::fs::read_link(entry.path()) {
+            Ok(target) if target.to_string_lossy().starts_with("pipe:") => pipes += 1,
+            Ok(_) => other += 1,
+            Err(_) => {}
+        }
+    }
+    (other, pipes)
+}
+
 pub fn fd_count(pid: u32) -> usize {
     let dir = PathBuf::from(format!("/proc/{pid}/fd"));
     match std::fs::read_dir(&dir) {

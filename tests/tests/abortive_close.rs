@@ -73,7 +73,7 @@ fn backend_reset_midstream_reaches_client_as_reset(driver: Driver) {
     let record = sluice.wait_for_session(key, Duration::from_secs(5)).expect("no session line");
     assert_eq!(record.reason, "backend_rst");
     drop(client);
-    let fds = sluice.wait_for_fd_count(baseline, Duration::from_secs(2));
+    let fds = sluice.wait_for_session_fds(baseline, Duration::from_secs(2));
     assert!(fds <= baseline, "sluice holds {fds} fds, baseline {baseline}");
 }
 
@@ -119,7 +119,7 @@ fn client_reset_midstream_reaches_backend_as_reset(driver: Driver) {
 
     let record = sluice.wait_for_session(key, Duration::from_secs(5)).expect("no session line");
     assert_eq!(record.reason, "client_rst");
-    let fds = sluice.wait_for_fd_count(baseline, Duration::from_secs(2));
+    let fds = sluice.wait_for_session_fds(baseline, Duration::from_secs(2));
     assert!(fds <= baseline, "sluice holds {fds} fds, baseline {baseline}");
 }
 

@@ -85,7 +85,7 @@ fn silent_backend_after_client_half_close_is_cut_at_fin_timeout(driver: Driver) 
     let record = sluice.wait_for_session(key, Duration::from_secs(5)).expect("no session line");
     assert_eq!(record.reason, "fin_timeout");
     drop(client);
-    let fds = sluice.wait_for_fd_count(baseline, Duration::from_secs(2));
+    let fds = sluice.wait_for_session_fds(baseline, Duration::from_secs(2));
     assert!(fds <= baseline, "sluice holds {fds} fds, baseline {baseline}");
 }
 
@@ -124,7 +124,7 @@ fn silent_client_after_backend_half_close_is_cut_at_fin_timeout(driver: Driver) 
     let record = sluice.wait_for_session(key, Duration::from_secs(5)).expect("no session line");
     assert_eq!(record.reason, "fin_timeout");
     drop(client);
-    let fds = sluice.wait_for_fd_count(baseline, Duration::from_secs(2));
+    let fds = sluice.wait_for_session_fds(baseline, Duration::from_secs(2));
     assert!(fds <= baseline, "sluice holds {fds} fds, baseline {baseline}");
 }
 

@@ -110,7 +110,7 @@ pub fn check_untrusted(data: &[u8]) {
 /// Default values, for `sluice check` and the documentation.
 pub fn defaults_summary() -> String {
     format!(
-        "connect_timeout={:?} idle_timeout={:?} fin_timeout={:?} shutdown_timeout={:?} relay=splice buffer_size={} pipe_size={} udp_idle_timeout={:?} max_flows={} udp_max_datagram={}",
+        "connect_timeout={:?} idle_timeout={:?} fin_timeout={:?} shutdown_timeout={:?} relay=auto buffer_size={} pipe_size={} udp_idle_timeout={:?} max_flows={} udp_max_datagram={}",
         DEFAULT_CONNECT_TIMEOUT,
         DEFAULT_IDLE_TIMEOUT,
         DEFAULT_FIN_TIMEOUT,

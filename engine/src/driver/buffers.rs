@@ -87,6 +87,11 @@ impl Buffer {
         self.data.get_or_insert_with(|| class.take())
     }
 
+    /// Whether a read once filled a whole buffer (a bulk stream).
+    pub fn is_bulk(&self) -> bool {
+        self.bulk
+    }
+
     /// Reads into small buffers from now on, however full they come back.
     pub fn stay_small(&mut self) {
         self.bulk = false;

@@ -41,6 +41,9 @@ impl Pools {
 pub(crate) struct Carrier {
     pub buffer: Buffer,
     pub pipe: Option<Pipe>,
+    /// `relay = "auto"`: the lane proved to carry a bulk stream and splices from now on
+    /// (kept when its buffer or pipe goes back to the pool).
+    pub spliced: bool,
 }
 
 impl Carrier {

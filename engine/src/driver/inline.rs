@@ -120,6 +120,19 @@ pub(crate) fn read<X>(
     match pools.relay {
         Relay::Copy => read_copy(conn, dir, max, read_on, pools),
         Relay::Splice => read_splice(conn, dir, max, read_on, pools),
+        Relay::Auto if conn.lanes[dir as usize].spliced => {
+            read_splice(conn, dir, max, read_on, pools)
+        }
+        Relay::Auto => {
+            let read = read_copy(conn, dir, max, read_on, pools);
+            let carrier = &mut conn.lanes[dir as usize];
+            if carrier.buffer.is_bulk() {
+                // A read filled a whole buffer: a bulk stream, spliced once these bytes
+                // are written (the core reads again only when the lane holds nothing).
+                carrier.spliced = true;
+            }
+            read
+        }
     }
 }
 
@@ -238,10 +251,10 @@ pub(crate) fn write<X>(
     let mut written = Written::default();
     let mut failure = None;
     while written.bytes < held {
-        let sent = match (&carrier.pipe, pools.relay) {
-            (Some(pipe), Relay::Splice) => {
-                again(|| sys::splice(pipe.read_end(), dst, held - written.bytes, then))
-            }
+        // A lane with a pipe splices (the splice relay, or `auto` once a lane is spliced);
+        // one without sends from its buffer.
+        let sent = match &carrier.pipe {
+            Some(pipe) => again(|| sys::splice(pipe.read_end(), dst, held - written.bytes, then)),
             _ => {
                 let pending = carrier.buffer.pending();
                 match again(|| sys::send(dst, pending, then)) {
@@ -272,7 +285,7 @@ pub(crate) fn write<X>(
             }
         }
     }
-    if written.bytes == held && pools.relay == Relay::Copy {
+    if written.bytes == held && carrier.pipe.is_none() {
         // A copy buffer is held only while it has bytes in flight.
         carrier.buffer.release(&mut pools.buffers);
     }

@@ -145,6 +145,8 @@ pub struct Config {
     pub binary: Option<PathBuf>,
     /// A network namespace to run sluice in (`ip netns exec NAME`), one a test made.
     pub netns: Option<String>,
+    /// `engine.relay`, when a test sets it apart from the driver variant's.
+    pub relay: Option<&'static str>,
 }
 
 impl Config {
@@ -168,7 +170,14 @@ impl Config {
             env: Vec::new(),
             binary: None,
             netns: None,
+            relay: None,
         }
+    }
+
+    /// Sets `engine.relay` to `relay` instead of the driver variant's.
+    pub fn relay(mut self, relay: &'static str) -> Self {
+        self.relay = Some(relay);
+        self
     }
 
     /// Runs sluice in the network namespace `name` (see [`crate::Netns`]).
@@ -284,7 +293,7 @@ impl Config {
             self.pin,
             self.driver.as_str()
         );
-        if let Some(relay) = self.driver.relay() {
+        if let Some(relay) = self.relay.or(self.driver.relay()) {
             t += &format!("relay = {relay:?}\n");
         }
         if let Some(s) = &self.pipe_size {

@@ -25,7 +25,7 @@ use nix::unistd::Pid;
 
 use crate::admin::{Admin, AdminAddr};
 use crate::client::echo_round_trip;
-use crate::process::{fd_count, rss_kib};
+use crate::process::{fd_count, fds_and_pipes, rss_kib};
 use crate::Driver;
 
 mod config;
@@ -485,16 +485,35 @@ impl Sluice {
         last
     }
 
-    /// The fd count a scenario must return to, measured after one warm-up session (1 MiB
-    /// each way) through `echo_service`, a service whose backend echoes. Drivers keep
-    /// bounded pools (spare pipes on io_uring); the warm-up fills them as far as one session
-    /// does, so that any later rise is a leak. Run with one worker so the warm-up and the
-    /// scenario share a worker.
+    /// The count of fds other than pipes that a scenario must return to (see
+    /// [`Sluice::wait_for_session_fds`]), measured after one warm-up session (1 MiB each way)
+    /// through `echo_service`, a service whose backend echoes, so that the workers' lazily
+    /// made fds exist. Pipes are left out: a direction that splices (the splice relay, or
+    /// `auto` once a direction carries a bulk stream, which depends on how the bytes
+    /// arrive) takes one from its worker's pool and gives it back there, up to 64 spare a
+    /// worker, so the pool's size after a session says nothing about a leak.
     pub fn fd_baseline(&self, echo_service: &str) -> usize {
         let client = echo_round_trip(self.addr(echo_service), 0xba5e, 1 << 20);
         let record = self.wait_for_session(client, Duration::from_secs(5));
         assert!(record.is_some(), "the warm-up session was never logged");
-        self.settled_fd_count()
+        self.settled_fd_count();
+        fds_and_pipes(self.pid).0
+    }
+
+    /// Waits until the fds other than pipes are at most `limit` (from
+    /// [`Sluice::fd_baseline`]); returns the last count seen. Asserts that the pipes are no
+    /// more than the workers' pools may keep (64 spare pipes, 128 fds, a worker).
+    pub fn wait_for_session_fds(&self, limit: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (fds, pipes) = fds_and_pipes(self.pid);
+            if fds <= limit || Instant::now() >= deadline {
+                let workers = self.config.as_ref().map_or(1, |c| c.workers);
+                assert!(pipes <= 128 * workers, "{pipes} pipe fds: more than the pools keep");
+                return fds;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Waits until the fd count is at most `limit`; returns the last count seen.

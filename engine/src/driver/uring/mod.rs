@@ -78,11 +78,11 @@ impl Uring {
     pub(crate) fn new(ctx: &mut WorkerContext) -> io::Result<Self> {
         let (ring, _) = ring::build_ring()?;
         let io = match ctx.relay {
-            Relay::Copy => match RingIo::new(&ring, ctx.ring_buffers) {
+            Relay::Copy | Relay::Auto => match RingIo::new(&ring, ctx.ring_buffers) {
                 Ok(io) => Some(io),
                 Err(e) => {
                     let id = ctx.id;
-                    log::warn!("worker {id}: no provided buffers ({e}); the copy relay reads and writes inline after readiness");
+                    log::warn!("worker {id}: no provided buffers ({e}); the copy relay reads and writes inline after readiness (with relay = \"auto\", bulk lanes still splice)");
                     None
                 }
             },
@@ -168,6 +168,11 @@ impl Reactor for Uring {
             return Some(inline::read(conn, dir, max, read_on, pools));
         }
         if self.reads_inline(conn, dir) {
+            if conn.extra.lane(dir).streaming && pools.relay == Relay::Auto {
+                // `auto`: a lane that filled a large ring buffer carries a bulk stream,
+                // spliced from now on (its ring buffer was all sent before this read).
+                conn.carrier(dir).spliced = true;
+            }
             if !conn.extra.lane(dir).streaming {
                 // Many peers stopped reading and hold every ring buffer: this lane's bytes
                 // wait in a small pool buffer (64 KiB), however bulky its stream.
