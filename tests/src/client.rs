@@ -195,3 +195,56 @@ pub fn tagged_round_trip(addr: SocketAddr, payload: &[u8]) -> (u8, SessionKey) {
         .unwrap_or_else(|e| panic!("tagged echo through {addr}: {e}"));
     (tag, key)
 }
+
+/// What a long-lived stream wrote and got back: bytes and their SHA-256.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StreamTotals {
+    pub bytes: u64,
+    pub sha256: [u8; 32],
+}
+
+/// On a stream to an echo service: writes `chunk`-byte pieces of payload `seed` every
+/// `step` until `stop`, then SHUT_WR, while reading the echo to its end; returns what was
+/// written and what came back.
+pub fn echo_until(
+    mut stream: TcpStream,
+    seed: u64,
+    chunk: usize,
+    step: Duration,
+    stop: &crate::Stop,
+) -> (StreamTotals, StreamTotals) {
+    let mut writer = stream.try_clone().expect("try_clone");
+    std::thread::scope(|scope| {
+        let written = scope.spawn(move || {
+            let mut hasher = Sha256::new();
+            let mut payload = Payload::new(seed, u64::MAX);
+            let mut piece = vec![0; chunk];
+            let mut bytes = 0u64;
+            while !stop.is_set() {
+                payload.fill(&mut piece);
+                writer.write_all(&piece).expect("long stream write");
+                hasher.update(&piece);
+                bytes += piece.len() as u64;
+                std::thread::sleep(step);
+            }
+            writer.shutdown(std::net::Shutdown::Write).expect("long stream shutdown");
+            StreamTotals { bytes, sha256: hasher.finalize().into() }
+        });
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0; 64 * 1024];
+        let mut bytes = 0u64;
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hasher.update(&buf[..n]);
+                    bytes += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("long stream read after {bytes} bytes: {e}"),
+            }
+        }
+        let received = StreamTotals { bytes, sha256: hasher.finalize().into() };
+        (written.join().expect("writer"), received)
+    })
+}

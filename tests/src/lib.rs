@@ -44,8 +44,9 @@ pub use admin::{Admin, AdminAddr, HttpResponse, Metrics};
 pub use backend::{Backend, Blackhole, Held, Reports};
 pub use browser::Browser;
 pub use client::{
-    abort, connect, connect_from, drain, echo_exchange, echo_round_trip, read_exactly,
-    set_timeouts, tagged_exchange, tagged_round_trip, try_connect, Drained, End, IO_TIMEOUT,
+    abort, connect, connect_from, drain, echo_exchange, echo_round_trip, echo_until, read_exactly,
+    set_timeouts, tagged_exchange, tagged_round_trip, try_connect, Drained, End, StreamTotals,
+    IO_TIMEOUT,
 };
 pub use dns::{DnsAnswer, DnsServer};
 pub use load::{load_heavy, timing_bound, LoadGuard};

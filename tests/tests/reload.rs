@@ -7,16 +7,15 @@
 //! keeps relaying and it keeps accepting; the added listener serves, the removed one
 //! refuses.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest as _, Sha256};
 use sluice_tests::{
-    connect, echo_round_trip, read_exactly, tagged_exchange, try_connect, Backend, Config, Driver,
-    Payload, Reload, Service, Sluice, Stop,
+    connect, echo_round_trip, echo_until, read_exactly, tagged_exchange, try_connect, Backend,
+    Config, Driver, Payload, Reload, Service, Sluice, Stop, StreamTotals,
 };
 
 const A: u8 = b'A';
@@ -108,53 +107,13 @@ fn short_client(sluice: &Sluice, id: usize, phase: &Mutex<Phase>, stop: &Stop, o
     }
 }
 
-/// What a long-lived stream wrote and got back.
-#[derive(Debug, PartialEq, Eq)]
-struct StreamTotals {
-    bytes: u64,
-    sha256: [u8; 32],
-}
-
 /// Writes chunks every [`STREAM_STEP`] until `stop`, then SHUT_WR, while reading the echo
 /// to its end; returns what was written and what came back (after the tag byte).
 fn long_stream(addr: SocketAddr, seed: u64, stop: &Stop) -> (StreamTotals, StreamTotals) {
     let mut stream = connect(addr);
     let tag = read_exactly(&mut stream, 1)[0];
     assert!(tag == A || tag == B, "unknown tag {tag}");
-    let mut writer = stream.try_clone().expect("try_clone");
-    std::thread::scope(|scope| {
-        let written = scope.spawn(move || {
-            let mut hasher = Sha256::new();
-            let mut payload = Payload::new(seed, u64::MAX);
-            let mut chunk = vec![0; STREAM_CHUNK];
-            let mut bytes = 0u64;
-            while !stop.is_set() {
-                payload.fill(&mut chunk);
-                writer.write_all(&chunk).expect("long stream write");
-                hasher.update(&chunk);
-                bytes += chunk.len() as u64;
-                std::thread::sleep(STREAM_STEP);
-            }
-            writer.shutdown(std::net::Shutdown::Write).expect("long stream shutdown");
-            StreamTotals { bytes, sha256: hasher.finalize().into() }
-        });
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0; 64 * 1024];
-        let mut bytes = 0u64;
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    hasher.update(&buf[..n]);
-                    bytes += n as u64;
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => panic!("long stream read after {bytes} bytes: {e}"),
-            }
-        }
-        let received = StreamTotals { bytes, sha256: hasher.finalize().into() };
-        (written.join().expect("writer"), received)
-    })
+    echo_until(stream, seed, STREAM_CHUNK, STREAM_STEP, stop)
 }
 
 /// Rewrites the file and reloads on a [`RELOAD_EVERY`] schedule until [`LOAD_FOR`] has

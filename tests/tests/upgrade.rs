@@ -6,18 +6,16 @@
 //! whose worker count differs still takes every socket. A new binary that fails (a bad
 //! configuration, a binary that exits at once) changes nothing.
 
-use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest as _, Sha256};
 use sluice_tests::{
-    bound_inodes, connect, read_exactly, socket_inodes, tagged_exchange, tagged_round_trip,
-    try_connect, udp_client, udp_exchange, Adopted, Backend, Config, Driver, Payload, Service,
-    Signal, Sluice, Stop, UdpServer,
+    bound_inodes, connect, echo_until, read_exactly, socket_inodes, tagged_exchange,
+    tagged_round_trip, try_connect, udp_client, udp_exchange, Adopted, Backend, Config, Driver,
+    Payload, Service, Signal, Sluice, Stop, StreamTotals, UdpServer,
 };
 
 const TAG: u8 = b'A';
@@ -70,52 +68,12 @@ fn short_client(addr: SocketAddr, id: usize, stop: &Stop, out: &ShortResults) {
     }
 }
 
-/// Bytes and their SHA-256.
-#[derive(Debug, PartialEq, Eq)]
-struct StreamTotals {
-    bytes: u64,
-    sha256: [u8; 32],
-}
-
 /// Writes chunks every [`STREAM_STEP`] until `stop`, then SHUT_WR, while reading the echo
-/// to its end; returns what was written and what came back.
+/// to its end; returns what was written and what came back (after the tag byte).
 fn long_stream(addr: SocketAddr, seed: u64, stop: &Stop) -> (StreamTotals, StreamTotals) {
     let mut stream = connect(addr);
     assert_eq!(read_exactly(&mut stream, 1)[0], TAG);
-    let mut writer = stream.try_clone().expect("try_clone");
-    std::thread::scope(|scope| {
-        let written = scope.spawn(move || {
-            let mut hasher = Sha256::new();
-            let mut payload = Payload::new(seed, u64::MAX);
-            let mut chunk = vec![0; STREAM_CHUNK];
-            let mut bytes = 0u64;
-            while !stop.is_set() {
-                payload.fill(&mut chunk);
-                writer.write_all(&chunk).expect("long stream write");
-                hasher.update(&chunk);
-                bytes += chunk.len() as u64;
-                std::thread::sleep(STREAM_STEP);
-            }
-            writer.shutdown(std::net::Shutdown::Write).expect("long stream shutdown");
-            StreamTotals { bytes, sha256: hasher.finalize().into() }
-        });
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0; 64 * 1024];
-        let mut bytes = 0u64;
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    hasher.update(&buf[..n]);
-                    bytes += n as u64;
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => panic!("long stream read after {bytes} bytes: {e}"),
-            }
-        }
-        let received = StreamTotals { bytes, sha256: hasher.finalize().into() };
-        (written.join().expect("writer"), received)
-    })
+    echo_until(stream, seed, STREAM_CHUNK, STREAM_STEP, stop)
 }
 
 /// Every socket bound to `port` is held by `pid` (by a worker, and once more for a later
