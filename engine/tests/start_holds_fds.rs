@@ -44,6 +44,23 @@ impl Drop for NoFds {
     }
 }
 
+/// A blocking connect that a signal interrupted goes on in the kernel: asking again says
+/// whether it is done (EISCONN), still under way (EALREADY) or failed. Bounded: 200 tries.
+fn connect_through_eintr(socket: &Socket, to: std::net::SocketAddr) -> std::io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match socket.connect(&to.into()) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted && tries < 200 => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::EALREADY) && tries < 200 => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::EISCONN) => return Ok(()),
+            other => return other,
+        }
+        tries += 1;
+    }
+}
+
 #[test]
 fn an_engine_out_of_fds_from_its_first_moment_stops_cleanly() {
     let backend = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -66,7 +83,7 @@ fn an_engine_out_of_fds_from_its_first_moment_stops_cleanly() {
         let error = refused.expect_err("no fd can be opened under a limit of 0");
         assert_eq!(error.raw_os_error(), Some(nix::libc::EMFILE), "{error}");
         for (i, socket) in flood.iter().enumerate() {
-            let connected = socket.connect(&listen.into());
+            let connected = connect_through_eintr(socket, listen);
             connected.unwrap_or_else(|e| panic!("{driver:?}/{relay:?}: connection {i}: {e}"));
         }
         // Every worker's accept fails for want of an fd, and the loops back off.
